@@ -1,0 +1,108 @@
+"""Reading FaceViT checkpoints: official flat `.pt` state dicts, wrapped or `module.`-prefixed
+training checkpoints, and safetensors. Loading is always strict; a checkpoint of another variant
+is named by the variant it looks like instead of failing with a wall of missing keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "backbone", "encoder", "module")
+_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .pt/.pth/.bin (torch pickle, weights only) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc}). "
+            "Expected a state dict saved with torch.save (official LVFace .pt files are)."
+        ) from exc
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside common wrappers and strip DDP/compile prefixes."""
+    for _ in range(3):  # wrappers nest at most a couple of levels in practice
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{source}: no state dict of tensors found (top-level keys: "
+            f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
+        )
+    state = dict(obj)
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def infer_config_fields(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Architecture fields readable from tensor shapes (embed_dim, depth, feature_dim, patch_size)."""
+    fields: dict[str, int] = {}
+    if "pos_embed" in state:
+        fields["embed_dim"] = int(state["pos_embed"].shape[-1])
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks:
+        fields["depth"] = max(blocks) + 1
+    if "feature.3.weight" in state:
+        fields["feature_dim"] = int(state["feature.3.weight"].shape[0])
+    if "patch_embed.proj.weight" in state:
+        fields["patch_size"] = int(state["patch_embed.proj.weight"].shape[-1])
+    return fields
+
+
+def guess_variant(state: dict[str, torch.Tensor]) -> str | None:
+    """Registered model name whose architecture matches the checkpoint's shapes, if any."""
+    from .registry import _MODELS
+
+    fields = infer_config_fields(state)
+    for name, spec in _MODELS.items():
+        if fields and all(getattr(spec.config, k) == v for k, v in fields.items()):
+            return name
+    return None
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, model_name: str | None = None) -> None:
+    """Load a checkpoint into `model` with strict=True and a clear error when it does not fit."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        guess = guess_variant(state)
+        fields = infer_config_fields(state)
+        looks = f"It looks like {guess!r}" if guess else f"Its shapes say {fields}"
+        detail = []
+        if mismatched:
+            k = mismatched[0]
+            detail.append(f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
+                          f"model {tuple(own[k].shape)})")
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise ValueError(
+            f"{path} does not fit {model_name or type(model).__name__}: {'; '.join(detail)}. {looks}"
+            f"{f'; use create_model({guess!r}, checkpoint_path=...)' if guess and guess != model_name else ''}."
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,147 @@
+"""Official LVFace weights: where they live, how to verify them, and the preprocessing they expect.
+
+Facts from the LVFace release (reference/lvface.md §4-5): the weights are on the Hugging Face Hub
+in `bytedance-research/LVFace`, one folder per model, pinned here at the revision third parties use.
+sha256 and sizes are those published for the files; where a hash is not known it is None and the
+download is accepted on size alone (or unchecked when the size is unknown too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HUB_REPO = "bytedance-research/LVFace"
+HUB_REVISION = "b12702ab1f5c721748e054a66dc90e1edd1f0724"
+
+# ArcFace 5-point template for 112x112 crops: left eye, right eye, nose tip, left and right mouth
+# corner (in the image, "left" is the subject's right eye). InsightFace's `norm_crop` template.
+ARCFACE_TEMPLATE_112: tuple[tuple[float, float], ...] = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a crop must look before it enters the encoder."""
+
+    input_size: int = 112
+    mean: float = 127.5  # RGB, (x - 127.5) / 127.5 -> [-1, 1]
+    std: float = 127.5
+    channel_order: str = "RGB"
+    template: tuple[tuple[float, float], ...] = ARCFACE_TEMPLATE_112
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One downloadable checkpoint: a file in a Hub repo at a pinned revision."""
+
+    filename: str  # path inside the repo, for the PyTorch state dict
+    sha256: str | None
+    num_bytes: int | None
+    onnx_filename: str
+    onnx_sha256: str | None
+    onnx_num_bytes: int | None
+    repo_id: str = HUB_REPO
+    revision: str = HUB_REVISION
+    train_data: str = "Glint360K"
+    license_note: str = (
+        "code MIT; the release README says the weights are for non-commercial research only "
+        "(the Hub card says MIT). Glint360K is research-only."
+    )
+    preprocessing: Preprocessing = Preprocessing()
+
+    def url(self, onnx: bool = False) -> str:
+        name = self.onnx_filename if onnx else self.filename
+        return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{name}"
+
+
+def _official(size: str, pt: tuple[str | None, int | None], onnx: tuple[str | None, int | None]) -> PretrainedWeights:
+    folder = f"LVFace-{size}_Glint360K"
+    return PretrainedWeights(
+        filename=f"{folder}/{folder}.pt",
+        sha256=pt[0],
+        num_bytes=pt[1],
+        onnx_filename=f"{folder}/{folder}.onnx",
+        onnx_sha256=onnx[0],
+        onnx_num_bytes=onnx[1],
+    )
+
+
+OFFICIAL_WEIGHTS: dict[str, PretrainedWeights] = {
+    "lvface_t": _official(
+        "T", (None, None), ("bf8da0e1e93c432d9a1d874a9ba0990f5859f970e8864b3990f2f33d11f9cdb3", 76_653_813)
+    ),
+    "lvface_s": _official(
+        "S", (None, None), ("cd09f27c82ce0a3633fb8b1966d779a7171b23aa4f14ca0de6edf9677573d119", 304_196_926)
+    ),
+    "lvface_b": _official(
+        "B",
+        ("143ded01bf5794aafff91fcd1e3f3408bfbf6b890fc8482274f1c97a82fa7542", 455_445_494),
+        ("9d834ed8e927fd35b9123b2bf97c40aad05785b1f9ecfb1c4c1f6242d38d1382", 455_533_594),
+    ),
+    "lvface_l": _official(
+        "L", (None, None), ("49389036a4a5b69e0efcddfe34839ac72c7a71ce6b4dc1b6821e2ac368c87063", 1_022_938_188)
+    ),
+}
+
+
+class WeightsNotAvailableError(RuntimeError):
+    """Raised when weights are neither cached nor downloadable (offline)."""
+
+
+def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(path: str | Path, expected_sha256: str | None, expected_bytes: int | None) -> None:
+    """Check size and sha256 of a downloaded file; raise with both values on mismatch."""
+    path = Path(path)
+    size = path.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise ValueError(f"{path}: size {size} bytes, expected {expected_bytes} (incomplete or wrong file)")
+    if expected_sha256 is not None:
+        actual = sha256_of(path)
+        if actual != expected_sha256:
+            raise ValueError(f"{path}: sha256 {actual}, expected {expected_sha256} (corrupt or wrong file)")
+
+
+def fetch_weights(weights: PretrainedWeights, cache_dir: str | Path | None = None, onnx: bool = False) -> Path:
+    """Return a local, verified path to the weights, downloading into the Hub cache if needed.
+
+    Offline (HF_HUB_OFFLINE=1 or no network) and not cached, this raises
+    `WeightsNotAvailableError` with the exact file to fetch and where to put it.
+    """
+    filename = weights.onnx_filename if onnx else weights.filename
+    sha, size = (weights.onnx_sha256, weights.onnx_num_bytes) if onnx else (weights.sha256, weights.num_bytes)
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
+        raise WeightsNotAvailableError("pretrained weights need `pip install huggingface_hub`") from exc
+    try:
+        path = Path(
+            hf_hub_download(weights.repo_id, filename, revision=weights.revision, cache_dir=cache_dir)
+        )
+    except Exception as exc:  # the hub raises many types offline (LocalEntryNotFoundError, HTTP, OS errors)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise WeightsNotAvailableError(
+            f"could not get {filename} from the Hugging Face repo {weights.repo_id} at revision "
+            f"{weights.revision}{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc.__class__.__name__}.\n"
+            f"Fetch it on a machine with internet:\n"
+            f"  huggingface-cli download {weights.repo_id} {filename} --revision {weights.revision}\n"
+            f"or download {weights.url(onnx)}\n"
+            f"then either copy the Hugging Face cache folder to this machine (HF_HOME), or pass the file "
+            f"directly: create_model(name, checkpoint_path='/path/to/{Path(filename).name}')"
+        ) from exc
+    verify_file(path, sha, size)
+    return path
