@@ -1,5 +1,47 @@
-"""Faces in pictures: detection, 5-point alignment and the FaceEmbedder pipeline."""
+"""Faces in pictures: loading, detection, 5-point alignment and the FaceEmbedder pipeline.
+
+Importing this package is cheap: detector backends import dlib / onnxruntime when first created.
+"""
 
 from .alignment import align_face, estimate_similarity, to_model_input
+from .detection import (
+    DetectedFace,
+    Detector,
+    create_detector,
+    detector_info,
+    list_detectors,
+    nms,
+    register_detector,
+)
+from .dlib_detector import DlibDetector
+from .embedder import Face, FaceEmbedder, ImageResult, PipelineConfig
+from .image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, LoadedImage, load_image
+from .onnx_detector import OnnxFaceDetector
+from .retinaface import RetinaFaceConfig, RetinaFaceDetector
+from .scrfd import SCRFDDetector
 
-__all__ = ["align_face", "estimate_similarity", "to_model_input"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "DetectedFace",
+    "Detector",
+    "DlibDetector",
+    "Face",
+    "FaceEmbedder",
+    "ImageLoadError",
+    "ImageResult",
+    "LoadedImage",
+    "OnnxFaceDetector",
+    "PipelineConfig",
+    "RetinaFaceConfig",
+    "RetinaFaceDetector",
+    "SCRFDDetector",
+    "align_face",
+    "create_detector",
+    "detector_info",
+    "estimate_similarity",
+    "list_detectors",
+    "load_image",
+    "nms",
+    "register_detector",
+    "to_model_input",
+]

@@ -1,0 +1,179 @@
+"""End-to-end photos/s of the face pipeline (load + detect + align + embed), with the time share of
+each stage, next to dlib's own recognition pipeline on the same photos in the same run.
+
+    python benchmarks/bench_pipeline.py --quick    # 3 timed passes over 8 photos
+    python benchmarks/bench_pipeline.py            # 5 passes over 16 photos, also bf16 for B
+
+Photos: the four committed portraits (tests/data/portraits, 282-512 x 640 px, one face each) and a
+group picture made by pasting them side by side (4 faces), repeated to fill a pass.
+
+Pipelines:
+    lvface_t / lvface_b   FaceEmbedder: dlib HOG detector + 68-point landmarks -> 5 points -> ArcFace
+                          alignment -> FaceViT T or B (random weights: speed does not depend on them),
+                          fp32 unless stated, batch 64 across photos.
+    dlib reference        what `face_recognition.face_encodings` does: dlib HOG (upsample 1) + 5-point
+                          shape predictor + dlib ResNet-34 128-d descriptor, one face at a time.
+
+Each configuration gets one warm-up pass, then the median wall time of the timed passes. Stage
+shares come from `FaceEmbedder.stage_seconds` summed over the timed passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PORTRAITS = [ROOT / "tests" / "data" / "portraits" / f"{n}.jpg" for n in ("obama", "obama2", "obama3", "biden")]
+
+
+def group_photo(out: Path) -> Path:
+    from PIL import Image
+
+    panels = []
+    for p in PORTRAITS:
+        with Image.open(p) as im:
+            panels.append(im.convert("RGB").resize((round(im.width * 400 / im.height), 400), Image.BILINEAR))
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + 100, 440), (128, 128, 128))
+    x = 20
+    for p in panels:
+        canvas.paste(p, (x, 20))
+        x += p.width + 20
+    canvas.save(out, quality=90)
+    return out
+
+
+def photo_list(n: int, group: Path) -> list[str]:
+    base = [str(p) for p in PORTRAITS] + [str(group)]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def time_embedder(model: str, dtype: str | None, photos: list[str], passes: int) -> dict:
+    from lvface_mm.faces import FaceEmbedder
+    from lvface_mm.models import create_model
+
+    embedder = FaceEmbedder(create_model(model), dtype=dtype, device="cpu", batch_size=64)
+    results = embedder.embed(photos)  # warm-up: loads the landmark model, first-call allocations
+    faces = sum(len(r.faces) for r in results)
+    embedder.reset_timings()
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        embedder.embed(photos)
+        times.append(time.perf_counter() - start)
+    stages = dict(embedder.stage_seconds)
+    return {"seconds": statistics.median(times), "faces": faces, "stages": stages}
+
+
+def time_dlib_reference(photos: list[str], passes: int) -> dict:
+    import dlib
+    from PIL import Image
+
+    from lvface_mm.faces.dlib_detector import face_recognition_models_file
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(face_recognition_models_file("shape_predictor_5_face_landmarks.dat")))
+    resnet = face_recognition_models_file("dlib_face_recognition_resnet_model_v1.dat")
+    encoder = dlib.face_recognition_model_v1(str(resnet))
+
+    def one_pass() -> int:
+        n = 0
+        for path in photos:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+            for rect in detector(image, 1):
+                np.asarray(encoder.compute_face_descriptor(image, predictor(image, rect)))  # (128,)
+                n += 1
+        return n
+
+    faces = one_pass()
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "faces": faces, "stages": None}
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    except (OSError, subprocess.CalledProcessError):
+        model = platform.processor() or "?"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    threads = torch.get_num_threads()
+    return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads, 1-min load {load:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer photos and passes, fp32 only")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "faces.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    n_photos, passes = (8, 3) if args.quick else (16, 5)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        group = group_photo(Path(tmp) / "group.jpg")
+        photos = photo_list(n_photos, group)
+        n_groups = photos.count(str(group))
+        configs = [("lvface_t", None), ("lvface_b", None)] + ([] if args.quick else [("lvface_b", "bf16")])
+        rows = []
+        reference = time_dlib_reference(photos, passes)
+        for model, dtype in configs:
+            print(f"timing {model} {dtype or 'fp32'} ...", file=sys.stderr)
+            rows.append((f"{model} {dtype or 'fp32'}", time_embedder(model, dtype, photos, passes)))
+        rows.append(("dlib reference (HOG + ResNet-34, 128-d)", reference))
+
+    ref_rate = n_photos / reference["seconds"]
+    lines = [
+        f"### Face pipeline: detect + align + embed ({datetime.date.today().isoformat()})",
+        "",
+        f"Command: `python benchmarks/bench_pipeline.py{' --quick' if args.quick else ''}`  ",
+        f"Machine: {machine()}  ",
+        f"Workload: {n_photos} photos per pass ({n_photos - n_groups} portraits + {n_groups} group pictures, "
+        f"{rows[0][1]['faces']} faces), median of {passes} passes after one warm-up.",
+        "",
+        "| pipeline | photos/s | faces/s | vs dlib reference | load | detect | align | embed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows:
+        rate = n_photos / r["seconds"]
+        if r["stages"]:
+            total = sum(r["stages"].values())
+            shares = " | ".join(f"{100 * r['stages'][s] / total:.0f}%" for s in ("load", "detect", "align", "embed"))
+        else:
+            shares = "- | - | - | -"
+        lines.append(
+            f"| {name} | {rate:.2f} | {r['faces'] / r['seconds']:.2f} | {rate / ref_rate:.2f}x | {shares} |"
+        )
+    lines += [
+        "",
+        "Stage shares are of the FaceEmbedder's own measured time (load = decode + EXIF + conversion; "
+        "detect = dlib HOG + 68-point landmarks; align = similarity fit + warp; embed = FaceViT forward).",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_write:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report)
+        print(f"written to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

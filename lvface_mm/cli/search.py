@@ -1,0 +1,67 @@
+"""`lvface-mm search`: query an indexed photo collection.
+
+    lvface-mm search "Alice at the beach" --db library.db     # names from the gallery in the same file
+    lvface-mm search "sunset over water" --db library.db       # text only (CLIP)
+    lvface-mm search --face someone.jpg --db library.db        # everyone who looks like this face
+    lvface-mm search --name Alice --db library.db
+
+Prints one line per photo: score, path, and the names found on it (or JSON lines with --json).
+Exit status: 0 results, 1 no result, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .embed import add_model_arguments, build_embedder
+from .index import add_clip_arguments, build_clip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", nargs="?", default="", help='free text with enrolled names: "Alice at the beach"')
+    parser.add_argument("--db", required=True, help="database made by `lvface-mm index` (and `gallery enrol`)")
+    parser.add_argument("--gallery", help="gallery file, if not the same as --db")
+    parser.add_argument("--face", help="find photos of the (largest) face in this photo")
+    parser.add_argument("--name", help="find photos of this enrolled person")
+    parser.add_argument("-k", type=int, default=20, help="number of photos (default 20)")
+    parser.add_argument("--min-score", type=float, help="--face: keep faces at least this similar")
+    parser.add_argument("--json", action="store_true", help="JSON lines output")
+    add_clip_arguments(parser)
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lvface_mm.gallery import Gallery
+    from lvface_mm.gallery.photos import PhotoIndex
+    from lvface_mm.models import WeightsNotAvailableError
+
+    if sum(bool(x) for x in (args.query.strip(), args.face, args.name)) != 1:
+        print("error: give exactly one of a QUERY, --face PHOTO or --name NAME", file=sys.stderr)
+        return 2
+    model = "lvface_tiny" if args.tiny else args.model
+    try:
+        embedder = build_embedder(args) if args.face else None
+        clip = build_clip(args) if args.query.strip() else None
+        index = PhotoIndex(args.db, embedder=embedder, clip=clip, face_model=model)
+        gallery = Gallery(args.gallery or args.db, model_name=model)
+        if args.face:
+            hits = index.search_by_face(args.face, args.k, min_score=args.min_score, gallery=gallery)
+        elif args.name:
+            hits = index.search_by_name(args.name, gallery, args.k)
+        else:
+            hits = index.search(args.query, gallery, args.k)
+    except (ValueError, KeyError, FileNotFoundError, WeightsNotAvailableError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    for hit in hits:
+        names = [f.name for f in hit.faces if f.name]
+        if args.json:
+            faces = [{"box": f.box, "name": f.name, "similarity": f.similarity} for f in hit.faces]
+            print(json.dumps({"path": hit.path, "score": round(hit.score, 4), "names": names, "faces": faces}))
+        else:
+            print(f"{hit.score:.3f}\t{hit.path}\t{', '.join(names)}")
+    if not hits:
+        print("no matching photo", file=sys.stderr)
+    return 0 if hits else 1

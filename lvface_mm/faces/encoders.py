@@ -1,0 +1,117 @@
+"""Crop encoders behind the FaceEmbedder: the PyTorch FaceViT or an ONNX file in onnxruntime.
+
+Both take normalised (N, 3, 112, 112) float32 crops and give raw (unnormalised) (N, 512) float32
+features; the PyTorch one can also give the (N, 144, D) patch tokens the VLM bridge consumes.
+Flip-test (sum of the features of a crop and its mirror, as in the IJB protocol) is done here so
+both backends do it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`torch.bfloat16`, "bf16", "bfloat16", ... -> torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in set(_DTYPES.values()):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+class TorchCropEncoder:
+    """Runs a FaceViT (or any module mapping crops to (N, 512)) in eval mode on its device and dtype."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        param = next(model.parameters(), None)
+        self.device = (
+            torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        )
+        self.dtype = dtype or (param.dtype if param is not None else torch.float32)
+        self.model = model.eval().to(device=self.device, dtype=self.dtype)
+
+    @property
+    def supports_tokens(self) -> bool:
+        return hasattr(self.model, "forward_features") and hasattr(self.model, "forward_head")
+
+    @torch.inference_mode()
+    def __call__(
+        self, x: torch.Tensor, flip: bool = False, return_tokens: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        n = x.shape[0]
+        x = x.to(device=self.device, dtype=self.dtype)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])  # (2N, 3, 112, 112): originals, then mirrors
+        tokens = None
+        if return_tokens:
+            if not self.supports_tokens:
+                raise TypeError(
+                    f"{type(self.model).__name__} has no forward_features/forward_head; tokens need a FaceViT"
+                )
+            all_tokens = self.model.forward_features(x)  # (N or 2N, 144, D)
+            raw = self.model.forward_head(all_tokens)
+            tokens = all_tokens[:n].float().cpu().numpy()  # tokens of the original crops only
+        else:
+            raw = self.model(x)
+        raw = raw.float()
+        if raw.ndim != 2 or raw.shape[0] != x.shape[0]:
+            raise ValueError(f"the model returned shape {tuple(raw.shape)}, expected ({x.shape[0]}, feature_dim)")
+        if flip:
+            raw = raw[:n] + raw[n:]
+        return raw.cpu().numpy(), tokens
+
+
+class OnnxCropEncoder:
+    """Runs an ONNX face encoder (our exports or the official LVFace .onnx) with onnxruntime."""
+
+    name = "onnx"
+    supports_tokens = False
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        try:
+            from ..models.onnx import OnnxEncoder
+        except ImportError as exc:
+            raise ImportError(f"the ONNX backend needs onnxruntime: pip install 'lvface-mm[onnx]' ({exc})") from exc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX encoder file {self.path} does not exist")
+        self._run: Callable[[np.ndarray], np.ndarray] = OnnxEncoder(self.path, providers=providers)
+        self.device = torch.device("cpu")  # inputs are handed over as numpy
+        self.dtype = torch.float32
+
+    def __call__(
+        self, x: torch.Tensor, flip: bool = False, return_tokens: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if return_tokens:
+            raise ValueError(
+                "patch tokens are only available with backend='torch' (the ONNX graph outputs the embedding)"
+            )
+        n = x.shape[0]
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        raw = np.asarray(self._run(np.ascontiguousarray(x.float().cpu().numpy())), dtype=np.float32)
+        if raw.ndim != 2 or raw.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.path} returned shape {raw.shape}, expected ({x.shape[0]}, feature_dim)")
+        if flip:
+            raw = raw[:n] + raw[n:]
+        return raw, None

@@ -1,0 +1,535 @@
+"""A searchable photo collection: every face embedded, every photo CLIP-embedded, in SQLite.
+
+    index:  file -> sha256 (already indexed? skip) -> decode -> FaceEmbedder (boxes + 512-d
+            identity embeddings) + ClipEncoder (one image embedding) -> one transaction per photo
+    search: by face photo, by enrolled name (gallery template), by text (CLIP), or combined:
+            "Alice at the beach" keeps photos where Alice's face matches above the gallery
+            threshold and ranks them by CLIP similarity to "at the beach".
+
+Resumable by construction: a photo is either fully committed (faces + CLIP) or absent, and a
+rerun skips every file whose content hash is already there, wherever the file moved. Files that
+cannot be read are recorded with the reason and skipped on reruns (``retry_failed`` retries them).
+The tables live next to a gallery's in the same file if you like: ``--db library.db`` for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .index import IndexConfig, VectorIndex, create_index
+
+if TYPE_CHECKING:
+    from ..faces.embedder import FaceEmbedder
+    from .clip import ClipEncoder
+    from .store import Gallery
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IndexProgress",
+    "IndexReport",
+    "PhotoFace",
+    "PhotoHit",
+    "PhotoIndex",
+    "file_sha256",
+    "find_images",
+    "split_query",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS photo_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS photos (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    clip BLOB,
+    indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS photo_faces (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    photo_id INTEGER NOT NULL REFERENCES photos(id) ON DELETE CASCADE,
+    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
+    score REAL NOT NULL,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS photo_faces_by_photo ON photo_faces(photo_id);
+CREATE TABLE IF NOT EXISTS photo_failures (
+    path TEXT PRIMARY KEY,
+    sha256 TEXT,
+    error TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+"""
+
+# Words that only join names ("Alice and Bob", "Alice, Bob") and carry nothing for CLIP.
+_JOINERS = {"and", "with", "&", ",", "+", "together"}
+
+
+@dataclass(frozen=True)
+class PhotoFace:
+    """A face in a result photo: box in original pixels, detector score, and, when a gallery was
+    consulted, the name it matched and the cosine to that identity (None: unknown)."""
+
+    box: tuple[float, float, float, float]
+    detection_score: float
+    name: str | None = None
+    similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class PhotoHit:
+    photo_id: int
+    path: str
+    score: float  # what the ranking used: face cosine, CLIP text cosine, or both (see PhotoIndex.search)
+    faces: tuple[PhotoFace, ...] = ()
+
+
+@dataclass(frozen=True)
+class IndexProgress:
+    done: int
+    total: int
+    path: str
+    status: str  # "indexed", "skipped" or "failed"
+
+
+@dataclass
+class IndexReport:
+    indexed: int = 0
+    skipped: int = 0
+    faces: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+    stopped: bool = False  # should_stop() asked to stop before the end
+
+    @property
+    def photos_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Path]:
+    """Image files (by extension) under the given files/folders, sorted, without duplicates."""
+    found: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            for f in sorted(p.glob(pattern)):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    found[f] = None
+        elif p.exists():
+            found[p] = None  # named explicitly: try it whatever its extension
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return list(found)
+
+
+def split_query(query: str, names: Iterable[str]) -> tuple[list[str], str]:
+    """Pull enrolled names out of a free-text query: ("Alice at the beach", [..]) -> (["Alice"], "at the beach").
+
+    Longer names win ("Ann Lee" before "Ann"), matching is case-insensitive on word boundaries, and
+    words that only join names ("and", "with", commas) are dropped from the remaining text.
+    """
+    found: list[str] = []
+    rest = query
+    for name in sorted(set(names), key=len, reverse=True):
+        pattern = re.compile(r"(?<!\w)" + re.escape(name) + r"(?!\w)", re.IGNORECASE)
+        if pattern.search(rest):
+            found.append(name)
+            rest = pattern.sub(" ", rest)
+    words = [w for w in re.split(r"\s+", rest.replace(",", " , ")) if w]
+    while words and words[0].lower() in _JOINERS:
+        words.pop(0)
+    while words and words[-1].lower() in _JOINERS:
+        words.pop()
+    text = " ".join(w for w in words if w != ",") if any(w.lower() not in _JOINERS for w in words) else ""
+    order = {n: query.lower().find(n.lower()) for n in found}
+    return sorted(found, key=order.__getitem__), text
+
+
+def _blob(x: np.ndarray) -> bytes:
+    return np.ascontiguousarray(x, dtype="<f4").tobytes()
+
+
+class PhotoIndex:
+    """Faces and CLIP embeddings of a photo collection in one SQLite file.
+
+    Args:
+        path: database file (may be shared with a ``Gallery``).
+        embedder: the face pipeline, needed to add photos and to search by face photo.
+        clip: the CLIP encoder, needed to add photos and for text queries.
+        face_model: name of the face encoder (e.g. "lvface_b"); stored with the index, and an
+            index built by another encoder is refused, because their embeddings do not compare.
+        index: search backend for the face embeddings (see ``index.py``).
+    """
+
+    def __init__(self, path: str | Path, *, embedder: FaceEmbedder | None = None, clip: ClipEncoder | None = None,
+                 face_model: str | None = None, index: IndexConfig | str = "auto") -> None:
+        self.path = str(path)
+        self.embedder = embedder
+        self.clip = clip
+        self._index_config = IndexConfig(kind=index) if isinstance(index, str) else index
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            with self._transaction() as c:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"photo index {self.path}: not a readable database ({exc})") from exc
+        self._check_spaces(face_model, clip.key if clip is not None else None)
+        self._cache_version = -1
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _transaction(self):  # noqa: ANN202 - a context manager over the connection
+        return _Transaction(self._conn, self._lock)
+
+    def _meta(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT key, value FROM photo_meta").fetchall())
+
+    def _check_spaces(self, face_model: str | None, clip_key: str | None) -> None:
+        """Refuse to mix embeddings of different encoders in one index."""
+        with self._transaction() as c:
+            stored = dict(c.execute("SELECT key, value FROM photo_meta").fetchall())
+            for key, value, what in (("face_model", face_model, "face encoder"), ("clip", clip_key, "CLIP model")):
+                if value is None:
+                    continue
+                if key not in stored:
+                    c.execute("INSERT INTO photo_meta VALUES (?, ?)", (key, value))
+                elif stored[key] != value:
+                    raise ValueError(f"photo index {self.path} was built with {what} {stored[key]!r}, not {value!r}; "
+                                     "use that one, or a new --db file")
+
+    @property
+    def face_model(self) -> str | None:
+        return self._meta().get("face_model")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM photos").fetchone()[0])
+
+    @property
+    def num_faces(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM photo_faces").fetchone()[0])
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file that could not be indexed."""
+        with self._lock:
+            return [tuple(r) for r in self._conn.execute("SELECT path, error FROM photo_failures ORDER BY path")]
+
+    def photo_path(self, photo_id: int) -> str:
+        with self._lock:
+            row = self._conn.execute("SELECT path FROM photos WHERE id = ?", (photo_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no photo {photo_id} in {self.path}")
+        return row[0]
+
+    # ---------------------------------------------------------------- indexing
+    def add(self, paths: Iterable[str | Path], *, batch_size: int = 8, progress: Callable[[IndexProgress], None] | None
+            = None, retry_failed: bool = False, should_stop: Callable[[], bool] | None = None) -> IndexReport:
+        """Index image files (folders are searched recursively). See the module docstring."""
+        if self.embedder is None or self.clip is None:
+            raise ValueError("PhotoIndex.add needs both embedder= (faces) and clip= (CLIP)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+        files = find_images(paths)
+        report = IndexReport()
+        start = time.perf_counter()
+        done = 0
+        pending: list[tuple[Path, str, Any]] = []
+
+        def tick(path: Path, status: str) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(IndexProgress(done, len(files), str(path), status))
+
+        for path in files:
+            if should_stop is not None and should_stop():
+                report.stopped = True
+                break
+            status, sha, loaded = self._triage(path, retry_failed)
+            if status == "skipped":
+                report.skipped += 1
+                tick(path, status)
+            elif status == "failed":
+                report.failed.append((str(path), loaded))
+                tick(path, status)
+            else:
+                pending.append((path, sha, loaded))
+            if len(pending) >= batch_size:
+                self._index_batch(pending, report, tick)
+                pending = []
+        if pending:
+            self._index_batch(pending, report, tick)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _triage(self, path: Path, retry_failed: bool) -> tuple[str, str | None, Any]:
+        """('skipped'|'failed'|'todo', sha256, LoadedImage or the failure reason)."""
+        from ..faces.image_io import ImageLoadError, load_image
+
+        try:
+            sha = file_sha256(path)
+        except OSError as exc:
+            return "failed", None, self._fail(path, None, f"cannot read file ({exc.strerror or exc})")
+        with self._lock:
+            row = self._conn.execute("SELECT id, path FROM photos WHERE sha256 = ?", (sha,)).fetchone()
+            failed = self._conn.execute("SELECT sha256 FROM photo_failures WHERE path = ?", (str(path),)).fetchone()
+        if row is not None:
+            if row[1] != str(path):  # same content, new place: remember where it is now
+                with self._transaction() as c:
+                    c.execute("UPDATE photos SET path = ? WHERE id = ?", (str(path), row[0]))
+            return "skipped", sha, None
+        if failed is not None and failed[0] == sha and not retry_failed:
+            return "skipped", sha, None
+        max_pixels = self.embedder.config.max_image_pixels if self.embedder is not None else None
+        try:
+            loaded = load_image(path, max_pixels=max_pixels) if max_pixels else load_image(path)
+        except ImageLoadError as exc:
+            return "failed", sha, self._fail(path, sha, exc.reason)
+        return "todo", sha, loaded
+
+    def _fail(self, path: Path, sha: str | None, reason: str) -> str:
+        with self._transaction() as c:
+            c.execute("INSERT OR REPLACE INTO photo_failures VALUES (?, ?, ?, ?)",
+                      (str(path), sha, reason, time.time()))
+        return reason
+
+    def _index_batch(self, batch: list[tuple[Path, str, Any]], report: IndexReport,
+                     tick: Callable[[Path, str], None]) -> None:
+        arrays = [loaded.array for _, _, loaded in batch]
+        try:
+            results = self.embedder.embed(arrays, assume_aligned=False)
+            clips = self.clip.encode_images(arrays)
+        except (ValueError, RuntimeError) as exc:  # one bad image spoils the batch: redo one by one
+            if len(batch) == 1:
+                path, sha, _ = batch[0]
+                report.failed.append((str(path), self._fail(path, sha, f"{type(exc).__name__}: {exc}")))
+                tick(path, "failed")
+                return
+            for item in batch:
+                self._index_batch([item], report, tick)
+            return
+        for (path, sha, loaded), result, clip in zip(batch, results, clips):
+            if result.error is not None:
+                report.failed.append((str(path), self._fail(path, sha, result.error)))
+                tick(path, "failed")
+                continue
+            back = 1.0 / loaded.scale  # boxes in original pixels even when a huge JPEG was decoded reduced
+            width, height = loaded.original_size
+            with self._transaction() as c:
+                photo_id = c.execute("INSERT INTO photos (sha256, path, width, height, clip, indexed_at) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)",
+                                     (sha, str(path), width, height, _blob(clip), time.time())).lastrowid
+                c.executemany("INSERT INTO photo_faces (photo_id, x1, y1, x2, y2, score, embedding) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [(photo_id, *(float(v) * back for v in f.box), float(f.score), _blob(f.embedding))
+                               for f in result.faces])
+                c.execute("DELETE FROM photo_failures WHERE path = ?", (str(path),))
+            report.indexed += 1
+            report.faces += len(result.faces)
+            tick(path, "indexed")
+
+    def remove(self, path_or_id: str | Path | int) -> None:
+        """Forget one photo (by indexed path or id) and its faces."""
+        with self._transaction() as c:
+            if isinstance(path_or_id, int):
+                n = c.execute("DELETE FROM photos WHERE id = ?", (path_or_id,)).rowcount
+            else:
+                n = c.execute("DELETE FROM photos WHERE path = ?", (str(path_or_id),)).rowcount
+            if n == 0:
+                raise KeyError(f"{path_or_id!r} is not in photo index {self.path}")
+
+    # ---------------------------------------------------------------- search caches
+    def _refresh(self) -> None:
+        """(Re)load face and CLIP matrices when the file changed (ours or another process's write)."""
+        with self._lock:
+            version = (int(self._conn.execute("PRAGMA data_version").fetchone()[0]),
+                       self._conn.total_changes)
+            if version == self._cache_version:
+                return
+            faces = self._conn.execute("SELECT id, photo_id, x1, y1, x2, y2, score, embedding FROM photo_faces "
+                                       "ORDER BY id").fetchall()
+            photos = self._conn.execute("SELECT id, path, clip FROM photos ORDER BY id").fetchall()
+            self._paths = {int(r[0]): r[1] for r in photos}
+            self._face_photo = {int(r[0]): int(r[1]) for r in faces}
+            self._faces_of: dict[int, list[tuple[int, tuple[float, ...], float]]] = {}
+            for r in faces:
+                self._faces_of.setdefault(int(r[1]), []).append((int(r[0]), tuple(r[2:6]), float(r[6])))
+            self._face_vectors = {int(r[0]): np.frombuffer(r[7], "<f4") for r in faces}
+            self._face_index = self._build(faces, 7)
+            self._clip_index = self._build([r for r in photos if r[2] is not None], 2)
+            self._cache_version = version
+
+    def _build(self, rows: Sequence[tuple], column: int) -> VectorIndex | None:
+        if not rows:
+            return None
+        vectors = np.stack([np.frombuffer(r[column], "<f4") for r in rows])
+        index = create_index(vectors.shape[1], self._index_config)
+        index.add(np.array([r[0] for r in rows], np.int64), vectors)
+        return index
+
+    # ---------------------------------------------------------------- queries
+    def _face_scores(self, embedding: np.ndarray, limit: int) -> dict[int, tuple[float, int]]:
+        """photo_id -> (best face cosine, face id) over the ``limit`` nearest faces."""
+        self._refresh()
+        if self._face_index is None:
+            return {}
+        q = np.asarray(embedding, np.float32).reshape(1, -1)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        scores, ids = self._face_index.search(q, min(limit, len(self._face_index)))
+        best: dict[int, tuple[float, int]] = {}
+        for s, face_id in zip(scores[0], ids[0]):
+            if face_id < 0:
+                continue
+            photo = self._face_photo[int(face_id)]
+            if photo not in best or s > best[photo][0]:
+                best[photo] = (float(s), int(face_id))
+        return best
+
+    def _hit(self, photo_id: int, score: float, gallery: Gallery | None,
+             marked: dict[int, tuple[str | None, float]] | None = None) -> PhotoHit:
+        """A result with its faces; faces get names from ``marked`` (face id -> name, cosine) or the gallery."""
+        entries = self._faces_of.get(photo_id, [])
+        labels: list[tuple[str | None, float | None]] = [(None, None)] * len(entries)
+        if gallery is not None and entries and len(gallery):
+            found = gallery.identify(np.stack([self._face_vectors[f] for f, _, _ in entries]))
+            labels = [(o.name, o.score if o.name is not None else None) for o in found]
+        if marked:  # the face that matched the query: its cosine to the query, and a name if any
+            labels = [(marked[f][0] or label[0], marked[f][1]) if f in marked else label
+                      for (f, _, _), label in zip(entries, labels)]
+        faces = tuple(PhotoFace(tuple(float(v) for v in box), det, name, sim)
+                      for (_, box, det), (name, sim) in zip(entries, labels))
+        return PhotoHit(photo_id, self._paths[photo_id], float(score), faces)
+
+    def search_by_face_embedding(self, embedding: np.ndarray, k: int = 20, *, min_score: float | None = None,
+                                 gallery: Gallery | None = None) -> list[PhotoHit]:
+        """Photos ranked by their best face's cosine to ``embedding`` (an identity embedding)."""
+        best = self._face_scores(embedding, max(200, 20 * k))
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
+        if min_score is not None:
+            ranked = [kv for kv in ranked if kv[1][0] >= min_score]
+        return [self._hit(p, s, gallery, {f: (None, s)}) for p, (s, f) in ranked[:k]]
+
+    def search_by_face(self, image: Any, k: int = 20, *, min_score: float | None = None,
+                       gallery: Gallery | None = None) -> list[PhotoHit]:
+        """Photos showing the person whose face is largest in ``image`` (path, PIL or array)."""
+        if self.embedder is None:
+            raise ValueError("searching by face photo needs embedder=")
+        result = self.embedder.embed_image(image)
+        return self.search_by_face_embedding(result.main_face().embedding, k, min_score=min_score, gallery=gallery)
+
+    def search_by_name(self, name: str, gallery: Gallery, k: int = 20) -> list[PhotoHit]:
+        """Photos where an enrolled person's face matches above the gallery threshold."""
+        return self._named([gallery.get(name).name], "", gallery, k)
+
+    def search_by_text(self, text: str, k: int = 20, *, gallery: Gallery | None = None) -> list[PhotoHit]:
+        """Photos ranked by CLIP similarity to ``text``."""
+        if self.clip is None:
+            raise ValueError("text queries need clip=")
+        self._refresh()
+        if self._clip_index is None:
+            return []
+        scores, ids = self._clip_index.search(self.clip.encode_text([text]), k)
+        return [self._hit(int(i), float(s), gallery) for s, i in zip(scores[0], ids[0]) if i >= 0]
+
+    def search(self, query: str, gallery: Gallery | None = None, k: int = 20) -> list[PhotoHit]:
+        """Free text with optional enrolled names: "Alice", "Alice and Bob", "Alice at the beach",
+        "sunset over water". Names filter (every named person must be in the photo), text ranks."""
+        if not query.strip():
+            raise ValueError("empty query")
+        names, text = split_query(query, [i.name for i in gallery.list_identities()] if gallery else [])
+        if not names:
+            return self.search_by_text(query, k, gallery=gallery)
+        return self._named(names, text, gallery, k)
+
+    def _named(self, names: list[str], text: str, gallery: Gallery, k: int) -> list[PhotoHit]:
+        threshold = gallery.threshold
+        per_name = []
+        for name in names:
+            best = self._face_scores(gallery.template(name), 10_000)
+            per_name.append({p: v for p, v in best.items() if v[0] >= threshold})
+        photos = set.intersection(*(set(d) for d in per_name)) if per_name else set()
+        if not photos:
+            return []
+        face_score = {p: min(d[p][0] for d in per_name) for p in photos}
+        marked = {p: {d[p][1]: (n, d[p][0]) for n, d in zip(names, per_name)} for p in photos}
+        if text and self.clip is not None and self._clip_index is not None:
+            t = self.clip.encode_text([text])[0]
+            clip_score = {p: float(self._clip_vector(p) @ t) for p in photos}
+            order = sorted(photos, key=lambda p: (-clip_score[p], -face_score[p]))
+            return [self._hit(p, clip_score[p], gallery, marked[p]) for p in order[:k]]
+        order = sorted(photos, key=lambda p: -face_score[p])
+        return [self._hit(p, face_score[p], gallery, marked[p]) for p in order[:k]]
+
+    def _clip_vector(self, photo_id: int) -> np.ndarray:
+        with self._lock:
+            blob = self._conn.execute("SELECT clip FROM photos WHERE id = ?", (photo_id,)).fetchone()[0]
+        return np.frombuffer(blob, "<f4")
+
+    def stats(self) -> dict[str, Any]:
+        meta = self._meta()
+        return {"photos": len(self), "faces": self.num_faces, "failures": len(self.failures()),
+                "face_model": meta.get("face_model"), "clip": meta.get("clip"), "path": self.path}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> PhotoIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PhotoIndex({json.dumps(self.stats())})"
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT under the index lock; ROLLBACK on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock) -> None:
+        self._conn, self._lock = conn, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._conn
+
+    def __exit__(self, exc_type: type | None, *rest: object) -> None:
+        try:
+            self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        finally:
+            self._lock.release()

@@ -1,0 +1,80 @@
+"""Identity bridge: LVFace as an identity encoder for Hugging Face VLMs and LLMs.
+
+Needs the `vlm` extra (`pip install "lvface-mm[vlm]"`: transformers 5.x, peft, accelerate).
+
+Main entry points:
+    IdentityVLM.from_pretrained(card_or_model, encoder=..., adapter=...)   caption / ask / generate
+    IdentityAdapterConfig, load_adapter_card, list_adapter_cards             adapter cards
+    create_projector, list_projectors                                        projectors
+    IdentityInjector, IdentityTokens, inject_identity_tokens                 injection
+    ground_faces, grounded_messages, render_grounded_prompt                  prompt grounding
+    build_tiny_vlm                                                           tiny random models (tests, demos)
+"""
+
+try:
+    import transformers as _transformers  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'lvface_mm.vlm needs transformers (>=5), peft and accelerate: pip install "lvface-mm[vlm]"'
+    ) from err
+
+from .adapter import IdentityAdapter
+from .config import (
+    IdentityAdapterConfig,
+    LoraSpec,
+    add_card_dir,
+    default_card_dir,
+    list_adapter_cards,
+    load_adapter_card,
+)
+from .families import VLMFamily, family_for_config, family_for_model, get_family, list_families, register_family
+from .grounding import GroundingTemplate, ground_faces, grounded_messages, grounding_text, render_grounded_prompt
+from .injection import FaceCountError, IdentityInjector, IdentityTokens, inject_identity_tokens
+from .model import AnswerStream, IdentityVLM
+from .processing import IdentityInputs, IdentityProcessor, expand_face_placeholders
+from .projectors import FaceFeatures, Projector, ProjectorSpec, create_projector, list_projectors, register_projector
+from .results import GroundedFace, IdentityAnswer, NameMention, find_mentions
+from .testing import build_tiny_vlm, list_tiny_builds, tiny_card
+
+__all__ = [
+    "AnswerStream",
+    "FaceCountError",
+    "FaceFeatures",
+    "GroundedFace",
+    "GroundingTemplate",
+    "IdentityAdapter",
+    "IdentityAdapterConfig",
+    "IdentityAnswer",
+    "IdentityInjector",
+    "IdentityInputs",
+    "IdentityProcessor",
+    "IdentityTokens",
+    "IdentityVLM",
+    "LoraSpec",
+    "NameMention",
+    "Projector",
+    "ProjectorSpec",
+    "VLMFamily",
+    "add_card_dir",
+    "build_tiny_vlm",
+    "create_projector",
+    "default_card_dir",
+    "expand_face_placeholders",
+    "family_for_config",
+    "family_for_model",
+    "find_mentions",
+    "get_family",
+    "ground_faces",
+    "grounded_messages",
+    "grounding_text",
+    "inject_identity_tokens",
+    "list_adapter_cards",
+    "list_families",
+    "list_projectors",
+    "list_tiny_builds",
+    "load_adapter_card",
+    "register_family",
+    "register_projector",
+    "render_grounded_prompt",
+    "tiny_card",
+]

@@ -1,0 +1,304 @@
+"""Identity adapter configuration and adapter cards.
+
+An adapter card is an `IdentityAdapterConfig` written as JSON: which VLM (hub id), which family
+glue, which LVFace encoder, what the projector reads (the pooled 512-d identity, the 144 patch
+tokens, or both), how many identity tokens each face becomes, the placeholder token, and where LoRA
+goes. The same JSON sits next to trained adapter weights, so a card and a saved adapter are read by
+the same code.
+
+Cards shipped with the repository live in the top-level `adapters/` folder. That folder is data,
+not a Python package (AdapterHub's `adapters` owns the name on PyPI), so it is located by path:
+`default_card_dir()` finds it in a source checkout; installed users pass a card path instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+EmbeddingSource = Literal["pooled", "patch", "both"]
+EMBEDDING_SOURCES: tuple[str, ...] = ("pooled", "patch", "both")
+
+CONFIG_NAME = "identity_adapter_config.json"
+SCHEMA_VERSION = 1
+
+# A placeholder looks like a tag, e.g. "<face>"; "<face_3>" is then reserved for "the face with index 3".
+_PLACEHOLDER_RE = re.compile(r"^<([A-Za-z][A-Za-z0-9-]*)>$")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Where LoRA goes on the VLM when the adapter is fine-tuned with PEFT.
+
+    Attributes:
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (`lora_alpha`).
+        dropout: dropout on the LoRA input.
+        target_modules: a full-match regex over module names (PEFT's string form), or None for the
+            family's default (attention projections of the language model only, never the vision tower).
+        modules_to_save: modules of the VLM trained and saved in full (e.g. "lm_head").
+        trainable_tokens: tokens whose embedding rows are trained with PEFT's trainable tokens
+            (each must be one token of the tokenizer, e.g. a name token or the placeholder).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | None = None
+    modules_to_save: tuple[str, ...] = ()
+    trainable_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraSpec.r must be a positive int, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            if not isinstance(self.target_modules, str) or not self.target_modules:
+                raise ValueError(f"LoraSpec.target_modules must be a regex string or None, got {self.target_modules!r}")
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"LoraSpec.target_modules is not a valid regex: {self.target_modules!r} ({err})") from err
+        # JSON gives lists; keep tuples so the frozen config stays hashable.
+        object.__setattr__(self, "modules_to_save", _str_tuple(self.modules_to_save, "LoraSpec.modules_to_save"))
+        object.__setattr__(self, "trainable_tokens", _str_tuple(self.trainable_tokens, "LoraSpec.trainable_tokens"))
+
+
+@dataclass(frozen=True)
+class IdentityAdapterConfig:
+    """Everything needed to rebuild an identity adapter for one VLM.
+
+    Attributes:
+        name: short card name, e.g. "llava-1.5-7b".
+        vlm_id: Hugging Face hub id or local directory of the VLM/LLM.
+        family: VLM family registry key ("llava", "llava_next", "qwen2_vl", "idefics3", "paligemma",
+            "causal_lm"); see `lvface_mm.vlm.families.list_families()`.
+        encoder: LVFace encoder name from `lvface_mm.list_models()`.
+        embedding_source: what the projector reads: "pooled" (the 512-d identity embedding), "patch"
+            (the 144 patch tokens) or "both".
+        projector: projector registry key ("linear", "mlp2x_gelu", "resampler").
+        projector_hidden_dim: hidden width of the projector; None = the LLM's hidden size
+            ("resampler": 512).
+        num_id_tokens: K, identity tokens per face (one `<face>` in a prompt becomes K copies).
+        placeholder_token: the special token added to the tokenizer.
+        lora: LoRA placement for fine-tuning, or None for projector-only adapters.
+        tiny: name of a tiny random build from `lvface_mm.vlm.testing.list_tiny_builds()` to use
+            instead of loading `vlm_id` (test and demo cards; no download), or None.
+        description: free text shown by `list_adapter_cards`.
+    """
+
+    name: str
+    vlm_id: str
+    family: str
+    encoder: str = "lvface_b"
+    embedding_source: EmbeddingSource = "pooled"
+    projector: str = "mlp2x_gelu"
+    projector_hidden_dim: int | None = None
+    num_id_tokens: int = 1
+    placeholder_token: str = "<face>"
+    lora: LoraSpec | None = None
+    tiny: str | None = None
+    description: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("name", "vlm_id", "family", "encoder", "projector"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"IdentityAdapterConfig.{name} must be a non-empty string, got {value!r}")
+        if self.embedding_source not in EMBEDDING_SOURCES:
+            raise ValueError(
+                f"IdentityAdapterConfig.embedding_source must be one of {EMBEDDING_SOURCES}, got {self.embedding_source!r}"
+            )
+        if not isinstance(self.num_id_tokens, int) or isinstance(self.num_id_tokens, bool) or not 1 <= self.num_id_tokens <= 256:
+            raise ValueError(f"IdentityAdapterConfig.num_id_tokens must be an int in [1, 256], got {self.num_id_tokens!r}")
+        if self.projector_hidden_dim is not None and (
+            not isinstance(self.projector_hidden_dim, int) or self.projector_hidden_dim <= 0
+        ):
+            raise ValueError(
+                f"IdentityAdapterConfig.projector_hidden_dim must be a positive int or None, got {self.projector_hidden_dim!r}"
+            )
+        if not isinstance(self.placeholder_token, str) or not _PLACEHOLDER_RE.match(self.placeholder_token):
+            raise ValueError(
+                "IdentityAdapterConfig.placeholder_token must look like a tag without spaces, e.g. '<face>', "
+                f"got {self.placeholder_token!r}"
+            )
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"IdentityAdapterConfig.schema_version {self.schema_version!r} is not supported (expected {SCHEMA_VERSION})"
+            )
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
+        elif self.lora is not None and not isinstance(self.lora, LoraSpec):
+            raise ValueError(f"IdentityAdapterConfig.lora must be a LoraSpec, a dict or None, got {type(self.lora).__name__}")
+        self._check_registries()
+
+    def _check_registries(self) -> None:
+        # Imported here: the registries import torch/transformers, the dataclass itself does not need them.
+        from ..models import list_models
+        from .families import list_families
+        from .projectors import get_projector_class
+
+        if self.family not in list_families():
+            raise ValueError(f"IdentityAdapterConfig.family {self.family!r} is unknown; known: {', '.join(list_families())}")
+        if self.encoder not in list_models():
+            raise ValueError(f"IdentityAdapterConfig.encoder {self.encoder!r} is unknown; known: {', '.join(list_models())}")
+        if self.tiny is not None:
+            from .testing import TINY_FAMILY
+
+            if self.tiny not in TINY_FAMILY:
+                raise ValueError(f"IdentityAdapterConfig.tiny {self.tiny!r} is unknown; known: {', '.join(sorted(TINY_FAMILY))}")
+            if TINY_FAMILY[self.tiny] != self.family:
+                raise ValueError(
+                    f"tiny build {self.tiny!r} is a {TINY_FAMILY[self.tiny]!r} model, but the card says family {self.family!r}"
+                )
+        projector_cls = get_projector_class(self.projector)
+        if self.embedding_source not in projector_cls.supported_sources:
+            raise ValueError(
+                f"projector {self.projector!r} reads {projector_cls.supported_sources}, "
+                f"but embedding_source is {self.embedding_source!r}"
+            )
+
+    # -- derived ----------------------------------------------------------------------------------
+    @property
+    def placeholder_stem(self) -> str:
+        """"face" for "<face>": indexed references are written "<face_0>", "<face_1>", ..."""
+        match = _PLACEHOLDER_RE.match(self.placeholder_token)
+        assert match is not None  # checked in __post_init__
+        return match.group(1)
+
+    # -- JSON round trip -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.lora is not None:
+            data["lora"]["modules_to_save"] = list(self.lora.modules_to_save)
+            data["lora"]["trainable_tokens"] = list(self.lora.trainable_tokens)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IdentityAdapterConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter card must be a JSON object, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys are allowed
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown adapter card field(s) {unknown}; allowed: {sorted(allowed)}")
+        lora = data.get("lora")
+        if isinstance(lora, dict):
+            lora_allowed = {f.name for f in fields(LoraSpec)}
+            bad = sorted(set(lora) - lora_allowed)
+            if bad:
+                raise ValueError(f"unknown lora field(s) {bad}; allowed: {sorted(lora_allowed)}")
+            data = {**data, "lora": LoraSpec(**lora)}
+        try:
+            return cls(**data)
+        except TypeError as err:  # a required field is missing
+            raise ValueError(f"invalid adapter card: {err}") from err
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
+        """Write `identity_adapter_config.json` into `save_directory` (created if needed)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_NAME
+        path.write_text(self.to_json_string(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> IdentityAdapterConfig:
+        """Read a config from a saved adapter directory or from a card/JSON file."""
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no adapter config at {file}")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> IdentityAdapterConfig:
+        return replace(self, **changes)
+
+
+def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+# -- cards ------------------------------------------------------------------------------------------
+_EXTRA_CARD_DIRS: list[Path] = []
+
+
+def default_card_dir() -> Path | None:
+    """The repository's `adapters/` folder when running from a source checkout, else None."""
+    candidate = Path(__file__).resolve().parents[2] / "adapters"
+    return candidate if candidate.is_dir() else None
+
+
+def add_card_dir(path: str | os.PathLike[str]) -> None:
+    """Also look for cards by name in `path` (e.g. a copy of `adapters/` next to an installed package)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"card directory {directory} does not exist")
+    if directory not in _EXTRA_CARD_DIRS:
+        _EXTRA_CARD_DIRS.append(directory)
+
+
+def _card_dirs() -> list[Path]:
+    default = default_card_dir()
+    return [*_EXTRA_CARD_DIRS, *([default] if default is not None else [])]
+
+
+def list_adapter_cards() -> list[str]:
+    """Names of the cards that `load_adapter_card` finds by name."""
+    names = {p.stem for d in _card_dirs() for p in d.glob("*.json")}
+    return sorted(names)
+
+
+def load_adapter_card(name_or_path: str | os.PathLike[str]) -> IdentityAdapterConfig:
+    """Load a card by name ("llava-1.5-7b"), by JSON path, or from a saved adapter directory."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_dir() or path.is_file():
+        return IdentityAdapterConfig.from_pretrained(path)
+    for directory in _card_dirs():
+        candidate = directory / f"{name_or_path}.json"
+        if candidate.is_file():
+            return IdentityAdapterConfig.from_pretrained(candidate)
+    known = list_adapter_cards()
+    hint = f"known cards: {', '.join(known)}" if known else "no card directory found; pass a card path"
+    raise FileNotFoundError(f"no adapter card named {str(name_or_path)!r}; {hint}")
+
+
+def find_card_for_model(vlm_id: str) -> IdentityAdapterConfig | None:
+    """The first card whose `vlm_id` equals `vlm_id`, or None."""
+    for name in list_adapter_cards():
+        card = load_adapter_card(name)
+        if card.vlm_id == vlm_id:
+            return card
+    return None
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "EMBEDDING_SOURCES",
+    "EmbeddingSource",
+    "IdentityAdapterConfig",
+    "LoraSpec",
+    "add_card_dir",
+    "default_card_dir",
+    "find_card_for_model",
+    "list_adapter_cards",
+    "load_adapter_card",
+]

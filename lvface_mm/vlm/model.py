@@ -1,0 +1,546 @@
+"""IdentityVLM: one object that captions, answers and generates with identity grounding.
+
+    vlm = IdentityVLM.from_pretrained("llava-1.5-7b", encoder="lvface_b", adapter=None, device_map="auto")
+    answer = vlm.caption("party.jpg", gallery)       # IdentityAnswer: text + which face each name is
+    answer = vlm.ask("party.jpg", "Who is on the left?", gallery)
+
+Two grounding modes share the same faces, embeddings and gallery:
+- prompt grounding (always on): names, positions and boxes in the chat prompt; needs no training;
+- identity tokens (when a trained adapter is loaded, or `identity_tokens=True`): each face line of
+  the prompt also carries `<face_i>`, which becomes K projected LVFace tokens in the LLM's input.
+
+The base model is never modified beyond one tokenizer entry for the placeholder (and an embedding
+row when the table has no spare row); with no faces in a prompt, outputs equal the base model's.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..faces.alignment import align_face, to_model_input
+from ..models import FaceViT, create_model, get_model_spec
+from .adapter import WEIGHTS_NAME, IdentityAdapter
+from .config import (
+    CONFIG_NAME,
+    IdentityAdapterConfig,
+    LoraSpec,
+    find_card_for_model,
+    list_adapter_cards,
+    load_adapter_card,
+)
+from .families import VLMFamily, family_for_model, get_family
+from .grounding import GalleryLike, GroundingTemplate, ground_faces, grounded_messages
+from .injection import IdentityInjector, IdentityTokens
+from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
+from .results import GroundedFace, IdentityAnswer, find_mentions
+
+CAPTION_REQUEST = "Describe the picture in one or two sentences. Name the people you were told about."
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+class FacesInPicture:
+    """Faces of one picture, ready for grounding and encoding.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        boxes: (N, 4) float x1, y1, x2, y2.
+        crops: (N, 112, 112, 3) uint8 aligned crops.
+        embeddings: (N, 512) L2-normalised embeddings, or None until computed.
+    """
+
+    def __init__(self, image: np.ndarray, boxes: np.ndarray, crops: np.ndarray, embeddings: np.ndarray | None) -> None:
+        self.image, self.boxes, self.crops, self.embeddings = image, boxes, crops, embeddings
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+class AnswerStream:
+    """Text pieces as they are generated; `answer()` returns the finished `IdentityAnswer`."""
+
+    def __init__(self, streamer: Any, thread: threading.Thread, box: dict[str, Any]) -> None:
+        self._streamer, self._thread, self._box = streamer, thread, box
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._streamer
+
+    def answer(self, timeout: float | None = None) -> IdentityAnswer:
+        self._thread.join(timeout)
+        if "error" in self._box:
+            raise self._box["error"]
+        if "answer" not in self._box:
+            raise TimeoutError("generation has not finished")
+        return self._box["answer"]
+
+
+class IdentityVLM:
+    """A VLM (or LLM) with its processor, an identity adapter and the injection hook.
+
+    Args:
+        model: a transformers model of a supported family (or a PEFT wrapper of one).
+        processor: its processor (its tokenizer for text-only LLMs).
+        adapter: encoder + projector built for this model's hidden size.
+        family: the model's family; found from its config if None.
+        detector: where faces come from when `faces` are not passed: a `lvface_mm.faces.FaceEmbedder`
+            (its faces carry crops and the embeddings the gallery was enrolled with), or any detector
+            with `detect(image) -> faces with .box and .landmarks` (`create_detector(...)`).
+        calibrate: set the projector's output norm from the model's token embeddings (fresh adapters);
+            False keeps the norm stored in loaded weights.
+        identity_tokens: default for `ask`/`caption`: inject identity tokens (True), or use prompt
+            grounding only (False); None = True when adapter weights were loaded.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        adapter: IdentityAdapter,
+        family: VLMFamily | None = None,
+        detector: Any = None,
+        calibrate: bool = True,
+        identity_tokens: bool | None = None,
+    ) -> None:
+        self.family = family or family_for_model(model)
+        found = family_for_model(model).name
+        if found != self.family.name:
+            raise ValueError(f"the model is a {found!r} model, but family {self.family.name!r} was given")
+        self.model = model
+        self.adapter = adapter
+        self.config = adapter.config
+        self.detector = detector
+        self.identity_tokens = identity_tokens
+        self.processor = IdentityProcessor(processor, self.config, self.family)
+        tokenizer = self.processor.tokenizer
+        placeholder_id = self.processor.placeholder_id
+        reserved = self.family.reserved_token_ids(model.config)
+        if placeholder_id in reserved:
+            raise ValueError(f"{self.config.placeholder_token!r} has id {placeholder_id}, which the model reserves for images")
+        if calibrate:
+            # Real token rows only: spare rows past the tokenizer are untrained in many checkpoints.
+            real_rows = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+            exclude = [i for i in range(real_rows, model.get_input_embeddings().weight.shape[0])] + [placeholder_id]
+            adapter.projector.calibrate(self.family.token_embedding_norm(model, exclude=exclude))
+        ensure_embedding_row(model, placeholder_id, len(tokenizer))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # Batched generation needs left padding so every row's last token is real.
+        tokenizer.padding_side = "left"
+        embedding = model.get_input_embeddings()
+        self.adapter.to(embedding.weight.device)
+        self.injector = IdentityInjector(model, placeholder_id, self.config.placeholder_token)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        vlm: str | os.PathLike[str] | IdentityAdapterConfig | nn.Module,
+        encoder: str | FaceViT | None = None,
+        adapter: str | os.PathLike[str] | None = None,
+        *,
+        processor: Any = None,
+        device_map: str | dict[str, Any] | None = None,
+        dtype: torch.dtype | str | None = None,
+        local_files_only: bool | None = None,
+        encoder_checkpoint: str | os.PathLike[str] | None = None,
+        encoder_pretrained: bool | None = None,
+        detector: Any = None,
+        identity_tokens: bool | None = None,
+        **model_kwargs: Any,
+    ) -> IdentityVLM:
+        """Build from a card name/path, a hub id or local directory, or a loaded model.
+
+        Args:
+            vlm: an adapter card (name from `list_adapter_cards()`, JSON path, or config object),
+                a saved adapter directory, a hub id / local model directory (its card is looked up by
+                `vlm_id`, else a default card is made), or a loaded model (then pass `processor`).
+            encoder: LVFace encoder name (default: the card's, else "lvface_b") or a FaceViT.
+            adapter: a directory written by `save_pretrained`: projector weights, its config and
+                any PEFT LoRA weights beside them.
+            processor: the model's processor when `vlm` is a loaded model (or to override loading).
+            device_map, dtype, local_files_only, **model_kwargs: passed to transformers'
+                `from_pretrained` (e.g. `gguf_file=`, `revision=`).
+            encoder_checkpoint: a local LVFace checkpoint to load instead of the official weights.
+            encoder_pretrained: load the official encoder weights; None = yes when they exist.
+            detector: face detector for pictures passed without `faces`.
+            identity_tokens: see `IdentityVLM`.
+        """
+        card, adapter_dir = _resolve_card(vlm, adapter)
+        hub_kwargs = {k: v for k, v in dict(device_map=device_map, dtype=dtype, local_files_only=local_files_only).items() if v is not None}
+        if isinstance(vlm, nn.Module):
+            if processor is None:
+                raise ValueError("IdentityVLM.from_pretrained(model): pass `processor=` (the tokenizer for text-only LLMs)")
+            model, family = vlm, family_for_model(vlm)
+        elif card is not None and card.tiny is not None:
+            from .testing import build_tiny_vlm
+
+            tiny = build_tiny_vlm(card.tiny)
+            model, processor, family = tiny.model, processor or tiny.processor, get_family(card.family)
+        else:
+            model_id = card.vlm_id if card is not None else str(vlm)
+            family = get_family(card.family) if card is not None else _family_of_checkpoint(model_id, local_files_only)
+            model = family.load_model(model_id, **hub_kwargs, **model_kwargs)
+            if processor is None:
+                proc_kwargs = {k: v for k, v in model_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+                if local_files_only is not None:
+                    proc_kwargs["local_files_only"] = local_files_only
+                processor = family.load_processor(model_id, **proc_kwargs)
+        if card is None:
+            card = IdentityAdapterConfig(
+                name=getattr(model.config, "name_or_path", "") or family.name,
+                vlm_id=getattr(model.config, "name_or_path", "") or family.name,
+                family=family.name,
+            )
+        if card.family != family.name:
+            raise ValueError(f"card {card.name!r} is for family {card.family!r}, but the model is a {family.name!r} model")
+        encoder_name = card.encoder
+        if isinstance(encoder, str) and encoder != card.encoder:
+            if adapter_dir is not None:
+                raise ValueError(f"the adapter at {adapter_dir} was trained with encoder {card.encoder!r}, not {encoder!r}")
+            card, encoder_name = card.replace(encoder=encoder), encoder
+        face_vit = encoder if isinstance(encoder, FaceViT) else _build_encoder(encoder_name, encoder_checkpoint, encoder_pretrained)
+        identity = IdentityAdapter(card, face_vit, family.hidden_size(model.config))
+        if adapter_dir is not None:
+            identity.load_adapter_weights(adapter_dir)
+        vlm_obj = cls(
+            model,
+            processor,
+            identity,
+            family=family,
+            detector=detector,
+            calibrate=adapter_dir is None,
+            identity_tokens=identity_tokens if identity_tokens is not None else (True if adapter_dir is not None else None),
+        )
+        if adapter_dir is not None and (Path(adapter_dir) / PEFT_CONFIG_NAME).is_file():
+            vlm_obj.load_lora(adapter_dir)
+        return vlm_obj
+
+    # -- PEFT -----------------------------------------------------------------------------------
+    def apply_lora(self, spec: LoraSpec | None = None) -> nn.Module:
+        """Wrap the model with PEFT LoRA (card's spec by default) and re-hook the embedding."""
+        from peft import LoraConfig, get_peft_model
+
+        spec = spec or self.config.lora or LoraSpec()
+        token_ids = [self._single_token_id(t) for t in spec.trainable_tokens]
+        lora_config = LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=spec.target_modules or self.family.default_lora_targets,
+            modules_to_save=list(spec.modules_to_save) or None,
+            trainable_token_indices=token_ids or None,
+        )
+        self.model = get_peft_model(self.model, lora_config)
+        self.injector.reattach(self.model)
+        return self.model
+
+    def load_lora(self, directory: str | os.PathLike[str], is_trainable: bool = False) -> nn.Module:
+        """Load PEFT LoRA weights saved beside the adapter (frozen unless `is_trainable`)."""
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(self.model, str(directory), is_trainable=is_trainable)
+        self.injector.reattach(self.model)
+        return self.model
+
+    def _single_token_id(self, token: str) -> int:
+        ids = self.processor.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"trainable token {token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
+        return int(ids[0])
+
+    # -- save -----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
+        """Write the adapter alone: config JSON + projector safetensors, and PEFT LoRA weights beside them.
+
+        The LoRA files are PEFT's own (`adapter_config.json`, `adapter_model.safetensors`), loadable
+        with `PeftModel.from_pretrained(base, directory)` once the base has the placeholder token.
+        """
+        directory = self.adapter.save_pretrained(save_directory)
+        if _is_peft(self.model):
+            self.model.save_pretrained(str(directory))
+        return directory
+
+    # -- faces ----------------------------------------------------------------------------------
+    def find_faces(self, image: Any, faces: Sequence[Any] | None = None) -> FacesInPicture:
+        """Faces of a picture: detected (needs `detector`) or given.
+
+        Args:
+            image: path, PIL image or (H, W, 3) uint8 RGB array.
+            faces: objects with `.box` and either `.crop` ((112, 112, 3) uint8 aligned) or
+                `.landmarks` ((5, 2)); an `.embedding` (512,) is used for the gallery when present.
+        """
+        array = load_image(image)
+        if faces is None:
+            faces = self._detect(array)
+        boxes, crops, embeddings = [], [], []
+        for i, face in enumerate(faces):
+            box = getattr(face, "box", None)
+            if box is None:
+                raise ValueError(f"face {i} has no .box")
+            crop = getattr(face, "crop", None)
+            if crop is None:
+                landmarks = getattr(face, "landmarks", None)
+                if landmarks is None:
+                    raise ValueError(f"face {i} has neither .crop nor .landmarks")
+                crop = align_face(array, np.asarray(landmarks))
+            crop = np.asarray(crop)
+            if crop.shape != (112, 112, 3) or crop.dtype != np.uint8:
+                raise ValueError(f"face {i}: crop must be (112, 112, 3) uint8, got {crop.shape} {crop.dtype}")
+            boxes.append(np.asarray(box, dtype=np.float64).reshape(4))
+            crops.append(crop)
+            embeddings.append(getattr(face, "embedding", None))
+        crops_arr = np.stack(crops) if crops else np.zeros((0, 112, 112, 3), dtype=np.uint8)
+        boxes_arr = np.stack(boxes) if boxes else np.zeros((0, 4))
+        given = None
+        if embeddings and all(e is not None for e in embeddings):
+            given = np.stack([np.asarray(e, dtype=np.float32).reshape(-1) for e in embeddings])
+        return FacesInPicture(array, boxes_arr, crops_arr, given)
+
+    def ground(self, picture: FacesInPicture, gallery: GalleryLike | None = None) -> list[GroundedFace]:
+        """Names (from the gallery) and positions of the faces in `picture`."""
+        embeddings = picture.embeddings
+        if gallery is not None and embeddings is None and len(picture):
+            embeddings = self.adapter.embed(to_model_input(picture.crops)).float().cpu().numpy()
+            picture.embeddings = embeddings
+        return ground_faces(picture.boxes, picture.image.shape[1], embeddings, gallery)
+
+    def encode_faces(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, 112, 112, 3) uint8 crops (or normalised (N, 3, 112, 112)) -> (N, K, d) identity tokens."""
+        if isinstance(crops, np.ndarray):
+            if len(crops) == 0:
+                return torch.zeros(0, self.config.num_id_tokens, self.adapter.projector.spec.out_dim)
+            crops = to_model_input(crops)
+        return self.adapter.encode(crops)
+
+    # -- generation -----------------------------------------------------------------------------
+    def prepare(
+        self,
+        text: str | Sequence[str],
+        images: Any = None,
+        face_crops: Sequence[np.ndarray | torch.Tensor | None] | np.ndarray | None = None,
+    ) -> tuple[IdentityInputs, list[torch.Tensor]]:
+        """Processor inputs and per-prompt identity tokens ((F_i, K, d)) for `text` with face references."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if face_crops is None:
+            per_prompt: list[Any] = [None] * len(texts)
+        elif isinstance(face_crops, np.ndarray) and face_crops.ndim == 4:
+            per_prompt = [face_crops]  # one prompt's faces
+        else:
+            per_prompt = list(face_crops)
+        if len(per_prompt) != len(texts):
+            raise ValueError(f"face_crops has {len(per_prompt)} entries for {len(texts)} prompts")
+        counts = [0 if c is None else len(c) for c in per_prompt]
+        inputs = self.processor(texts, images=images, num_faces=counts)
+        crops = [c for c in per_prompt if c is not None and len(c)]
+        if crops:
+            flat = np.concatenate([np.asarray(c) for c in crops]) if isinstance(crops[0], np.ndarray) else torch.cat(crops)
+            tokens = self.encode_faces(flat)  # (sum F_i, K, d)
+        else:
+            tokens = self.encode_faces(np.zeros((0, 112, 112, 3), dtype=np.uint8))
+        face_tokens = list(torch.split(tokens, counts))
+        return inputs, face_tokens
+
+    def forward(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **model_kwargs: Any) -> Any:
+        """Model forward with identity tokens injected (gradients reach the projector)."""
+        tokens = IdentityTokens.from_faces(face_tokens, inputs.face_order)
+        with self.injector.provide(tokens):
+            return self.model(**self._to_device(inputs.inputs), **model_kwargs)
+
+    __call__ = forward
+
+    def generate_ids(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
+        """`model.generate` with identity tokens; returns only the new tokens (B*num_return_sequences, T_new)."""
+        tokens = IdentityTokens.from_faces([t.detach() for t in face_tokens], inputs.face_order)
+        kwargs = {"max_new_tokens": 64, "do_sample": False, **generate_kwargs}
+        # The placeholder is input-only: never let the model emit it.
+        suppress = list(kwargs.pop("suppress_tokens", None) or getattr(self.model.generation_config, "suppress_tokens", None) or [])
+        kwargs["suppress_tokens"] = sorted({*suppress, self.processor.placeholder_id})
+        kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
+        model_inputs = self._to_device(inputs.inputs)
+        with torch.no_grad(), self.injector.provide(tokens):
+            sequences = self.model.generate(**model_inputs, **kwargs)
+        return sequences[:, model_inputs["input_ids"].shape[1] :]
+
+    def generate(
+        self,
+        text: str | Sequence[str],
+        images: Any = None,
+        face_crops: Sequence[np.ndarray | None] | np.ndarray | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Generate from prompts that refer to faces with `<face>` / `<face_i>`.
+
+        Args:
+            text: one prompt or a batch (already through the chat template, or raw).
+            images: as for `IdentityProcessor` (None for text-only models).
+            face_crops: per prompt, (F_i, 112, 112, 3) uint8 aligned crops (None for no faces).
+            **generate_kwargs: passed to `model.generate` (`max_new_tokens`, `num_beams`, `streamer`, ...).
+
+        Returns:
+            One decoded string per generated sequence.
+        """
+        inputs, face_tokens = self.prepare(text, images, face_crops)
+        with torch.no_grad():
+            new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def ask(
+        self,
+        image: Any,
+        question: str,
+        gallery: GalleryLike | None = None,
+        *,
+        faces: Sequence[Any] | None = None,
+        identity_tokens: bool | None = None,
+        template: GroundingTemplate | None = None,
+        **generate_kwargs: Any,
+    ) -> IdentityAnswer:
+        """Answer `question` about `image`, grounded in who is in it.
+
+        Args:
+            image: path, PIL image or (H, W, 3) uint8 RGB array (used for detection only with text-only LLMs).
+            question: the user's question.
+            gallery: enrolled identities (`lvface_mm.gallery.Gallery`); None leaves every face unknown.
+            faces: faces of the picture (see `find_faces`); detected when None.
+            identity_tokens: inject identity tokens; None = the instance default.
+            template: grounding wording.
+            **generate_kwargs: passed to `model.generate` (e.g. `streamer=`).
+        """
+        picture = self.find_faces(image, faces)
+        grounded = self.ground(picture, gallery)
+        use_tokens = self._use_tokens(identity_tokens) and len(picture) > 0
+        num_images = 0 if self.family.text_only else 1
+        messages = grounded_messages(
+            question, grounded, num_images, template, face_refs=use_tokens, placeholder_token=self.config.placeholder_token
+        )
+        prompt = self.processor.render_chat(messages)
+        crops = [picture.crops] if use_tokens else None
+        images = None if self.family.text_only else [[picture.image]]
+        inputs, face_tokens = self.prepare([prompt], images, crops)
+        with torch.no_grad():
+            new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
+        text = self.processor.batch_decode(new_tokens[:1], skip_special_tokens=True)[0].strip()
+        return IdentityAnswer(text=text, faces=tuple(grounded), mentions=find_mentions(text, grounded), prompt=prompt)
+
+    def caption(self, image: Any, gallery: GalleryLike | None = None, **kwargs: Any) -> IdentityAnswer:
+        """Caption `image`, naming the people the gallery knows (same options as `ask`)."""
+        return self.ask(image, CAPTION_REQUEST, gallery, **kwargs)
+
+    def stream(self, image: Any, question: str, gallery: GalleryLike | None = None, **kwargs: Any) -> AnswerStream:
+        """Like `ask`, but yields text pieces while generating (a `TextIteratorStreamer` in a thread)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["answer"] = self.ask(image, question, gallery, streamer=streamer, **kwargs)
+            except BaseException as err:  # surfaced by AnswerStream.answer()
+                box["error"] = err
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return AnswerStream(streamer, thread, box)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _detect(self, image: np.ndarray) -> Sequence[Any]:
+        if self.detector is None:
+            raise ValueError("no faces were passed and this IdentityVLM has no detector; pass faces= or detector=")
+        if hasattr(self.detector, "embed_image"):  # a FaceEmbedder: boxes, crops and embeddings in one pass
+            result = self.detector.embed_image(image)
+            if result.error is not None:
+                raise ValueError(f"face detection failed: {result.error}")
+            return result.faces
+        return self.detector.detect(image)
+
+    def _use_tokens(self, requested: bool | None) -> bool:
+        if requested is not None:
+            return requested
+        return bool(self.identity_tokens)
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.model.get_input_embeddings().weight.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+# -- module helpers ---------------------------------------------------------------------------------
+def load_image(image: Any) -> np.ndarray:
+    """Path, PIL image or (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image arrays must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        return image
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    raise ValueError(f"image must be a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is part of the vlm extra
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _resolve_card(
+    vlm: Any, adapter: str | os.PathLike[str] | None
+) -> tuple[IdentityAdapterConfig | None, Path | None]:
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+        if not (adapter_dir / CONFIG_NAME).is_file() or not (adapter_dir / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{adapter_dir} is not a saved identity adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        card = IdentityAdapterConfig.from_pretrained(adapter_dir)
+        if isinstance(vlm, IdentityAdapterConfig) and (vlm.family != card.family or vlm.vlm_id != card.vlm_id):
+            raise ValueError(f"adapter at {adapter_dir} is for {card.vlm_id!r}, not {vlm.vlm_id!r}")
+        return card, adapter_dir
+    if isinstance(vlm, IdentityAdapterConfig):
+        return vlm, None
+    if isinstance(vlm, nn.Module):
+        return None, None
+    path = Path(vlm)
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+        return IdentityAdapterConfig.from_pretrained(path), path
+    if path.suffix == ".json" or str(vlm) in list_adapter_cards():
+        return load_adapter_card(vlm), None
+    return find_card_for_model(str(vlm)), None
+
+
+def _family_of_checkpoint(model_id: str, local_files_only: bool | None) -> VLMFamily:
+    from transformers import AutoConfig
+
+    from .families import family_for_config
+
+    kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
+    return family_for_config(AutoConfig.from_pretrained(model_id, **kwargs))
+
+
+def _build_encoder(name: str, checkpoint: str | os.PathLike[str] | None, pretrained: bool | None) -> FaceViT:
+    if checkpoint is not None:
+        return create_model(name, checkpoint_path=checkpoint)
+    if pretrained is None:
+        pretrained = get_model_spec(name).weights is not None
+    if pretrained:
+        return create_model(name, pretrained=True)
+    # A random encoder (tests, tiny demos, benchmarks) is seeded, so a saved adapter reloads against
+    # the very encoder it was trained with.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_model(name)
+
+
+__all__ = ["CAPTION_REQUEST", "AnswerStream", "FacesInPicture", "IdentityVLM", "load_image"]

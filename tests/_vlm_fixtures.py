@@ -1,0 +1,106 @@
+"""Reusable helpers for tests that need a tiny VLM with the identity bridge.
+
+Import the helpers directly (`from tests._vlm_fixtures import tiny_identity_vlm`) or through the
+`tiny_vlm_factory` fixture. Every model is random, built from a config, offline and CPU-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lvface_mm.vlm import IdentityVLM, build_tiny_vlm, list_tiny_builds, tiny_card
+from lvface_mm.vlm.testing import TinyVLM, random_face_crops
+
+TINY_BUILDS = tuple(list_tiny_builds())
+# Builds whose real processor runs in tests (SmolVLM2's needs `num2words`, which is not a dependency).
+PROCESSOR_BUILDS = tuple(b for b in TINY_BUILDS if b != "smolvlm")
+
+
+def tiny_identity_vlm(build: str, seed: int = 0, **card_changes: Any) -> IdentityVLM:
+    """An IdentityVLM around a tiny random model (`lvface_tiny` encoder, K=2 unless changed)."""
+    return IdentityVLM.from_pretrained(tiny_card(build, **card_changes), encoder_pretrained=False)
+
+
+def base_model(build: str, seed: int = 0) -> TinyVLM:
+    """The same tiny model without the bridge: the reference for "outputs unchanged" checks."""
+    return build_tiny_vlm(build, seed=seed)
+
+
+@dataclass(frozen=True)
+class Face:
+    """A face as a detector/embedder pipeline hands it over: box + aligned crop (+ embedding)."""
+
+    box: tuple[float, float, float, float]
+    crop: np.ndarray
+    embedding: np.ndarray | None = None
+
+
+def faces_at(boxes: list[tuple[float, float, float, float]], seed: int = 0) -> list[Face]:
+    crops = random_face_crops(len(boxes), seed=seed)
+    return [Face(b, c) for b, c in zip(boxes, crops)]
+
+
+class DictGallery:
+    """A minimal gallery with the `identify` contract of `lvface_mm.gallery.Gallery`: cosine to
+    enrolled means, accepted at `threshold`, else unknown."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self.names: list[str] = []
+        self.means: list[np.ndarray] = []
+
+    def enrol(self, name: str, embeddings: np.ndarray) -> int:
+        mean = np.asarray(embeddings, dtype=np.float32).reshape(-1, np.shape(embeddings)[-1]).mean(0)
+        self.names.append(name)
+        self.means.append(mean / np.linalg.norm(mean))
+        return len(self.names) - 1
+
+    def identify(self, embeddings: np.ndarray) -> list[SimpleNamespace]:
+        out = []
+        for e in np.asarray(embeddings, dtype=np.float32):
+            scores = [float(m @ (e / np.linalg.norm(e))) for m in self.means]
+            best = int(np.argmax(scores)) if scores else -1
+            ok = best >= 0 and scores[best] >= self.threshold
+            out.append(
+                SimpleNamespace(
+                    name=self.names[best] if ok else None,
+                    score=scores[best] if scores else 0.0,
+                    identity_id=best if ok else None,
+                )
+            )
+        return out
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture
+def tiny_vlm_factory():
+    """`tiny_vlm_factory(build, **card_changes)` -> IdentityVLM."""
+    return tiny_identity_vlm
+
+
+def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+__all__ = [
+    "PROCESSOR_BUILDS",
+    "TINY_BUILDS",
+    "DictGallery",
+    "Face",
+    "base_model",
+    "faces_at",
+    "logits_of",
+    "tiny_identity_vlm",
+    "tiny_vlm_factory",
+    "unit",
+]

@@ -1,0 +1,160 @@
+"""Resume: exact continuation on one process, and world-size independent checkpoints (2 -> 1 processes)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from training.checkpoint import load_model_state, read_checkpoint
+from training.config import EncoderRunConfig, load_config
+from training.encoder import build_encoder, build_head, main
+from lvface_mm.tasks import FaceRecognitionTask
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
+
+# 16 identities x 8 images = 128 images; quiet, no evaluation, no workers.
+SMALL = [
+    "--config", TINY, "--loop.progress_bar=false", "--loop.tensorboard=false", "--data.num_workers=0",
+    "--eval.synthetic_pairs=false", "--data.synthetic.num_identities=16", "--data.synthetic.images_per_identity=8",
+    "--checkpoint.every_steps=0",
+]
+
+
+def tensors_differ(a: object, b: object, path: str = "") -> list[str]:
+    """Paths where two nested checkpoints differ (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [path]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            return [path]
+        return [d for k in a for d in tensors_differ(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [path]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensors_differ(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path) -> None:
+    """Stop mid-epoch, resume: model, centres, PCO bank and stage, AdamW moments, RNG all match exactly."""
+    args = SMALL + [
+        "--data.batch_size=16", "--loop.max_steps=12",  # 8 steps per epoch: crosses an epoch boundary
+        "--model.drop_path_rate=0.1", "--model.mask_ratio=0.1",  # random numbers in every step ...
+        "--head.sample_rate=0.5",  # ... and in the centre sampling
+        "--head.stage_override_steps=[4, 8]",  # stage 2 (bank in use) at step 4, stage 3 at step 8
+    ]
+    main(args + [f"--output_dir={tmp_path / 'straight'}"])
+    main(args + [f"--output_dir={tmp_path / 'split'}", "--loop.stop_at_step=5"])
+    stopped = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000005.pt")
+    assert stopped["progress"]["epoch"] == 0 and stopped["progress"]["samples_in_epoch"] == 80
+    main(args + [f"--output_dir={tmp_path / 'split'}"])  # checkpoint.resume=auto picks step 5 up
+
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000012.pt")
+    resumed = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000012.pt")
+    for key in ("model", "optimizer", "scheduler", "progress", "rng"):
+        assert tensors_differ(straight[key], resumed[key], key) == [], key
+    head = resumed["model"]["sharded"]["head"]
+    assert int(head["stage"]) == 3 and bool(head["bank_initialized"])
+    start = torch.load(tmp_path / "split" / "checkpoints" / "step_00000008.pt", weights_only=True)
+    assert not torch.equal(start["model"]["sharded"]["head"]["weight"], head["weight"])  # it did train
+    # The deployable encoder weights are the same file content too.
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
+    assert tensors_differ(a, b) == []
+
+
+def test_fp16_scaler_state_is_saved_and_restored(tmp_path: Path) -> None:
+    args = SMALL + ["--data.batch_size=16", "--loop.max_steps=4", "--loop.precision=fp16"]
+    main(args + [f"--output_dir={tmp_path / 'straight'}"])
+    main(args + [f"--output_dir={tmp_path / 'split'}", "--loop.stop_at_step=2"])
+    saved = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000002.pt")
+    assert saved["scaler"]["scale"] > 0 and saved["scaler"]["_growth_tracker"] + int(saved["scaler"]["scale"]) != 65536
+    main(args + [f"--output_dir={tmp_path / 'split'}"])
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000004.pt")
+    resumed = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000004.pt")
+    # The scaler continued from its saved scale and growth counter, as an uninterrupted run does.
+    assert resumed["scaler"] == straight["scaler"]
+    assert tensors_differ(straight["model"], resumed["model"]) == []
+
+
+# -- 2 processes -> 1 process ----------------------------------------------------------------------------
+K = 6  # steps the two processes train before stopping
+EQUIV = SMALL + [
+    "--loop.max_steps=12", "--model.drop_path_rate=0.0", "--model.mask_ratio=0.0",
+    "--head.kind=partial_fc", "--head.sample_rate=1.0",  # no randomness anywhere: runs are comparable
+]
+PCO = SMALL + ["--loop.max_steps=8", "--head.sample_rate=0.5", "--head.stage_override_steps=[2, null]"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_process_runs(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/straight"])
+        main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/split", f"--loop.stop_at_step={K}"])
+        main(PCO + ["--data.batch_size=8", f"--output_dir={root}/pco", "--loop.stop_at_step=4"])
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path: Path) -> None:
+    mp.start_processes(_two_process_runs, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+
+    # The 2-process checkpoint holds full matrices: all 16 centres and their AdamW moments.
+    stopped = read_checkpoint(tmp_path / "split" / "checkpoints" / f"step_{K:08d}.pt")
+    assert stopped["progress"]["world_size"] == 2 and stopped["progress"]["samples_per_step"] == 16
+    assert stopped["model"]["sharded"]["head"]["weight"].shape == (16, 512)
+    moments = stopped["optimizer"]["state"]["head.weight"]
+    assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == (16, 512)
+    assert (moments["exp_avg_sq"].abs().sum(dim=1) > 0).all()  # every row came back from its owner
+
+    # One process continues with the same global batch (8 x 2 accumulated micro-batches = 2 ranks x 8).
+    main(EQUIV + ["--data.batch_size=8", "--loop.grad_accum_steps=2", f"--output_dir={tmp_path / 'split'}"])
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000012.pt")
+    resumed = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000012.pt")
+    assert resumed["progress"]["world_size"] == 1 and resumed["progress"]["step"] == 12
+    # 2 -> 1 equals 2 all the way (up to summation order): per-rank BatchNorm saw the same 8-image
+    # groups as the micro-batches, and the loss, gradients and AdamW updates are the same functions.
+    # Running BatchNorm statistics are per rank and excluded.
+    for name, value in straight["model"]["replicated"].items():
+        if isinstance(value, torch.Tensor) and "running_" not in name and "num_batches" not in name:
+            torch.testing.assert_close(resumed["model"]["replicated"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(resumed["model"]["sharded"]["head"]["weight"],
+                               straight["model"]["sharded"]["head"]["weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(resumed["optimizer"]["state"]["head.weight"]["exp_avg"],
+                               straight["optimizer"]["state"]["head.weight"]["exp_avg"], rtol=1e-3, atol=1e-6)
+    assert not torch.equal(resumed["model"]["sharded"]["head"]["weight"], stopped["model"]["sharded"]["head"]["weight"])
+
+    # PCO: the bank and the stage saved by 2 processes load whole into 1 process and training goes on.
+    pco_ckpt = read_checkpoint(tmp_path / "pco" / "checkpoints" / "step_00000004.pt")
+    saved_head = pco_ckpt["model"]["sharded"]["head"]
+    assert int(saved_head["stage"]) == 2 and saved_head["bank"].shape == (16, 512)
+    config = load_config(EncoderRunConfig, TINY, PCO[2:] + ["--data.batch_size=16"])
+    head, scheduler = build_head(config, 512, 16)
+    task = FaceRecognitionTask(build_encoder(config), head, scheduler)
+    load_model_state(task, pco_ckpt["model"])
+    assert head.stage == 2 and torch.equal(head.bank.expectation, saved_head["bank"])
+    assert torch.equal(head.weight.detach(), saved_head["weight"])
+    assert scheduler.state_dict()["switch_steps"] == {2: 2}
+    main(PCO + ["--data.batch_size=16", f"--output_dir={tmp_path / 'pco'}"])
+    final = read_checkpoint(tmp_path / "pco" / "checkpoints" / "step_00000008.pt")
+    assert int(final["model"]["sharded"]["head"]["stage"]) == 2
+    assert not torch.equal(final["model"]["sharded"]["head"]["bank"], saved_head["bank"])  # bank kept updating

@@ -1,0 +1,103 @@
+"""Adapter cards and IdentityAdapterConfig: validation, JSON round trip, card lookup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lvface_mm.vlm import IdentityAdapterConfig, LoraSpec, list_adapter_cards, load_adapter_card
+from lvface_mm.vlm.config import add_card_dir, default_card_dir, find_card_for_model
+from lvface_mm.vlm.testing import list_tiny_builds
+
+CARD_DIR = Path(__file__).resolve().parents[1] / "adapters"
+CARD_FILES = sorted(CARD_DIR.glob("*.json"))
+
+# The models the bridge promises a card for.
+REQUIRED_MODELS = {
+    "llava-hf/llava-1.5-7b-hf",
+    "llava-hf/llava-v1.6-mistral-7b-hf",
+    "Qwen/Qwen2-VL-2B-Instruct",
+    "Qwen/Qwen2.5-VL-3B-Instruct",
+    "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "HuggingFaceTB/SmolVLM-Instruct",
+    "google/paligemma-3b-mix-224",
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+@pytest.mark.parametrize("path", CARD_FILES, ids=lambda p: p.stem)
+def test_every_card_validates_and_round_trips(path: Path) -> None:
+    card = load_adapter_card(path)
+    assert card.name == path.stem
+    assert IdentityAdapterConfig.from_dict(json.loads(card.to_json_string())) == card
+
+
+def test_cards_cover_every_supported_model_and_tiny_build() -> None:
+    assert default_card_dir() == CARD_DIR
+    cards = [load_adapter_card(name) for name in list_adapter_cards()]
+    assert REQUIRED_MODELS <= {c.vlm_id for c in cards}
+    assert {c.tiny for c in cards if c.tiny} == set(list_tiny_builds())
+    assert find_card_for_model("Qwen/Qwen2-VL-2B-Instruct").family == "qwen2_vl"
+    assert find_card_for_model("nobody/nothing") is None
+
+
+def test_config_save_and_load(tmp_path: Path) -> None:
+    card = IdentityAdapterConfig(
+        name="x", vlm_id="some/model", family="llava", encoder="lvface_t", embedding_source="both",
+        projector="resampler", projector_hidden_dim=64, num_id_tokens=3,
+        lora=LoraSpec(r=4, target_modules=r".*q_proj", modules_to_save=("lm_head",), trainable_tokens=("<face>",)),
+    )
+    path = card.save_pretrained(tmp_path)
+    assert path.name == "identity_adapter_config.json"
+    again = IdentityAdapterConfig.from_pretrained(tmp_path)
+    assert again == card and again.lora.modules_to_save == ("lm_head",)
+    assert card.placeholder_stem == "face"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"family": "blip2"}, "family 'blip2' is unknown"),
+        ({"encoder": "resnet50"}, "encoder 'resnet50' is unknown"),
+        ({"projector": "qformer"}, "unknown projector 'qformer'"),
+        ({"embedding_source": "cls"}, "embedding_source must be one of"),
+        ({"num_id_tokens": 0}, r"num_id_tokens must be an int in \[1, 256\]"),
+        ({"placeholder_token": "face"}, "placeholder_token must look like a tag"),
+        ({"projector": "resampler", "embedding_source": "pooled"}, "projector 'resampler' reads"),
+        ({"tiny": "llava", "family": "qwen2_vl"}, "tiny build 'llava' is a 'llava' model"),
+        ({"schema_version": 2}, "schema_version 2 is not supported"),
+    ],
+)
+def test_bad_config_values_name_the_field(changes: dict, message: str) -> None:
+    fields = {"name": "x", "vlm_id": "m", "family": "llava", **changes}
+    with pytest.raises(ValueError, match=message):
+        IdentityAdapterConfig(**fields)
+
+
+def test_bad_lora_and_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="LoraSpec.r must be a positive int"):
+        LoraSpec(r=0)
+    with pytest.raises(ValueError, match="not a valid regex"):
+        LoraSpec(target_modules="(")
+    with pytest.raises(ValueError, match=r"unknown adapter card field\(s\) \['num_tokens'\]"):
+        IdentityAdapterConfig.from_dict({"name": "x", "vlm_id": "m", "family": "llava", "num_tokens": 2})
+    with pytest.raises(ValueError, match=r"unknown lora field\(s\) \['rank'\]"):
+        IdentityAdapterConfig.from_dict({"name": "x", "vlm_id": "m", "family": "llava", "lora": {"rank": 2}})
+    with pytest.raises(ValueError, match="invalid adapter card"):
+        IdentityAdapterConfig.from_dict({"name": "x"})
+    with pytest.raises(FileNotFoundError, match="no adapter card named 'nope'"):
+        load_adapter_card("nope")
+
+
+def test_extra_card_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lvface_mm.vlm.config as config_module
+
+    monkeypatch.setattr(config_module, "_EXTRA_CARD_DIRS", [])  # keep the registration local to this test
+    card = load_adapter_card("tiny-llava").replace(name="my-card")
+    (tmp_path / "my-card.json").write_text(card.to_json_string())
+    add_card_dir(tmp_path)
+    assert "my-card" in list_adapter_cards()
+    assert load_adapter_card("my-card") == card

@@ -1,0 +1,554 @@
+"""Typed run configs: YAML files and dotted command-line overrides -> frozen dataclasses.
+
+A run config is a tree of small frozen dataclasses (one per concern: optimizer, loop, checkpoints,
+logging, and the task's own sections). `load_config(EncoderRunConfig, "x.yaml", ["--optim.lr=1e-3"])`
+reads the file, applies the overrides and builds the tree, checking every value against the field's
+type. Mistakes fail loudly and name the place:
+
+    - an unknown key names the key, the file (or "command line") and the keys that do exist;
+    - a value of the wrong type names the key, the file, the value and the expected type;
+    - a value a dataclass rejects in `__post_init__` names the section and the file.
+
+A YAML file may start from another with `base: other.yaml` (relative to the file); mappings merge
+key by key, everything else (lists included) replaces. The fully resolved config is written to
+the run directory so a run can always be reproduced from its own folder.
+
+Why not argparse or Hydra: argparse would need every field declared twice, and Hydra's
+composition is more than the recipes here need. This is about 300 lines and has no dependency
+beyond PyYAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from lvface_mm.data.synthetic import SyntheticFacesConfig
+from lvface_mm.tasks.encoder_lora import EncoderLoraConfig
+
+T = TypeVar("T")
+
+BASE_KEY = "base"  # reserved top-level YAML key: the file this one starts from
+
+
+class ConfigError(ValueError):
+    """A run config could not be built; the message names the key, its source and the problem."""
+
+
+# -- generic sections (any task) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and polynomial decay, both counted in optimizer steps.
+
+    Args:
+        lr: peak learning rate (reached at the end of warm-up).
+        weight_decay: AdamW's decoupled weight decay.
+        betas, eps: AdamW's moment coefficients and epsilon.
+        warmup_epochs: warm-up length in epochs (fractions allowed); ignored if `warmup_steps` is set.
+        warmup_steps: warm-up length in optimizer steps.
+        decay_power: exponent of the decay after warm-up (1 = linear, as arcface_torch).
+        min_lr_ratio: the learning rate decays to `lr * min_lr_ratio` at the last step.
+        exclude_norm_bias_from_decay: no weight decay on 1-d parameters (norms, biases) and on the
+            model's `no_weight_decay()` names. arcface_torch decays everything (False).
+        clip_grad_norm: max global norm of the replicated (data-parallel) parameters' gradients;
+            sharded parameters (Partial FC centres) are not clipped, as in arcface_torch. None = off.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None
+    decay_power: float = 1.0
+    min_lr_ratio: float = 0.0
+    exclude_norm_bias_from_decay: bool = False
+    clip_grad_norm: float | None = 5.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
+        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0,
+               f"warmup_steps must be >= 0 or null, got {self.warmup_steps}")
+        _check(self.decay_power > 0, f"decay_power must be > 0, got {self.decay_power}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0,
+               f"clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How long and how the one training loop runs.
+
+    Args:
+        epochs: passes over the training set; the schedule length is epochs x optimizer steps per epoch.
+        max_steps: schedule length in optimizer steps instead of `epochs` (smoke runs, benchmarks).
+        stop_at_step: stop after this optimizer step, leaving the schedule as it is; a later run
+            with `checkpoint.resume=auto` continues exactly (time-limited cluster slots).
+        grad_accum_steps: micro-batches per optimizer step; the loss is divided by it, DDP syncs
+            only on the last micro-batch, and the schedule counts optimizer steps.
+        precision: "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaler, saved in checkpoints).
+        seed: base seed; rank r seeds its generators with seed + r.
+        log_every: optimizer steps between log lines (JSONL, TensorBoard, progress bar).
+        tensorboard: write TensorBoard events next to the JSONL log (rank 0).
+        progress_bar: show a tqdm bar on rank 0.
+        find_unused_parameters: passed to DDP, for tasks whose forward skips some parameters.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    stop_at_step: int | None = None
+    grad_accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    log_every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or null, got {self.max_steps}")
+        _check(self.stop_at_step is None or self.stop_at_step >= 1,
+               f"stop_at_step must be >= 1 or null, got {self.stop_at_step}")
+        _check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written and whether a run resumes.
+
+    Args:
+        every_steps: optimizer steps between checkpoints (0 = only at epoch ends and at the end).
+        at_epoch_end: also write one at the end of every epoch.
+        keep_last: newest checkpoints kept; older ones are deleted after a newer one is safely written.
+        resume: "auto" continues from the newest checkpoint in the run directory if there is one;
+            "never" refuses to start in a directory that already holds checkpoints (nothing saved
+            is ever overwritten); any other value is the path of a checkpoint file to start from.
+    """
+
+    every_steps: int = 1000
+    at_epoch_end: bool = True
+    keep_last: int = 3
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
+        _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _check(bool(self.resume), "resume must be 'auto', 'never' or a checkpoint path")
+
+
+# -- encoder training sections ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """The encoder. Fields left null take the registered model's value (`lvface_mm.models.registry`).
+
+    Args:
+        name: registered model name (`lvface_t/s/b/l`, `lvface_tiny`) or an upstream alias.
+        pretrained: start from the official weights (downloaded and hash-checked).
+        checkpoint_path: start from a local checkpoint instead.
+        drop_path_rate, mask_ratio: training regularisers; null = the published recipe's value.
+        num_heads: attention heads (tiny CPU runs use fewer, wider heads: CPU attention kernels are
+            slow at head width 4).
+        grad_checkpointing: recompute block activations in backward (B and L on small GPUs).
+    """
+
+    name: str = "lvface_tiny"
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    drop_path_rate: float | None = None
+    mask_ratio: float | None = None
+    num_heads: int | None = None
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check(not (self.pretrained and self.checkpoint_path), "give pretrained or checkpoint_path, not both")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The classification head: Partial FC with a margin, or LVFace's PCO head.
+
+    Args:
+        kind: "pco" (three stages, LVFace) or "partial_fc" (one stage, arcface_torch).
+        margin: "cosface" (the ViT recipes) or "arcface".
+        scale, margin_value: logit scale s and margin m (CosFace 64 / 0.4).
+        margin_bank: PCO's margin on the feature-expectation logits.
+        sample_rate: fraction of each rank's class centres per step (positives always kept).
+        delta1, delta2: PCO stage thresholds on the batch mean of cos^2(feature, own centre).
+        stage_override_steps: [first step of stage 2, first step of stage 3] instead of thresholds.
+        stage_override_epochs: the same by epoch.
+        init_seed: seed of the (world-size independent) centre initialisation.
+    """
+
+    kind: Literal["pco", "partial_fc"] = "pco"
+    margin: Literal["cosface", "arcface"] = "cosface"
+    scale: float = 64.0
+    margin_value: float = 0.4
+    margin_bank: float = 0.4
+    sample_rate: float = 0.1
+    delta1: float = 0.2
+    delta2: float = 0.35
+    stage_override_steps: tuple[int | None, int | None] | None = None
+    stage_override_epochs: tuple[int | None, int | None] | None = None
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.sample_rate <= 1.0, f"sample_rate must be in [0, 1], got {self.sample_rate}")
+        _check(self.scale > 0, f"scale must be > 0, got {self.scale}")
+        _check(self.stage_override_steps is None or self.stage_override_epochs is None,
+               "give stage_override_steps or stage_override_epochs, not both")
+        _check(self.kind == "pco" or (self.stage_override_steps is None and self.stage_override_epochs is None),
+               "stage overrides only apply to kind: pco")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from. Images must be aligned 112x112 crops.
+
+    Args:
+        source: "synthetic" (procedural identities), "recordio" (InsightFace .rec/.idx) or
+            "image_folder" (root/<identity>/<image>).
+        path: the .rec directory/prefix or the image-folder root (unused for synthetic).
+        num_classes: expected number of identities; checked against the data when given.
+        batch_size: images per rank per micro-batch (arcface_torch's ViT recipes: 384).
+        num_workers: DataLoader worker processes per rank.
+        hflip: random horizontal flips, decided per sample from the data seed (reproducible).
+        synthetic: the synthetic identity set (source "synthetic").
+    """
+
+    source: Literal["synthetic", "recordio", "image_folder"] = "synthetic"
+    path: str | None = None
+    num_classes: int | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    hflip: bool = True
+    synthetic: SyntheticFacesConfig = field(default_factory=SyntheticFacesConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.source == "synthetic" or bool(self.path), f"source {self.source!r} needs data.path")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        _check(self.num_classes is None or self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Periodic 1:1 verification (10-fold accuracy with flip, InsightFace protocol) on rank 0.
+
+    Args:
+        every_steps: optimizer steps between evaluations (0 = only at the end).
+        bin_files: verification `.bin` files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...).
+        synthetic_pairs: also verify on the held-out synthetic identities (source "synthetic").
+        batch_size: images per forward pass.
+    """
+
+    every_steps: int = 2000
+    bin_files: tuple[str, ...] = ()
+    synthetic_pairs: bool = True
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EncoderRunConfig:
+    """Everything `python -m training.encoder` needs. `lora: {...}` switches to LoRA fine-tuning."""
+
+    output_dir: str = "runs/encoder"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: EncoderLoraConfig | None = None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+class _Cli(str):
+    """A value typed on the command line: parsed as YAML unless the field is a string."""
+
+
+class _Sources:
+    """Which file (or the command line) set each dotted key, for error messages."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, str] = {}
+
+    def record(self, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        for key, value in data.items():
+            self._by_key[prefix + str(key)] = source
+            if isinstance(value, Mapping):
+                self.record(value, source, f"{prefix}{key}.")
+
+    def within(self, prefix: str) -> str:
+        """Every source that set a key of section `prefix` (for errors about the whole section)."""
+        found = sorted({src for key, src in self._by_key.items() if key == prefix or key.startswith(prefix + ".")})
+        return ", ".join(found) if found else self.of(prefix)
+
+    def of(self, key: str) -> str:
+        while key:
+            if key in self._by_key:
+                return self._by_key[key]
+            key = key.rpartition(".")[0]
+        return "defaults"
+
+
+def read_yaml(path: str | Path, sources: _Sources | None = None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML config, following `base:` links; returns the merged mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"{path}: 'base' links form a cycle: {chain}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {type(data).__name__}")
+    merged: dict[str, Any] = {}
+    base = data.pop(BASE_KEY, None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
+        merged = read_yaml(path.parent / base, sources, (*_seen, path.resolve()))
+    if sources is not None:
+        sources.record(data, str(path))
+    return _merge(merged, data)
+
+
+def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(into)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """`["--optim.lr=1e-3", "--loop.epochs", "3"]` -> {"optim.lr": "1e-3", "loop.epochs": "3"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --section.key=value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: --{key} needs a value (--{key}=VALUE)")
+            value = args[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, str] = ()) -> T:
+    """Build `cls` (a dataclass) from a YAML file and dotted overrides.
+
+    Args:
+        cls: the run-config dataclass, e.g. `EncoderRunConfig`.
+        path: YAML file; None starts from the dataclass defaults.
+        overrides: `["--optim.lr=1e-3", ...]` or {"optim.lr": "1e-3"}; values are parsed as YAML.
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value, naming the key and where it came from.
+    """
+    sources = _Sources()
+    data = read_yaml(path, sources) if path is not None else {}
+    items = overrides.items() if isinstance(overrides, Mapping) else parse_overrides(list(overrides)).items()
+    for dotted, value in items:
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = _Cli(value)
+        sources.record({dotted: None}, f"command line (--{dotted})")
+    return build(cls, data, sources)
+
+
+def build(cls: type[T], data: Mapping[str, Any], sources: _Sources | None = None, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking keys and types (see `load_config`)."""
+    sources = sources or _Sources()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = prefix + str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            section = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise ConfigError(
+                f"{sources.of(where)}: unknown key {where!r}{hint}; keys allowed in {section}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], where, sources)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        section = prefix[:-1] or cls.__name__
+        origin = sources.within(prefix[:-1]) if prefix else "config"
+        raise ConfigError(f"{origin}: invalid {section!r}: {exc}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, sources: _Sources) -> Any:
+    """Check (and for command-line strings, parse) `value` against the annotation `tp`."""
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{sources.of(key)}: {key} must be {expected}, got {str(value)!r}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    # A command-line string is parsed as YAML unless a string is a valid value for the field.
+    takes_str = tp is str or (origin in (typing.Union, types.UnionType) and str in args)
+    if isinstance(value, _Cli) and not takes_str:
+        value = _parse_cli(value)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, _Cli) and type(None) in args and value.strip().lower() in ("null", "none", "~"):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, sources)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value not in args:
+            fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            fail(f"a mapping of {tp.__name__} fields")
+        return build(tp, value, sources, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail("a number")
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return str(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list ({_type_name(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} items")
+        return tuple(_coerce(v, a, f"{key}[{i}]", sources) for i, (v, a) in enumerate(zip(value, args)))
+    raise ConfigError(f"{key}: unsupported config field type {_type_name(tp)} (a bug in the config class)")
+
+
+def _parse_cli(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(text)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config tree as plain YAML-safe data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EncoderRunConfig",
+    "EvalConfig",
+    "HeadConfig",
+    "LoopConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "build",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+    "save_config",
+    "to_dict",
+]
