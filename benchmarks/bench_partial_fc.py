@@ -11,8 +11,9 @@ One training step = tiny linear "backbone" (64 -> 512) + head forward, backward 
     pfc r=R   lvface_mm PartialFC (CosFace), centres sharded over the processes, sample rate R.
     +sparse   the same with sparse_update=True and torch.optim.SparseAdam for the centres.
 
-Each configuration runs in fresh forked processes, so the peak resident memory (ru_maxrss) minus the
-resident memory before the head was built is that head's peak working memory per process. The
+Each configuration runs in fresh forked processes; the kernel's resident high-water mark is reset
+just before the head is built, so peak minus the RSS at that point is the head's peak working memory
+per process (weights, gradients, optimizer state, activations, communication buffers). The
 result is a markdown report (default benchmarks/results/losses.md) with ratios to `full` and a
 per-process memory curve extrapolated to WebFace42M's 2,059,906 identities.
 """
@@ -25,11 +26,12 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -67,42 +69,48 @@ class _Joined(nn.Module):
         return self.model["head"](self.model["backbone"](x), y)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _run_rank(rank: int, world: int, cfg: dict, store: str, out_dir: str) -> None:
-    torch.set_num_threads(max(1, cfg["threads"] // world))
-    if world > 1:
-        dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    torch.manual_seed(rank)
-    classes, batch = cfg["classes"], cfg["batch"]
-    rate, sparse = HEADS[cfg["head"]]
-    base = _rss_bytes()
+def _reset_peak_rss() -> int:
+    """Reset the kernel's resident high-water mark (VmHWM) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def _build(head_name: str, classes: int, world: int) -> tuple[Callable, list, list]:
+    """(loss_fn(x, y), optimizers, objects to free before the process group goes) for one head."""
+    rate, sparse = HEADS[head_name]
     backbone: nn.Module = nn.Linear(IN_DIM, D)
-    if cfg["head"] == "full":
+    if head_name == "full":
         # Data parallel reference: backbone and the whole weight replicated, DDP all-reduces both.
-        model: nn.Module = nn.ModuleDict({"backbone": backbone, "head": FullSoftmax(classes)})
+        model = _Joined(nn.ModuleDict({"backbone": backbone, "head": FullSoftmax(classes)}))
         opts = [torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)]
-        net = nn.parallel.DistributedDataParallel(_Joined(model)) if world > 1 else _Joined(model)
-
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return net(x, y)
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        return (lambda x, y: net(x, y)), opts, [net]
+    head = PartialFC(D, classes, CosFaceMargin(), rate, sparse_update=sparse)
+    net = nn.parallel.DistributedDataParallel(backbone) if world > 1 else backbone  # never the head
+    if sparse:
+        opts = [torch.optim.AdamW(backbone.parameters(), lr=1e-3, weight_decay=0.1),
+                torch.optim.SparseAdam(head.parameters(), lr=1e-3)]
     else:
-        head = PartialFC(D, classes, CosFaceMargin(), rate, sparse_update=sparse)
-        net = nn.parallel.DistributedDataParallel(backbone) if world > 1 else backbone  # never the head
-        if sparse:
-            opts = [torch.optim.AdamW(backbone.parameters(), lr=1e-3, weight_decay=0.1),
-                    torch.optim.SparseAdam(head.parameters(), lr=1e-3)]
-        else:
-            opts = [torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.1)]
+        opts = [torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.1)]
+    return (lambda x, y: head(net(x), y).loss), opts, [net, head]
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return head(net(x), y).loss
 
+def _steps(loss_fn: Callable, opts: list, classes: int, batch: int, count: int, world: int) -> list[float]:
     times = []
-    for step in range(cfg["warmup"] + cfg["steps"]):
+    for _ in range(count):
         x = torch.randn(batch, IN_DIM)
         y = torch.randint(0, classes, (batch,))
         if world > 1:
@@ -112,14 +120,30 @@ def _run_rank(rank: int, world: int, cfg: dict, store: str, out_dir: str) -> Non
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if step >= cfg["warmup"]:
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"times": times, "peak": peak}, f)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _run_rank(rank: int, world: int, cfg: dict, store: str, out_dir: str) -> None:
+    torch.set_num_threads(cfg["threads"])
     if world > 1:
-        del net, loss_fn, opts  # no DDP object may outlive the process group (offline_env.md section 2)
-        gc.collect()
+        dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    # One step of a tiny copy first: it pages in the library code of every kernel the step uses
+    # (hundreds of MB of resident memory that would otherwise be counted as the head's).
+    warm = _build(cfg["head"], 1000, world)
+    _steps(warm[0], warm[1], 1000, cfg["batch"], 1, world)
+    del warm
+    gc.collect()
+    base = _reset_peak_rss()
+    loss_fn, opts, keep = _build(cfg["head"], cfg["classes"], world)
+    times = _steps(loss_fn, opts, cfg["classes"], cfg["batch"], cfg["warmup"] + cfg["steps"], world)
+    peak = _peak_rss() - base
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"times": times[cfg["warmup"]:], "peak": peak}, f)
+    del loss_fn, opts, keep  # no DDP object may outlive the process group (offline_env.md section 2)
+    gc.collect()
+    if world > 1:
         dist.destroy_process_group()
 
 
@@ -134,6 +158,26 @@ def run_config(cfg: dict, world: int) -> dict:
                 ranks.append(json.load(f))
     step_times = [max(ts) for ts in zip(*(r["times"] for r in ranks))]  # a step ends when the slowest rank does
     return {"ms": 1000 * statistics.median(step_times), "peak_mb": max(r["peak"] for r in ranks) / 2**20}
+
+
+def estimate_bytes(head: str, classes: int, world: int) -> float:
+    """Rough peak bytes per process: centre matrix (num_local x D fp32) times the live copies.
+
+    Dense: weight, gradient, 2 AdamW moments, about 2 temporaries of the optimizer step (+1 DDP bucket
+    for the replicated weight); sparse: weight and 2 SparseAdam moments.
+    """
+    rate, sparse = HEADS[head]
+    copies = 3 if sparse else 6 + (1 if head == "full" and world > 1 else 0)
+    rows = classes if head == "full" else -(-classes // world)
+    return copies * rows * D * 4
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -172,19 +216,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k and 100k classes, fewer steps")
     parser.add_argument("--batch", type=int, default=64, help="samples per process and step")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, split over ranks")
-    parser.add_argument("--max-full-gb", type=float, default=10.0,
-                        help="skip the replicated full softmax where world * 5 * C * D * 4 bytes exceed this")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (1: OpenMP spinning on a busy 2-core box distorts timings)")
+    parser.add_argument("--mem-fraction", type=float, default=0.8,
+                        help="skip a configuration whose estimated memory exceeds this fraction of MemAvailable")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "losses.md"))
     args = parser.parse_args(argv)
     classes_list = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
-    warmup, steps = (1, 3) if args.quick else (1, 5)
+    warmup, steps = 1, 3
     rows, curves = [], {}
+    load_before = os.getloadavg()
     for world in (1, 2):
         for classes in classes_list:
             ref_ms = ref_mb = None
             for head in HEADS:
-                if head == "full" and world * 5 * classes * D * 4 / 1e9 > args.max_full_gb:
+                if head == "pfc r=1.0" and classes >= 1_000_000:
+                    continue  # the sharded full softmax: as slow as `full`, adds nothing but minutes
+                need = world * estimate_bytes(head, classes, world)
+                if need > args.mem_fraction * _mem_available():
+                    print(f"world={world} C={classes:>9,} {head:<18} skipped: needs ~{need / 1e9:.1f} GB", flush=True)
                     rows.append((world, classes, head, None, None, None, None))
                     continue
                 cfg = {"classes": classes, "batch": args.batch, "head": head, "warmup": warmup, "steps": steps,
@@ -197,23 +247,26 @@ def main(argv: list[str] | None = None) -> None:
                 curves.setdefault((world, head), []).append((classes, res["peak_mb"]))
                 print(f"world={world} C={classes:>9,} {head:<18} {res['ms']:9.1f} ms  {res['peak_mb']:9.1f} MB",
                       flush=True)
-    write_report(args, rows, curves, " ".join(["python benchmarks/bench_partial_fc.py"] + (argv or [])))
+    load = f"load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    command = " ".join(["python benchmarks/bench_partial_fc.py", *(sys.argv[1:] if argv is None else argv)])
+    write_report(args, rows, curves, command, load)
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "skipped" if value is None else format(value, spec)
 
 
-def write_report(args: argparse.Namespace, rows: list, curves: dict, command: str) -> None:
+def write_report(args: argparse.Namespace, rows: list, curves: dict, command: str, load: str) -> None:
     lines = [
         "# Losses: Partial FC vs full softmax",
         "",
-        f"Command: `{command}{' --quick' if args.quick and '--quick' not in command else ''}`  ",
+        f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}  ",
-        f"Machine: {_machine()}; torch {torch.__version__}, {args.threads} threads split over the processes  ",
+        f"Machine: {_machine()}; torch {torch.__version__}; {args.threads} torch thread(s) per process; {load}  ",
         f"Step: linear 64->512 backbone + head, forward/backward/optimizer step, {args.batch} samples per process; "
         "median step time over the timed steps (a step ends when the slowest rank finishes); peak = max over ranks "
-        "of peak RSS minus RSS before the head was built. Ratios are against `full` at the same world size and C.",
+        "of the peak resident memory (VmHWM, reset just before the head is built) minus the RSS at that point. "
+        "Ratios are against `full` at the same world size and C.",
         "",
         "| procs | classes | head | step ms | x full | peak MB/proc | x full |",
         "|---:|---:|---|---:|---:|---:|---:|",

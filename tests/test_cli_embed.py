@@ -11,7 +11,7 @@ import pytest
 
 from lvface_mm.cli import build_parser, main
 from lvface_mm.faces import FaceEmbedder
-from tests._faces_fixtures import PORTRAITS, needs_dlib, portrait, portrait_path
+from tests._faces_fixtures import PORTRAITS, needs_dlib, portrait, portrait_path, shared_dlib
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_embed_folder_writes_every_face_and_reports_bad_files(embedded, photo_di
 def test_embed_matches_the_library(embedded):
     _, out = embedded
     data = np.load(out)
-    results = FaceEmbedder.from_tiny(seed=0).embed([str(s) for s in data["sources"]])
+    results = FaceEmbedder.from_tiny(seed=0, detector=shared_dlib()).embed([str(s) for s in data["sources"]])
     np.testing.assert_allclose(data["embeddings"], np.stack([r.faces[0].embedding for r in results]), atol=1e-5)
     np.testing.assert_allclose(data["boxes"], np.stack([r.faces[0].box for r in results]), atol=1e-4)
 
@@ -105,7 +105,7 @@ def test_verify_names_the_unusable_image(tmp_path, capsys):
     from PIL import Image
 
     Image.fromarray(portrait("obama")[100:212, 200:312]).save(crop)
-    assert main(["verify", str(crop), str(tmp_path / "gone.jpg"), "--tiny"]) == 1
+    assert main(["verify", str(crop), str(tmp_path / "gone.jpg"), "--tiny", "--assume-aligned", "yes"]) == 1
     assert "gone.jpg: file not found" in capsys.readouterr().err
     assert main(["verify", str(crop), str(crop), "--tiny", "--threshold", "2"]) == 2
 
@@ -124,6 +124,28 @@ def test_embed_aligned_crops_and_model_name_without_weights(tmp_path, capsys):
     da, db = np.load(a), np.load(b)
     assert da["embeddings"].shape == (2, 512) and np.isnan(da["scores"]).all()
     np.testing.assert_array_equal(da["embeddings"], db["embeddings"])  # same seed, same random weights
+
+
+def test_embed_with_the_onnx_backend(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from PIL import Image
+
+    from lvface_mm.models.onnx import export_onnx
+
+    crop = tmp_path / "crop.png"
+    Image.fromarray(portrait("obama2")[150:262, 100:212]).save(crop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_file = export_onnx(FaceEmbedder.from_tiny(seed=0).encoder.model, tmp_path / "tiny.onnx")
+    a, b = tmp_path / "torch.npz", tmp_path / "onnx.npz"
+    assert main(["embed", str(crop), "--tiny", "--assume-aligned", "yes", "-o", str(a)]) == 0
+    args = ["embed", str(crop), "--model", "lvface_tiny", "--backend", "onnx", "--onnx-path", str(onnx_file)]
+    args += ["--assume-aligned", "yes"]
+    assert main([*args, "-o", str(b)]) == 0
+    np.testing.assert_allclose(np.load(a)["embeddings"], np.load(b)["embeddings"], atol=1e-4)
+    assert json.loads(str(np.load(b)["meta"]))["backend"] == "onnx"
 
 
 def test_embed_never_clobbers_existing_output_on_failure(tmp_path, monkeypatch, capsys):

@@ -99,7 +99,7 @@ def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
             # 1. enrol Grace from one photo
             page.locator("#enrol-name textarea, #enrol-name input").first.fill("Grace")
             page.locator("#enrol-files input[type=file]").set_input_files([str(photos["grace"])])
-            expect(page.locator("#enrol-files")).to_contain_text("grace.jpg", timeout=long)  # upload finished
+            expect(page.locator("#enrol-files")).to_contain_text("grace", timeout=long)  # upload finished
             page.locator("#enrol-btn").click()
             expect(page.locator("#enrol-out")).to_contain_text("Enrolled Grace from 1 photo", timeout=long)
             expect(page.locator("#people")).to_contain_text("Grace", timeout=long)
@@ -116,7 +116,7 @@ def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
             # 3. index a small collection (one broken file) and find her by name
             page.get_by_role("tab", name="Search photos").click()
             page.locator("#index-files input[type=file]").set_input_files([str(p) for p in photos.values()])
-            expect(page.locator("#index-files")).to_contain_text("coffee.jpg", timeout=long)
+            expect(page.locator("#index-files")).to_contain_text("coffee", timeout=long)
             page.locator("#index-btn").click()
             expect(page.locator("#index-out")).to_contain_text("Indexed 3 photo(s)", timeout=long)
             expect(page.locator("#index-out")).to_contain_text("broken.jpg: truncated or corrupt", timeout=long)
@@ -129,7 +129,7 @@ def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
 
             # 4. a corrupt photo as a face query gives a message naming the problem, and the app keeps serving
             page.locator("#search-face input[type=file]").set_input_files([str(photos["broken"])])
-            expect(page.locator("#search-face")).to_contain_text("broken.jpg", timeout=long)
+            expect(page.locator("#search-face")).to_contain_text("broken", timeout=long)
             page.locator("#search-btn").click()
             expect(page.locator("#search-out")).to_contain_text("truncated or corrupt", timeout=long)
         finally:

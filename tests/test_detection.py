@@ -22,7 +22,15 @@ from lvface_mm.faces import (
 )
 from lvface_mm.faces.detection import letterbox
 from lvface_mm.models import WeightsNotAvailableError
-from tests._faces_fixtures import PORTRAITS, composite, constant_onnx, needs_dlib, panel_spans, portrait
+from tests._faces_fixtures import (
+    PORTRAITS,
+    composite,
+    constant_onnx,
+    needs_dlib,
+    needs_onnx,
+    panel_spans,
+    portrait,
+)
 
 
 def check_plausible(face: DetectedFace) -> None:
@@ -212,6 +220,7 @@ def test_create_detector_passes_objects_through():
         create_detector(42)
 
 
+@needs_onnx()
 def test_onnx_detectors_need_weights_and_say_how(tmp_path):
     with pytest.raises(ValueError, match="model_path"):
         create_detector("scrfd")
@@ -273,6 +282,7 @@ def scrfd_maps(with_kps: bool = True) -> dict[str, np.ndarray]:
     return out, points_a, points_b
 
 
+@needs_onnx()
 def test_scrfd_decodes_known_faces(tmp_path):
     maps, points_a, points_b = scrfd_maps()
     path = constant_onnx(tmp_path / "scrfd.onnx", list(maps.items()), [1, 3, 128, 128])
@@ -289,6 +299,7 @@ def test_scrfd_decodes_known_faces(tmp_path):
     assert len(SCRFDDetector(path, nms_threshold=0.99).detect(np.zeros((IMAGE_H, IMAGE_W, 3), np.uint8))) == 3
 
 
+@needs_onnx()
 def test_scrfd_without_keypoints_is_refused_clearly(tmp_path):
     maps, *_ = scrfd_maps(with_kps=False)
     path = constant_onnx(tmp_path / "scrfd_nokps.onnx", list(maps.items()), [1, 3, 128, 128])
@@ -296,6 +307,7 @@ def test_scrfd_without_keypoints_is_refused_clearly(tmp_path):
         SCRFDDetector(path).detect(np.zeros((64, 64, 3), np.uint8))
 
 
+@needs_onnx()
 def test_scrfd_wrong_input_size_is_reported(tmp_path):
     maps, *_ = scrfd_maps()
     path = constant_onnx(tmp_path / "scrfd_dyn.onnx", list(maps.items()), ["N", 3, "H", "W"])
@@ -334,6 +346,7 @@ def retinaface_maps(logits: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np
     return {"conf": conf[None], "landms": landms[None], "loc": loc[None]}, box, points
 
 
+@needs_onnx()
 @pytest.mark.parametrize("logits", [False, True], ids=["softmax", "logits"])
 def test_retinaface_decodes_a_known_face(tmp_path, logits):
     maps, box, points = retinaface_maps(logits)
@@ -347,6 +360,7 @@ def test_retinaface_decodes_a_known_face(tmp_path, logits):
     np.testing.assert_allclose(faces[0].landmarks, points, atol=1e-3)
 
 
+@needs_onnx()
 def test_retinaface_prior_count_mismatch_is_explained(tmp_path):
     maps, *_ = retinaface_maps(False)
     path = constant_onnx(tmp_path / "retina.onnx", list(maps.items()), ["N", 3, "H", "W"])

@@ -272,9 +272,13 @@ def test_missing_official_onnx_says_what_to_fetch(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     pytest.importorskip("onnxruntime")
+    import warnings
+
     from lvface_mm.models.onnx import export_onnx
 
-    return export_onnx(tiny().encoder.model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings are not ours
+        return export_onnx(tiny().encoder.model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
 def test_onnx_backend_matches_torch(tiny_onnx, embedder, portrait_results):

@@ -127,6 +127,14 @@ def test_full_state_dict_round_trip() -> None:
     assert torch.equal(other.weight, head.weight)
     with pytest.raises(ValueError, match=r"missing keys \['bank', 'bank_initialized', 'stage'\]"):
         other.load_full_state_dict({"weight": state["weight"]})
+    # the plain (same world size) state_dict carries the stage too; the bank follows it on the next step
+    head.stage = 3
+    plain = PCOHead(D, C)
+    plain.load_state_dict(head.state_dict())
+    bank = plain.bank.expectation.clone()
+    x, y = _batch(4)
+    assert plain(x.float(), y).stage == 3 and plain.bank.frozen
+    assert torch.equal(plain.bank.expectation, bank)
 
 
 # --- two processes ------------------------------------------------------------------------------

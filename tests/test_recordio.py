@@ -151,6 +151,12 @@ def test_read_headers_matches_exact_decode_on_many_records(tmp_path):
     np.testing.assert_array_equal(table.flag, [h.flag for h in headers])
     subset = reader.read_headers(np.array([299, 0, 150]))
     np.testing.assert_array_equal(subset.label, [headers[299].class_id, headers[0].class_id, headers[150].class_id])
+    # Records at offsets that are not multiples of 4 (2 junk bytes in front) take the byte-gather path.
+    (tmp_path / "shift.rec").write_bytes(b"\0\0" + (tmp_path / "m.rec").read_bytes())
+    (tmp_path / "shift.idx").write_text("".join(f"{k}\t{o + 2}\n" for k, o in zip(reader.keys, reader.offsets)))
+    shifted = RecordReader.open(tmp_path / "shift")
+    np.testing.assert_array_equal(shifted.read_headers(block_bytes=999).label, table.label)
+    assert shifted.read(17) == reader.read(17)
 
 
 def test_streaming_without_index(tmp_path):
@@ -159,7 +165,7 @@ def test_streaming_without_index(tmp_path):
         offsets = [w.write(p) for p in payloads]
     reader = RecordReader(tmp_path / "n.rec")
     assert list(reader) == payloads
-    for block_bytes in (5, 7, 13, 64, 1000):  # records, padding and frames cut at every kind of boundary
+    for block_bytes in (8, 9, 11, 13, 64, 1000):  # records, padding and frames cut at every kind of boundary
         assert [o for o, _ in reader.iter_with_offsets(block_bytes=block_bytes)] == offsets
         assert [p for _, p in reader.iter_with_offsets(block_bytes=block_bytes)] == payloads
     assert reader.read_at(offsets[7]) == payloads[7]

@@ -38,7 +38,7 @@ def test_every_card_validates_and_round_trips(path: Path) -> None:
 def test_cards_cover_every_supported_model_and_tiny_build() -> None:
     assert default_card_dir() == CARD_DIR
     cards = [load_adapter_card(name) for name in list_adapter_cards()]
-    assert REQUIRED_MODELS <= {c.vlm_id for c in cards}
+    assert {c.vlm_id for c in cards} >= REQUIRED_MODELS
     assert {c.tiny for c in cards if c.tiny} == set(list_tiny_builds())
     assert find_card_for_model("Qwen/Qwen2-VL-2B-Instruct").family == "qwen2_vl"
     assert find_card_for_model("nobody/nothing") is None
@@ -46,8 +46,14 @@ def test_cards_cover_every_supported_model_and_tiny_build() -> None:
 
 def test_config_save_and_load(tmp_path: Path) -> None:
     card = IdentityAdapterConfig(
-        name="x", vlm_id="some/model", family="llava", encoder="lvface_t", embedding_source="both",
-        projector="resampler", projector_hidden_dim=64, num_id_tokens=3,
+        name="x",
+        vlm_id="some/model",
+        family="llava",
+        encoder="lvface_t",
+        embedding_source="both",
+        projector="resampler",
+        projector_hidden_dim=64,
+        num_id_tokens=3,
         lora=LoraSpec(r=4, target_modules=r".*q_proj", modules_to_save=("lm_head",), trainable_tokens=("<face>",)),
     )
     path = card.save_pretrained(tmp_path)

@@ -115,8 +115,9 @@ def test_identity_tokens_land_at_placeholders_in_reference_order(build: str) -> 
     assert not torch.allclose(injected, plain_logits)
 
     # Swapping the references is the same as swapping the faces.
-    swapped, swapped_tokens = vlm.prepare(prompts(vlm, build, ["<face_0> is next to <face_1> ."]),
-                                          images_for(vlm, build, 1), [crops[::-1].copy()])
+    swapped, swapped_tokens = vlm.prepare(
+        prompts(vlm, build, ["<face_0> is next to <face_1> ."]), images_for(vlm, build, 1), [crops[::-1].copy()]
+    )
     with torch.no_grad():
         torch.testing.assert_close(vlm.forward(swapped, swapped_tokens).logits, injected, rtol=1e-5, atol=1e-5)
 
@@ -147,15 +148,22 @@ def test_generate_batch_with_0_1_3_faces_injects_once(build: str) -> None:
     batch_scores = first_step_logits(vlm, inputs, face_tokens)
     for row, (text, crop) in enumerate(zip(texts, crops)):
         single, single_tokens = vlm.prepare([text], images_for(vlm, build, 1), [crop])
-        torch.testing.assert_close(first_step_logits(vlm, single, single_tokens)[0], batch_scores[row],
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            first_step_logits(vlm, single, single_tokens)[0], batch_scores[row], rtol=1e-4, atol=1e-4
+        )
 
 
 def first_step_logits(vlm, inputs, face_tokens) -> torch.Tensor:
     tokens = IdentityTokens.from_faces(face_tokens, inputs.face_order)
     with torch.no_grad(), vlm.injector.provide(tokens):
-        out = vlm.model.generate(**inputs.inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=vlm.processor.tokenizer.pad_token_id)
+        out = vlm.model.generate(
+            **inputs.inputs,
+            max_new_tokens=1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=vlm.processor.tokenizer.pad_token_id,
+        )
     return out.logits[0]
 
 
@@ -185,17 +193,20 @@ def test_count_mismatch_raises_clear_error(build: str) -> None:
     texts = prompts(vlm, build, ["<face> is here"])
     inputs, face_tokens = vlm.prepare(texts, images_for(vlm, build, 1), crops_list([1]))
     too_many = IdentityTokens((torch.cat([face_tokens[0][0], face_tokens[0][0][:1]]),), num_id_tokens=K)
-    with pytest.raises(FaceCountError, match=r"row 0 has 2 <face> token\(s\) but 3 identity token\(s\)"):
-        with torch.no_grad(), vlm.injector.provide(too_many):
-            vlm.model(**inputs.inputs)
+    mismatch = r"row 0 has 2 <face> token\(s\) but 3 identity token\(s\)"
+    with pytest.raises(FaceCountError, match=mismatch), torch.no_grad(), vlm.injector.provide(too_many):
+        vlm.model(**inputs.inputs)
     # Placeholders without identity tokens, and identity tokens without placeholders, both raise.
-    with pytest.raises(FaceCountError, match="no identity tokens were given"):
-        with torch.no_grad():
-            vlm.model(**inputs.inputs)
+    with pytest.raises(FaceCountError, match="no identity tokens were given"), torch.no_grad():
+        vlm.model(**inputs.inputs)
     plain, _ = vlm.prepare(prompts(vlm, build, ["describe the picture"]), images_for(vlm, build, 1), None)
-    with pytest.raises(FaceCountError, match="no <face> token reached"):
-        with torch.no_grad(), vlm.injector.provide(IdentityTokens((face_tokens[0][0],), num_id_tokens=K)):
-            vlm.model(**plain.inputs)
+    one_face = IdentityTokens((face_tokens[0][0],), num_id_tokens=K)
+    with (
+        pytest.raises(FaceCountError, match="no <face> token reached"),
+        torch.no_grad(),
+        vlm.injector.provide(one_face),
+    ):
+        vlm.model(**plain.inputs)
     # A reference past the faces given is caught before the model runs.
     with pytest.raises(FaceCountError, match="refers to face 1"):
         vlm.prepare(prompts(vlm, build, ["<face_1> is here"]), images_for(vlm, build, 1), crops_list([1]))

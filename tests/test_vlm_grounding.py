@@ -64,7 +64,11 @@ def test_positions_by_thirds() -> None:
 
 def test_known_gallery_gives_expected_prompt_and_marks_unknowns(picture_faces, gallery) -> None:
     faces = grounded(picture_faces, gallery)
-    assert [(f.index, f.name, f.position) for f in faces] == [(0, "Bob", "right"), (1, None, "centre"), (2, "Alice", "left")]
+    assert [(f.index, f.name, f.position) for f in faces] == [
+        (0, "Bob", "right"),
+        (1, None, "centre"),
+        (2, "Alice", "left"),
+    ]
     assert faces[1].label == "an unknown person" and faces[1].identity_id is None
     assert faces[0].score == pytest.approx(float(unit(BOB + 0.1 * ALICE) @ BOB), abs=1e-5)
     assert grounding_text(faces) == EXPECTED_TEXT
@@ -89,7 +93,10 @@ def test_mentions_point_at_faces(picture_faces, gallery) -> None:
     faces = grounded(picture_faces, gallery)
     mentions = find_mentions("Alice waves at face 2 while Bob and Alicea watch.", faces)
     assert [(m.text, m.face_indices, m.name) for m in mentions] == [
-        ("Alice", (2,), "Alice"), ("face 2", (1,), None), ("Bob", (0,), "Bob")]
+        ("Alice", (2,), "Alice"),
+        ("face 2", (1,), None),
+        ("Bob", (0,), "Bob"),
+    ]
     assert mentions[0].boxes == (faces[2].box,)
 
 

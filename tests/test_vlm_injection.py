@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from lvface_mm.vlm import FaceCountError, IdentityInjector, IdentityTokens, expand_face_placeholders, inject_identity_tokens
+from lvface_mm.vlm import (
+    FaceCountError,
+    IdentityInjector,
+    IdentityTokens,
+    expand_face_placeholders,
+    inject_identity_tokens,
+)
 
 PID = 9
 

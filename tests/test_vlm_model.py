@@ -11,7 +11,7 @@ import torch
 from lvface_mm.vlm import IdentityVLM, LoraSpec
 from lvface_mm.vlm.processing import ensure_embedding_row
 from lvface_mm.vlm.testing import random_face_crops
-from tests._vlm_fixtures import TINY_BUILDS, DictGallery, base_model, faces_at, tiny_identity_vlm, unit
+from tests._vlm_fixtures import TINY_BUILDS, base_model, tiny_identity_vlm
 
 FACE_PROMPT = "<face_1> stands next to <face_0> ."
 
@@ -38,7 +38,10 @@ def test_adapter_save_load_gives_identical_outputs(build: str, tmp_path) -> None
     inputs, tokens = face_inputs(vlm, build)
     before = logits(vlm, inputs, tokens)
     vlm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity_adapter.safetensors", "identity_adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "identity_adapter.safetensors",
+        "identity_adapter_config.json",
+    ]
     assert json.loads((tmp_path / "identity_adapter_config.json").read_text())["family"] == vlm.family.name
 
     loaded = IdentityVLM.from_pretrained("unused", adapter=tmp_path, encoder_pretrained=False)
@@ -56,9 +59,13 @@ def test_hook_survives_peft_and_lora_round_trips(build: str, variant: str, tmp_p
     vlm = tiny_identity_vlm(build)
     inputs, tokens = face_inputs(vlm, build)
     before = logits(vlm, inputs, tokens)
-    spec = LoraSpec(r=4, alpha=8, dropout=0.0,
-                    trainable_tokens=("<face>",) if variant == "trainable_tokens" else (),
-                    modules_to_save=("embed_tokens",) if variant == "modules_to_save" else ())
+    spec = LoraSpec(
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        trainable_tokens=("<face>",) if variant == "trainable_tokens" else (),
+        modules_to_save=("embed_tokens",) if variant == "modules_to_save" else (),
+    )
     original_embedding = vlm.model.get_input_embeddings()
     vlm.apply_lora(spec)
     wrapped = vlm.model.get_input_embeddings()
@@ -78,7 +85,7 @@ def test_hook_survives_peft_and_lora_round_trips(build: str, variant: str, tmp_p
     vlm.adapter.eval()
 
     with torch.no_grad():  # "trained" LoRA and embedding deltas
-        for n, p in vlm.model.named_parameters():
+        for p in vlm.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     tuned = logits(vlm, inputs, tokens)

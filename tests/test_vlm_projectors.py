@@ -8,16 +8,24 @@ import torch
 from lvface_mm.vlm import FaceFeatures, ProjectorSpec, create_projector, list_projectors
 
 N, P, D, OUT, K = 3, 144, 32, 48, 4
-CASES = [("linear", "pooled"), ("linear", "patch"), ("mlp2x_gelu", "pooled"), ("mlp2x_gelu", "patch"),
-         ("resampler", "patch"), ("resampler", "both")]
+CASES = [
+    ("linear", "pooled"),
+    ("linear", "patch"),
+    ("mlp2x_gelu", "pooled"),
+    ("mlp2x_gelu", "patch"),
+    ("resampler", "patch"),
+    ("resampler", "both"),
+]
 
 
 def features(source: str, seed: int = 0) -> FaceFeatures:
     g = torch.Generator().manual_seed(seed)
     pooled = torch.nn.functional.normalize(torch.randn(N, 512, generator=g), dim=-1)
     patches = torch.randn(N, P, D, generator=g)
-    return FaceFeatures(pooled=pooled if source in ("pooled", "both") else None,
-                        patches=patches if source in ("patch", "both") else None)
+    return FaceFeatures(
+        pooled=pooled if source in ("pooled", "both") else None,
+        patches=patches if source in ("patch", "both") else None,
+    )
 
 
 def spec(source: str, **changes) -> ProjectorSpec:

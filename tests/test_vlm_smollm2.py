@@ -45,18 +45,20 @@ def smollm2():
 
 def test_identity_bridge_leaves_smollm2_text_answers_intact(smollm2) -> None:
     lm, tokenizer = smollm2
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         base_logits = lm(**ids).logits
-        base_new = lm.generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        base_new = lm.generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1] :]
     base_answer = tokenizer.decode(base_new, skip_special_tokens=True)
     assert "Paris" in base_answer
 
     llava = llava_from_causal_lm(lm, tokenizer)
-    vlm = IdentityVLM.from_pretrained(llava.model, encoder="lvface_t", processor=llava.processor,
-                                      encoder_pretrained=False)
+    vlm = IdentityVLM.from_pretrained(
+        llava.model, encoder="lvface_t", processor=llava.processor, encoder_pretrained=False
+    )
     # Text-only prompt, no faces: the same ids, the same logits, the same answer.
     inputs, face_tokens = vlm.prepare([prompt])
     assert torch.equal(inputs.inputs["input_ids"], ids["input_ids"])

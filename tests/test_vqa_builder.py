@@ -95,6 +95,7 @@ def test_deterministic_and_never_overwrites(tmp_path, built):
     build_vqa(photos, tmp_path / "again", replace(CONFIG, attributes=attributes))
     for name in ("train.json", "eval.json", "manifest.json", "embeddings.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+    assert load_manifest(tmp_path / "again")["vocabulary"] == load_manifest(out)["vocabulary"]
     before = (out / "train.json").read_bytes()
     with pytest.raises(FileExistsError, match="overwrite"):
         build_vqa(photos, out, CONFIG)
@@ -117,8 +118,11 @@ def test_embedding_table_source(tmp_path):
 
     emb = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
     labels = np.repeat(np.arange(4), 3)
-    save_file({"embeddings": emb, "labels": labels}, str(tmp_path / "t.safetensors"),
-              metadata={"identities": '["ann", "ben", "cat", "dan"]'})  # fmt: skip
+    save_file(
+        {"embeddings": emb, "labels": labels},
+        str(tmp_path / "t.safetensors"),
+        metadata={"identities": '["ann", "ben", "cat", "dan"]'},
+    )
     photos = embedding_table_photos(tmp_path / "t.safetensors")
     assert [p.identity for p in photos[::3]] == ["ann", "ben", "cat", "dan"]
     np.testing.assert_array_equal(photos[4].embedding, emb[4])
@@ -133,8 +137,9 @@ def test_synthetic_crops_and_composed_scenes(tmp_path):
     out = tmp_path / "syn"
     photos = synthetic_photos(out, num_identities=5, photos_per_identity=3, seed=0)
     Image.new("RGB", (300, 200), (40, 90, 160)).save(tmp_path / "bg.jpg")
-    config = VQABuildConfig(num_train_unknown=1, num_eval_unknown=1, train_per_task=4, eval_per_task=3,
-                            tasks=("naming", "caption"))  # fmt: skip
+    config = VQABuildConfig(
+        num_train_unknown=1, num_eval_unknown=1, train_per_task=4, eval_per_task=3, tasks=("naming", "caption")
+    )
     manifest = build_vqa(photos, out, config, scenes=[tmp_path / "bg.jpg"])
     assert manifest["embeddings"] is None
     samples = load_samples(out / "train.json") + load_samples(out / "eval.json")

@@ -282,9 +282,30 @@ def gather_rng() -> list[dict[str, Any]]:
     mine = capture_rng()
     if not is_distributed():
         return [mine]
+    # all_gather_object cannot carry tensors through its restricted unpickler: send byte strings.
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
+    dist.all_gather_object(out, _tensors_to_bytes(mine))
+    return [_bytes_to_tensors(state) for state in out]
+
+
+def _tensors_to_bytes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("__tensor__", str(value.dtype).removeprefix("torch."), value.cpu().numpy().tobytes())
+    if isinstance(value, dict):
+        return {k: _tensors_to_bytes(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_to_bytes(v) for v in value)
+    return value
+
+
+def _bytes_to_tensors(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "__tensor__":
+        return torch.frombuffer(bytearray(value[2]), dtype=getattr(torch, value[1])).clone()
+    if isinstance(value, dict):
+        return {k: _bytes_to_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_bytes_to_tensors(v) for v in value)
+    return value
 
 
 def rng_for_this_rank(saved: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import math
 import random
@@ -317,8 +318,12 @@ class Trainer:
                   for name, _ in [*module.named_parameters(), *module.named_buffers()]]
         DDP._set_params_and_buffers_to_ignore_for_model(task, ignore)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(task, device_ids=device_ids, broadcast_buffers=False,
-                   find_unused_parameters=self.loop_cfg.find_unused_parameters)
+        # Buffers are not re-broadcast every forward (per-rank BatchNorm statistics, as arcface_torch);
+        # newer torch spells this forward_sync_buffers.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        return DDP(task, device_ids=device_ids, find_unused_parameters=self.loop_cfg.find_unused_parameters,
+                   **no_sync)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:

@@ -168,27 +168,53 @@ def write_parquet(output: Path, arrays: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def results_to_arrays(results: list, files: list[str], errors: list[str], meta: dict) -> dict:
-    """Stack per-image results into the flat per-face arrays written by `embed`."""
-    import numpy as np
+class FaceTable:
+    """Collects the per-face fields of embedding results, dropping crops and tokens as it goes, so
+    memory grows with 2 KB per face rather than with whole results."""
 
-    faces = [(r.source, i, f) for r in results for i, f in enumerate(r.faces)]
-    dim = faces[0][2].embedding.shape[0] if faces else 512
-    return {
-        "embeddings": np.stack([f.embedding for *_, f in faces]).astype(np.float32)
-        if faces
-        else np.zeros((0, dim), np.float32),
-        "norms": np.array([f.norm for *_, f in faces], np.float32),
-        "boxes": np.array([f.box for *_, f in faces], np.float32).reshape(-1, 4),
-        "landmarks": np.array([f.landmarks for *_, f in faces], np.float32).reshape(-1, 5, 2),
-        "scores": np.array([f.score for *_, f in faces], np.float32),
-        "sources": np.array([s for s, *_ in faces], dtype=str),
-        "face_index": np.array([i for _, i, _ in faces], np.int64),
-        "files": np.array(files, dtype=str),
-        "file_errors": np.array(errors, dtype=str),
-        "file_num_faces": np.array([len(r.faces) for r in results], np.int64),
-        "meta": np.array(json.dumps(meta)),
-    }
+    def __init__(self) -> None:
+        self.sources: list[str] = []
+        self.face_index: list[int] = []
+        self.embeddings: list = []
+        self.norms: list[float] = []
+        self.boxes: list = []
+        self.landmarks: list = []
+        self.scores: list[float] = []
+        self.files: list[str] = []
+        self.file_errors: list[str] = []
+        self.file_num_faces: list[int] = []
+
+    def add(self, result) -> None:
+        self.files.append(result.source)
+        self.file_errors.append(result.error or "")
+        self.file_num_faces.append(len(result.faces))
+        for i, face in enumerate(result.faces):
+            self.sources.append(result.source)
+            self.face_index.append(i)
+            self.embeddings.append(face.embedding)
+            self.norms.append(face.norm)
+            self.boxes.append(face.box)
+            self.landmarks.append(face.landmarks)
+            self.scores.append(face.score)
+
+    def arrays(self, meta: dict) -> dict:
+        """The flat arrays written by `embed` (see the module docstring)."""
+        import numpy as np
+
+        n = len(self.sources)
+        return {
+            "embeddings": np.array(self.embeddings, np.float32).reshape(n, -1) if n else np.zeros((0, 512), np.float32),
+            "norms": np.array(self.norms, np.float32),
+            "boxes": np.array(self.boxes, np.float32).reshape(n, 4),
+            "landmarks": np.array(self.landmarks, np.float32).reshape(n, 5, 2),
+            "scores": np.array(self.scores, np.float32),
+            "sources": np.array(self.sources, dtype=str),
+            "face_index": np.array(self.face_index, np.int64),
+            "files": np.array(self.files, dtype=str),
+            "file_errors": np.array(self.file_errors, dtype=str),
+            "file_num_faces": np.array(self.file_num_faces, np.int64),
+            "meta": np.array(json.dumps(meta)),
+        }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,13 +243,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    results, errors = [], []
+    table = FaceTable()
     stream = embedder.iter_embed([str(f) for f in files], assume_aligned=assume_aligned_flag(args.assume_aligned))
     try:
         bar = tqdm(stream, total=len(files), unit="img", disable=True if args.no_progress else None)
         for result in bar:
-            results.append(result)
-            errors.append(result.error or "")
+            table.add(result)
             if result.error:
                 tqdm.write(f"skipped {result.source}: {result.error}", file=sys.stderr)
             elif not result.faces:
@@ -240,10 +265,10 @@ def run(args: argparse.Namespace) -> int:
         "flip_test": args.flip,
         "dtype": args.dtype or "fp32",
     }
-    arrays = results_to_arrays(results, [str(f) for f in files], errors, meta)
+    arrays = table.arrays(meta)
     (write_parquet if suffix == ".parquet" else write_npz)(args.output, arrays)
-    failed = sum(1 for e in errors if e)
-    no_face = sum(1 for r in results if r.ok and not r.faces)
+    failed = sum(1 for e in table.file_errors if e)
+    no_face = sum(1 for e, n in zip(table.file_errors, table.file_num_faces) if not e and not n)
     print(
         f"{len(arrays['embeddings'])} faces from {len(files) - failed} images "
         f"({no_face} without a face, {failed} failed) -> {args.output}"

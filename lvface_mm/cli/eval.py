@@ -15,6 +15,10 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..models import FaceViT
 
 # name -> (module, one-line help); a module missing from this checkout is skipped.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -80,7 +84,7 @@ class EvalModel:
 
     label: str
     source: str
-    model: object  # FaceViT
+    model: FaceViT
     fingerprint: str
 
 

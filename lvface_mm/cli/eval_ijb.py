@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .eval import add_model_arguments, cache_path, fail, load_models
+
+if TYPE_CHECKING:
+    from ..eval.ijb import IJBResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +102,7 @@ def _print_counts(target: str, counts: dict[str, int], published: dict[str, int]
         print(f"  {key:>24}: {value:,}{note}")
 
 
-def _print_result(target: str, label: str, result: object) -> None:
+def _print_result(target: str, label: str, result: IJBResult) -> None:
     print(f"[{target}] {label}: 1:1 TAR@FAR   closest   interpolated")
     for t in result.tar:
         flag = "" if t.resolved else "   (below 1/impostors: not measurable)"

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .eval import add_model_arguments, cache_path, fail, load_models
+
+if TYPE_CHECKING:
+    from ..eval.verification import VerificationResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(name: str, label: str, result: object) -> None:
+def _print_result(name: str, label: str, result: VerificationResult) -> None:
     f, p = result.flip, result.plain
     tars = "  ".join(
         f"TAR@FAR={t.far:g} {100 * t.tar_closest:.2f}" + ("" if t.resolved else " (too few pairs)") for t in result.tar

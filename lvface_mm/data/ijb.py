@@ -22,11 +22,12 @@ name, not by line order, and every count is checked, so a partial download fails
 from __future__ import annotations
 
 import csv
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ._text import read_int_table
 
 IJB_TARGETS = ("IJBB", "IJBC")
 _ONE_TO_N_FILES = {
@@ -139,7 +140,7 @@ def load_ijb(root: str | Path, target: str = "IJBC", one_to_n: bool = True) -> I
     meta, prefix = base / "meta", target.lower()
     names, tid_mid = _read_name_table(meta / f"{prefix}_face_tid_mid.txt", numeric_columns=2)
     lm_names, lm_rows = _read_name_table(meta / f"{prefix}_name_5pts_score.txt", numeric_columns=11)
-    pair_rows = _read_int_table(meta / f"{prefix}_template_pair_label.txt", columns=3)
+    pair_rows = read_int_table(_require(meta / f"{prefix}_template_pair_label.txt"), columns=3)
 
     # Join landmarks to images by name (InsightFace's scripts assume the two files share line order).
     row_of = {name: i for i, name in enumerate(lm_names.tolist())}
@@ -241,36 +242,6 @@ def _read_name_table(path: Path, numeric_columns: int) -> tuple[np.ndarray, np.n
     if not names:
         raise ValueError(f"{path}: the file is empty")
     return np.asarray(names), np.asarray(values, dtype=np.float64)
-
-
-def _read_int_table(path: Path, columns: int) -> np.ndarray:
-    """Whitespace-separated integers, `columns` per line -> (N, columns) int64; fast for ~16M lines."""
-    text = _require(path).read_text(encoding="ascii", errors="replace")
-    stripped = text.strip()
-    lines = stripped.count("\n") + 1 if stripped else 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            values = np.fromstring(text, dtype=np.int64, sep=" ")  # C parser; stops or raises on bad input
-    except ValueError:
-        values = np.zeros(0, dtype=np.int64)
-    if lines and values.size == lines * columns:
-        return values.reshape(lines, columns)
-    # Blank lines or bad input: parse line by line, naming the first bad line.
-    rows: list[list[int]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            if len(fields) != columns:
-                raise ValueError
-            rows.append([int(v) for v in fields])
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: expected {columns} integers, got {line.strip()!r}") from None
-    if not rows:
-        raise ValueError(f"{path}: the file is empty")
-    return np.asarray(rows, dtype=np.int64)
 
 
 def _read_template_csv(path: Path, name: str) -> TemplateSet:

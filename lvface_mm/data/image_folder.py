@@ -6,6 +6,8 @@ are the same on every machine; packing and evaluation both use it.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +35,10 @@ class IdentityFolder:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def images_of(self, class_id: int) -> list[Path]:
-        return [path for path, label in self.samples if label == class_id]
+    def groups(self) -> Iterator[tuple[int, list[Path]]]:
+        """(class id, its image paths) in class order; one pass over the samples."""
+        for label, items in itertools.groupby(self.samples, key=lambda sample: sample[1]):
+            yield label, [path for path, _ in items]
 
 
 def list_identity_folder(

@@ -8,8 +8,9 @@ to `*.partial` files renamed at the end, so an interrupted run leaves earlier pa
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,35 +148,22 @@ def pack_identity_folder(
         existing = [str(p) for p in (rec_path, idx_path, *extras) if p.exists()]
         if existing:
             raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (use overwrite)")
-    skipped: list[tuple[str, str]] = []
-    packed: list[str] = []
-    bar = tqdm(total=len(listing), desc="pack", unit="img", disable=not progress)
-    with RecordWriter(rec_path, idx_path, overwrite=overwrite) as writer, ThreadPoolExecutor(max(1, workers)) as pool:
-        key = 0
+    with (
+        tqdm(total=len(listing), desc="pack", unit="img", disable=not progress) as bar,
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        RecordWriter(rec_path, idx_path, overwrite=overwrite) as writer,
+    ):
+        first_key = 0
         if insightface_layout:
             writer.write(pack(IRHeader((0.0, 0.0)), b""), key=0)  # placeholder, rewritten below
-            key = 1
-        ranges: list[tuple[int, int]] = []
-        # An identity's class id is the number of identities packed before it, so identities whose
-        # images were all skipped leave no gap in the labels.
-        for class_id, name in enumerate(listing.identities):
-            paths = listing.images_of(class_id)
-            first = key
-            for path, result in zip(paths, _encode_all(pool, encoder, paths)):
-                bar.update(1)
-                if isinstance(result, str):
-                    skipped.append((str(path), result))
-                    continue
-                writer.write(pack(IRHeader(float(len(packed)), id=key), result), key=key)
-                key += 1
-            if key > first:
-                ranges.append((first, key))
-                packed.append(name)
-        bar.close()
+            first_key = 1
+        encoded = _ordered_map(pool, _safe(encoder), (path for path, _ in listing.samples), window=8 * max(1, workers))
+        ranges, packed, skipped = _write_identities(writer, listing, encoded, first_key, bar)
         if not ranges:
             raise ValueError(f"{listing.root}: none of {len(listing)} images could be packed; first problem: "
                              f"{skipped[0][0]}: {skipped[0][1]}")
-        num_images = key - (1 if insightface_layout else 0)
+        key = ranges[-1][1]
+        num_images = key - first_key
         if insightface_layout:
             a = key
             for first, end in ranges:
@@ -187,14 +175,54 @@ def pack_identity_folder(
     return PackResult(rec_path, idx_path, num_images, tuple(packed), tuple(skipped))
 
 
-def _encode_all(pool: ThreadPoolExecutor, encoder: Encoder, paths: Iterable[Path]) -> Iterable[bytes | str]:
-    def safe(path: Path) -> bytes | str:
+def _write_identities(
+    writer: RecordWriter, listing: IdentityFolder, encoded: Iterator[bytes | str], key: int, bar: object
+) -> tuple[list[tuple[int, int]], list[str], list[tuple[str, str]]]:
+    """Write image records grouped by identity from key `key` on.
+
+    Returns ([first, end) keys per packed identity, packed identity names, (file, reason) skipped).
+    An identity's class id is the number of identities packed before it, so identities whose
+    images were all skipped leave no gap in the labels.
+    """
+    ranges: list[tuple[int, int]] = []
+    packed: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for class_id, paths in listing.groups():
+        first = key
+        for path in paths:
+            result = next(encoded)
+            bar.update(1)
+            if isinstance(result, str):
+                skipped.append((str(path), result))
+                continue
+            writer.write(pack(IRHeader(float(len(packed)), id=key), result), key=key)
+            key += 1
+        if key > first:
+            ranges.append((first, key))
+            packed.append(listing.identities[class_id])
+    return ranges, packed, skipped
+
+
+def _safe(encoder: Encoder) -> Encoder:
+    def encode(path: Path) -> bytes | str:
         try:
             return encoder(path)
         except (OSError, ValueError) as exc:  # unreadable file: skip it, keep packing the rest
             return f"{exc.__class__.__name__}: {exc}"
 
-    return pool.map(safe, paths)
+    return encode
+
+
+def _ordered_map(pool: ThreadPoolExecutor, fn: Encoder, items: Iterable[Path], window: int) -> Iterator[bytes | str]:
+    """`pool.map` in input order with at most `window` tasks in flight, so memory stays bounded
+    however many images there are (Executor.map would submit all of them at once)."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._text import read_int_table
+
 RECORD_MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 _FRAME = struct.Struct("<II")  # magic, lrecord
@@ -213,28 +215,17 @@ def _incomplete(buffer: bytes | memoryview, pos: int) -> bool:
 
 def read_index(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse a `.idx` file -> (keys int64, byte offsets int64), in file order."""
-    path = Path(path)
-    keys: list[int] = []
-    offsets: list[int] = []
-    with open(path, encoding="ascii", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                key, offset = int(fields[0]), int(fields[1])
-                if len(fields) != 2 or key < 0 or offset < 0:
-                    raise ValueError
-            except (ValueError, IndexError):
-                raise RecordIOError(
-                    f"{path}:{lineno}: expected '<key>\\t<byte offset>' (non-negative integers), got {line.strip()!r}"
-                ) from None
-            keys.append(key)
-            offsets.append(offset)
-    key_array = np.asarray(keys, dtype=np.int64)
-    if len(np.unique(key_array)) != len(key_array):
+    try:
+        table = read_int_table(Path(path), columns=2)
+    except ValueError as exc:
+        raise RecordIOError(f"{exc}; a .idx line is '<key>\\t<byte offset>'") from None
+    if (table < 0).any():
+        line = int(np.flatnonzero((table < 0).any(axis=1))[0]) + 1
+        raise RecordIOError(f"{path}:{line}: keys and offsets must be non-negative, got {table[line - 1].tolist()}")
+    keys = np.ascontiguousarray(table[:, 0])
+    if len(np.unique(keys)) != len(keys):
         raise RecordIOError(f"{path}: the index lists some keys more than once")
-    return key_array, np.asarray(offsets, dtype=np.int64)
+    return keys, np.ascontiguousarray(table[:, 1])
 
 
 def resolve_record_paths(path: str | Path) -> tuple[Path, Path]:
@@ -282,15 +273,22 @@ class RecordReader:
                     f"{self.idx_path}: key {self.keys[k]} points to byte {self.offsets[k]}, past the end of "
                     f"{self.rec_path} ({self.file_size} bytes); index and data do not match"
                 )
-            # A record ends where the next one (in file order) starts: one pread fetches it whole.
-            order = np.argsort(self.offsets, kind="stable")
-            ends = np.empty_like(self.offsets)
-            ends[order] = np.append(self.offsets[order][1:], self.file_size)
-            self._ends = ends
-            self._slot = {int(k): i for i, k in enumerate(self.keys.tolist())}
+            # Index arrays only, no per-key Python objects: 42M keys stay ~1 GB of numpy memory
+            # that forked DataLoader workers share, instead of a dict each worker copies.
+            n = len(self.keys)
+            self._dense = bool(n == 0 or (self.keys[0] == 0 and (np.diff(self.keys) == 1).all()))  # keys 0..n-1
+            self._key_order = None if self._dense else np.argsort(self.keys, kind="stable")
+            self._sorted_keys = None if self._dense else self.keys[self._key_order]
+            # A record ends where the next one in file order starts, so one pread fetches it whole.
+            if n and (np.diff(self.offsets) > 0).all():
+                self._ends = None  # the usual case: index in file order, end = next offset
+            else:
+                order = np.argsort(self.offsets, kind="stable")
+                self._ends = np.empty_like(self.offsets)
+                self._ends[order] = np.append(self.offsets[order][1:], self.file_size)
         else:
             self.keys = self.offsets = self._ends = None
-            self._slot = {}
+            self._dense, self._key_order, self._sorted_keys = True, None, None
 
     @classmethod
     def open(cls, path: str | Path) -> RecordReader:
@@ -331,7 +329,26 @@ class RecordReader:
         return len(self.keys)
 
     def __contains__(self, key: int) -> bool:
-        return int(key) in self._slot
+        return self.keys is not None and bool(self._slots(np.asarray([key]), strict=False)[0] >= 0)
+
+    def _slots(self, keys: np.ndarray, strict: bool = True) -> np.ndarray:
+        """Positions of `keys` in the index (-1 for unknown keys unless `strict`, which raises KeyError)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        n = len(self.keys)
+        if self._dense:
+            slots = np.where((keys >= 0) & (keys < n), keys, -1)
+        else:
+            pos = np.minimum(np.searchsorted(self._sorted_keys, keys), max(n - 1, 0))
+            found = (n > 0) & (self._sorted_keys[pos] == keys) if n else np.zeros(keys.shape, bool)
+            slots = np.where(found, self._key_order[pos], -1)
+        if strict and (slots < 0).any():
+            raise KeyError(f"record key {int(keys[slots < 0][0])} is not in {self.idx_path}")
+        return slots
+
+    def _end(self, slot: int) -> int:
+        if self._ends is not None:
+            return int(self._ends[slot])
+        return int(self.offsets[slot + 1]) if slot + 1 < len(self.offsets) else self.file_size
 
     def _pread(self, offset: int, size: int) -> bytes:
         data = os.pread(self._descriptor(), size, offset)
@@ -378,12 +395,11 @@ class RecordReader:
 
     def read(self, key: int) -> bytes:
         """The payload stored under `key` in the index."""
-        slot = self._slot.get(int(key))
-        if slot is None:
-            where = f"{self.idx_path}" if self.idx_path else f"{self.rec_path} (no .idx file)"
-            raise KeyError(f"record key {key} is not in {where}")
+        if self.keys is None:
+            raise KeyError(f"record key {key} is not in {self.rec_path} (no .idx file)")
+        slot = int(self._slots(np.asarray([key]))[0])
         offset = int(self.offsets[slot])
-        return self.read_at(offset, int(self._ends[slot]) - offset)
+        return self.read_at(offset, self._end(slot) - offset)
 
     def __iter__(self) -> Iterator[bytes]:
         """Stream every payload in file order (needs no index)."""
@@ -392,11 +408,17 @@ class RecordReader:
 
     def iter_with_offsets(self, block_bytes: int = 4 << 20) -> Iterator[tuple[int, bytes]]:
         """Stream (byte offset, payload) in file order, reading the file in large blocks."""
+        if block_bytes < 8:
+            raise ValueError(f"block_bytes must be at least 8, got {block_bytes}")
         source = str(self.rec_path)
         with open(self.rec_path, "rb", buffering=0) as f:
             buffer, base = b"", 0  # buffer[0] is at file offset `base`
+            skip = 0  # padding of the last record that lies in the next block
             while True:
                 block = f.read(block_bytes)
+                eof = not block
+                if skip:
+                    block, skip = block[skip:], max(skip - len(block), 0)
                 buffer = buffer + block if buffer else block
                 pos, size = 0, len(buffer)
                 while pos < size:
@@ -412,13 +434,14 @@ class RecordReader:
                     try:
                         payload, end = decode_frames(buffer, pos, source, base=base)
                     except RecordIOError:
-                        if block and _incomplete(buffer, pos):
+                        if not eof and _incomplete(buffer, pos):
                             break  # the record continues in the next block
                         raise
                     yield base + pos, payload
                     pos = end
+                skip = max(pos - size, 0)
                 buffer, base = buffer[pos:], base + pos
-                if not block:
+                if eof:
                     return
 
     def read_headers(self, keys: np.ndarray | None = None, block_bytes: int = 16 << 20) -> HeaderTable:
@@ -438,11 +461,7 @@ class RecordReader:
             keys, offsets = self.keys, self.offsets
         else:
             keys = np.asarray(keys, dtype=np.int64)
-            try:
-                slots = np.fromiter((self._slot[k] for k in keys.tolist()), dtype=np.int64, count=len(keys))
-            except KeyError as exc:
-                raise KeyError(f"record key {exc.args[0]} is not in {self.idx_path}") from None
-            offsets = self.offsets[slots]
+            offsets = self.offsets[self._slots(keys)]
         order = np.argsort(offsets, kind="stable")
         sorted_offsets = offsets[order]
         aligned = not (sorted_offsets % 4).any()  # always, for files written by dmlc or by us

@@ -67,7 +67,7 @@ class PipelineConfig:
             raise ValueError(f"detect_max_side must be None or an int >= 32, got {self.detect_max_side!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
 class Face:
     """One embedded face. Coordinates are in pixels of the original image (after EXIF rotation).
 
@@ -94,7 +94,7 @@ class Face:
         return float(max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
 class ImageResult:
     """What happened to one input: its faces (largest first), or the error that stopped it."""
 

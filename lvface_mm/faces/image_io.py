@@ -31,7 +31,7 @@ class ImageLoadError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: compare fields explicitly
 class LoadedImage:
     """A decoded image and how it relates to the original.
 

@@ -275,6 +275,8 @@ class PhotoIndex:
                 report.stopped = True
                 break
             status, sha, loaded = self._triage(path, retry_failed)
+            if status == "todo" and any(sha == queued for _, queued, _ in pending):
+                status = "skipped"  # the same bytes twice in one batch: index them once
             if status == "skipped":
                 report.skipped += 1
                 tick(path, status)
@@ -303,7 +305,7 @@ class PhotoIndex:
             row = self._conn.execute("SELECT id, path FROM photos WHERE sha256 = ?", (sha,)).fetchone()
             failed = self._conn.execute("SELECT sha256 FROM photo_failures WHERE path = ?", (str(path),)).fetchone()
         if row is not None:
-            if row[1] != str(path):  # same content, new place: remember where it is now
+            if row[1] != str(path) and not Path(row[1]).exists():  # moved: remember where it is now
                 with self._transaction() as c:
                     c.execute("UPDATE photos SET path = ? WHERE id = ?", (str(path), row[0]))
             return "skipped", sha, None

@@ -210,6 +210,11 @@ class PCOHead(PartialFC):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> PartialFCOutput:
         stage = self.stage
+        # The stage may also arrive through load_state_dict (the `stage_buffer` buffer), which bypasses
+        # the setter: keep the bank's frozen flag in step with it.
+        self.bank.frozen = stage == 3
+        if stage >= 2 and not bool(self.bank.initialized):
+            self.bank.initialize_from(self.weight)
         if stage == 1:
             out = super().forward(embeddings, labels)
             return PartialFCOutput(out.loss, out.cos_target, out.num_sampled, 1, out.sampled_index)

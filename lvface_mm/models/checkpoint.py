@@ -16,21 +16,26 @@ _PREFIXES = ("module.", "backbone.", "model.", "encoder.", "_orig_mod.")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .pt/.pth/.bin (torch pickle, weights only) or .safetensors."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory; give the .pt/.safetensors file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (an interrupted download or copy?)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc}). "
-            "Expected a state dict saved with torch.save (official LVFace .pt files are)."
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Expected a state dict saved with torch.save "
+            "(official LVFace .pt files are) or a .safetensors file."
         ) from exc
     return unwrap_state_dict(obj, source=str(path))
 
@@ -72,17 +77,23 @@ def infer_config_fields(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def guess_variant(state: dict[str, torch.Tensor]) -> str | None:
     """Registered model name whose architecture matches the checkpoint's shapes, if any."""
-    from .registry import _MODELS
+    from .registry import get_model_spec, list_models
 
     fields = infer_config_fields(state)
-    for name, spec in _MODELS.items():
-        if fields and all(getattr(spec.config, k) == v for k, v in fields.items()):
+    if not fields:
+        return None
+    for name in list_models():
+        if all(getattr(get_model_spec(name).config, k) == v for k, v in fields.items()):
             return name
     return None
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, model_name: str | None = None) -> None:
-    """Load a checkpoint into `model` with strict=True and a clear error when it does not fit."""
+    """Load a checkpoint into `model` with strict=True and a clear error when it does not fit.
+
+    Tensors are cast to the model's dtypes and moved to its device. A model on the meta device takes
+    the checkpoint's tensors as they are (`assign=True`), which checks keys and shapes without memory.
+    """
     state = read_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -105,4 +116,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str | None =
             f"{path} does not fit {model_name or type(model).__name__}: {'; '.join(detail)}. {looks}"
             f"{f'; use create_model({guess!r}, checkpoint_path=...)' if guess and guess != model_name else ''}."
         )
-    model.load_state_dict(state, strict=True)
+    if any(t.is_meta for t in own.values()):
+        # assign=True keeps the checkpoint's tensors, so give them the dtypes the model declares.
+        state = {k: v.to(dtype=own[k].dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+    else:
+        model.load_state_dict(state, strict=True)

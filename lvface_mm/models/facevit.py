@@ -81,6 +81,24 @@ class FaceViTConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    @property
+    def num_params(self) -> int:
+        """Learnable parameters, counted from the shapes (no model needed)."""
+        N, D, H, F = self.num_patches, self.embed_dim, self.mlp_hidden_dim, self.feature_dim
+        stem = D * self.in_chans * self.patch_size**2 + D + N * D + D  # patch conv + bias, pos_embed, mask_token
+        block = 4 * D + 3 * D * D + D * D + D + D * H + H + H * D + D  # 2 LNs, qkv (no bias), proj, fc1, fc2
+        head = 2 * D + N * D * D + 2 * D + D * F + 2 * F  # final LN, Linear, BN affine, Linear, BN affine
+        return stem + self.depth * block + head
+
+    @property
+    def flops_per_image(self) -> int:
+        """2 x multiply-adds of one forward (patch conv, every matmul incl. QK^T and AV, the head)."""
+        N, D, H = self.num_patches, self.embed_dim, self.mlp_hidden_dim
+        patch = N * D * self.in_chans * self.patch_size**2
+        block = N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * H  # qkv, QK^T + AV, proj, MLP
+        head = N * D * D + D * self.feature_dim
+        return 2 * (patch + self.depth * block + head)
+
 
 class DropPath(nn.Module):
     """Stochastic depth per sample (Huang et al., 2016): drop the whole residual branch."""
@@ -104,13 +122,14 @@ class PatchEmbed(nn.Module):
     def __init__(self, config: FaceViTConfig) -> None:
         super().__init__()
         self.img_size = config.img_size
-        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=config.patch_size, stride=config.patch_size)
+        p = config.patch_size
+        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=p, stride=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[-2:] != (self.img_size, self.img_size):
+        if x.ndim != 4 or x.shape[1] != self.proj.in_channels or x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
-                f"FaceViT expects aligned crops of shape (B, 3, {self.img_size}, {self.img_size}), "
-                f"got {tuple(x.shape)}"
+                f"FaceViT expects aligned crops of shape (B, {self.proj.in_channels}, {self.img_size}, "
+                f"{self.img_size}), got {tuple(x.shape)}"
             )
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), tokens row-major over the grid
 
@@ -175,7 +194,9 @@ class FaceViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, D))
         # Only used when tokens are masked during training; kept so official checkpoints load strictly.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        # Stochastic depth grows linearly from 0 to drop_path_rate, as upstream. Plain floats (not
+        # torch.linspace) so the model can be built on the meta device.
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList([Block(config, rate) for rate in rates])
         self.norm = nn.LayerNorm(D, eps=1e-5)
         # Head over all tokens (token-major flatten), keeping the upstream Sequential indices.
@@ -230,6 +251,8 @@ class FaceViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) -> (B, num_patches, embed_dim) tokens after the final LayerNorm."""
+        if x.is_floating_point() and x.dtype != self.pos_embed.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.pos_embed.dtype)  # fp32 crops into a bf16/fp16 model
         x = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         masking = self.training and self.config.mask_ratio > 0
         if masking:
@@ -256,13 +279,7 @@ class FaceViT(nn.Module):
     def forward(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.forward_head(self.forward_features(x), normalize=normalize)
 
-    @torch.no_grad()
     def flops_per_image(self) -> int:
-        """Multiply-adds x 2 of one 112x112 forward (matmuls and the patch conv)."""
-        c = self.config
-        N, D, H = c.num_patches, c.embed_dim, c.mlp_hidden_dim
-        patch = N * D * c.in_chans * c.patch_size**2
-        per_block = N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * H
-        head = N * D * D + D * c.feature_dim
-        return 2 * (patch + c.depth * per_block + head)
+        """2 x multiply-adds of one 112x112 forward; see `FaceViTConfig.flops_per_image`."""
+        return self.config.flops_per_image
 

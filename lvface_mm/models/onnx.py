@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +62,27 @@ def export_onnx(
     config = model.config
     dummy = torch.zeros(batch_size, config.in_chans, config.img_size, config.img_size)
 
+    dynamic_axes = {INPUT_NAME: {0: "batch_size"}}
+    if output_name:
+        dynamic_axes[output_name] = {0: "batch_size"}
     tmp = path.with_name(f".{path.name}.partial")
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The input-shape check in PatchEmbed is Python control flow; the tracer warns about it
+            # although the exported graph is meant to fix C, H and W anyway.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The TorchScript exporter is deprecated in favour of the torch.export one, which needs
+            # onnxscript and writes a different graph; we keep the official converter's path.
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
                 (dummy,),
                 str(tmp),
                 input_names=[INPUT_NAME],
                 output_names=[output_name] if output_name else None,
-                dynamic_axes={INPUT_NAME: {0: "batch_size"}, **({output_name: {0: "batch_size"}} if output_name else {})},
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,  # the TorchScript exporter, as the official converter; no onnxscript needed

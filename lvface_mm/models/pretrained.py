@@ -96,6 +96,10 @@ class WeightsNotAvailableError(RuntimeError):
     """Raised when weights are neither cached nor downloadable (offline)."""
 
 
+class WeightsVerificationError(ValueError):
+    """Raised when a downloaded or cached weights file has the wrong size or sha256."""
+
+
 def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -104,44 +108,95 @@ def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# Checks already passed in this process, keyed by file identity (real path, size, mtime) and the
+# expectations: hashing 455 MB costs about a second, and a model is often created several times.
+_VERIFIED: set[tuple[str, int, int, str | None, int | None]] = set()
+
+
 def verify_file(path: str | Path, expected_sha256: str | None, expected_bytes: int | None) -> None:
-    """Check size and sha256 of a downloaded file; raise with both values on mismatch."""
+    """Check size and sha256 of a weights file; raise `WeightsVerificationError` naming both values."""
     path = Path(path)
-    size = path.stat().st_size
-    if expected_bytes is not None and size != expected_bytes:
-        raise ValueError(f"{path}: size {size} bytes, expected {expected_bytes} (incomplete or wrong file)")
+    stat = path.stat()
+    expected_sha256 = expected_sha256.lower() if expected_sha256 else None
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected_sha256, expected_bytes)
+    if key in _VERIFIED:
+        return
+    hint = "delete it and fetch it again"
+    if expected_bytes is not None and stat.st_size != expected_bytes:
+        raise WeightsVerificationError(
+            f"{path}: {stat.st_size} bytes, expected {expected_bytes} (incomplete or wrong file; {hint})"
+        )
     if expected_sha256 is not None:
         actual = sha256_of(path)
         if actual != expected_sha256:
-            raise ValueError(f"{path}: sha256 {actual}, expected {expected_sha256} (corrupt or wrong file)")
+            raise WeightsVerificationError(
+                f"{path}: sha256 {actual}, expected {expected_sha256} (corrupt or wrong file; {hint})"
+            )
+    _VERIFIED.add(key)
+
+
+def _file_and_checks(weights: PretrainedWeights, onnx: bool) -> tuple[str, str | None, int | None]:
+    if onnx:
+        return weights.onnx_filename, weights.onnx_sha256, weights.onnx_num_bytes
+    return weights.filename, weights.sha256, weights.num_bytes
+
+
+def cached_weights_path(
+    weights: PretrainedWeights, cache_dir: str | Path | None = None, onnx: bool = False
+) -> Path | None:
+    """The local file of these weights if it is already in the Hugging Face cache, else None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = _file_and_checks(weights, onnx)[0]
+    found = try_to_load_from_cache(weights.repo_id, filename, cache_dir=cache_dir, revision=weights.revision)
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 def fetch_weights(weights: PretrainedWeights, cache_dir: str | Path | None = None, onnx: bool = False) -> Path:
-    """Return a local, verified path to the weights, downloading into the Hub cache if needed.
+    """Return a local, verified path to the weights, downloading into the Hugging Face cache if needed.
 
-    Offline (HF_HUB_OFFLINE=1 or no network) and not cached, this raises
-    `WeightsNotAvailableError` with the exact file to fetch and where to put it.
+    The file is taken from `weights.repo_id` at the pinned `weights.revision` and checked against the
+    known size and sha256 (each check is skipped where the value is not published).
+
+    Args:
+        weights: the record, e.g. `get_model_spec("lvface_b").weights`.
+        cache_dir: Hugging Face cache folder; None uses the default (`HF_HUB_CACHE` / `HF_HOME`).
+        onnx: fetch the official `.onnx` file instead of the PyTorch state dict.
+
+    Raises:
+        WeightsNotAvailableError: offline (or no network) and not cached; the message says which file
+            to fetch and where to put it.
+        WeightsVerificationError: the file has the wrong size or sha256.
     """
-    filename = weights.onnx_filename if onnx else weights.filename
-    sha, size = (weights.onnx_sha256, weights.onnx_num_bytes) if onnx else (weights.sha256, weights.num_bytes)
+    filename, sha, size = _file_and_checks(weights, onnx)
+    from huggingface_hub import hf_hub_download
+
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
-        raise WeightsNotAvailableError("pretrained weights need `pip install huggingface_hub`") from exc
-    try:
-        path = Path(
-            hf_hub_download(weights.repo_id, filename, revision=weights.revision, cache_dir=cache_dir)
-        )
-    except Exception as exc:  # the hub raises many types offline (LocalEntryNotFoundError, HTTP, OS errors)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise WeightsNotAvailableError(
-            f"could not get {filename} from the Hugging Face repo {weights.repo_id} at revision "
-            f"{weights.revision}{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc.__class__.__name__}.\n"
-            f"Fetch it on a machine with internet:\n"
-            f"  huggingface-cli download {weights.repo_id} {filename} --revision {weights.revision}\n"
-            f"or download {weights.url(onnx)}\n"
-            f"then either copy the Hugging Face cache folder to this machine (HF_HOME), or pass the file "
-            f"directly: create_model(name, checkpoint_path='/path/to/{Path(filename).name}')"
-        ) from exc
+        path = Path(hf_hub_download(weights.repo_id, filename, revision=weights.revision, cache_dir=cache_dir))
+    except Exception as exc:  # offline the hub raises several types (LocalEntryNotFoundError, HTTP, OS errors)
+        raise WeightsNotAvailableError(_not_available_message(weights, filename, cache_dir, exc)) from exc
     verify_file(path, sha, size)
     return path
+
+
+def _not_available_message(
+    weights: PretrainedWeights, filename: str, cache_dir: str | Path | None, exc: Exception
+) -> str:
+    from huggingface_hub import constants
+
+    offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)() or os.environ.get(
+        "HF_HUB_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes", "on")
+    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    target = cache / f"models--{weights.repo_id.replace('/', '--')}" / "snapshots" / weights.revision / filename
+    reason = "HF_HUB_OFFLINE is set and the file is not cached" if offline else f"{exc.__class__.__name__}: {exc}"
+    return (
+        f"LVFace weights {filename} are not available ({reason}).\n"
+        f"Fetch them on a machine with internet access:\n"
+        f"  hf download {weights.repo_id} {filename} --revision {weights.revision}\n"
+        f"  (or download {weights.url(filename.endswith('.onnx'))})\n"
+        f"then copy that machine's Hugging Face cache folder here (set HF_HUB_CACHE to it), or put the file at\n"
+        f"  {target}\n"
+        f"or pass it directly: create_model(name, checkpoint_path='/path/to/{Path(filename).name}') "
+        f"/ --checkpoint on the command line."
+    )

@@ -12,30 +12,44 @@ import fnmatch
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from .facevit import FaceViT, FaceViTConfig
 from .pretrained import PretrainedWeights
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registered encoder: its architecture, its official weights (if any) and its other names."""
+
     name: str
     config: FaceViTConfig
     description: str
     weights: PretrainedWeights | None = None
+    # Names the same architecture has elsewhere (upstream `get_model` names); they resolve to `name`.
+    aliases: tuple[str, ...] = ()
     # Training-time knobs of the published recipe; inference ignores them.
     recipe_drop_path_rate: float = 0.0
     recipe_mask_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.isidentifier():
+            raise ValueError(f"ModelSpec.name must be an identifier-like string, got {self.name!r}")
+        if self.name in self.aliases:
+            raise ValueError(f"ModelSpec {self.name!r} lists itself among its aliases")
 
 
 _MODELS: dict[str, ModelSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_model(spec: ModelSpec, aliases: tuple[str, ...] = ()) -> ModelSpec:
-    if spec.name in _MODELS:
-        raise ValueError(f"model {spec.name!r} is already registered")
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add `spec` (and its aliases) to the registry; names must be new."""
+    for name in (spec.name, *spec.aliases):
+        if name in _MODELS or name in _ALIASES:
+            raise ValueError(f"model name {name!r} is already registered")
     _MODELS[spec.name] = spec
-    for alias in aliases:
+    for alias in spec.aliases:
         _ALIASES[alias] = spec.name
     return spec
 
@@ -75,33 +89,45 @@ def create_model(
     Args:
         name: a name from `list_models()` or an upstream alias such as `vit_b_dp005_mask_005`.
         pretrained: download (or take from the cache) the official weights and load them strictly.
-        checkpoint_path: a local checkpoint (.pt/.pth/.bin/.safetensors) to load strictly instead.
+        checkpoint_path: a local checkpoint (.pt/.pth/.bin/.safetensors) to load strictly; takes
+            precedence over `pretrained`.
         cache_dir: where downloaded weights are cached (default: the Hugging Face cache).
         **overrides: FaceViTConfig fields to change (e.g. `drop_path_rate=0.1`); None values are
             dropped so CLI pass-through works.
 
     Raises:
         ValueError: unknown name or invalid override; a checkpoint that does not fit this variant.
+        WeightsNotAvailableError: `pretrained=True` while offline and the weights are not cached.
+
+    The model is returned in training mode, as any `nn.Module`; call `.eval()` (or
+    `prepare_for_inference`) before embedding. Build large variants without memory with
+    `with torch.device("meta"): create_model("lvface_l")`.
     """
     spec = get_model_spec(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(overrides) - set(FaceViTConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"create_model({spec.name!r}): unknown config field(s) {unknown}")
-    model = FaceViT(replace(spec.config, **overrides))
-    if checkpoint_path is not None:
-        from .checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint_path, model_name=spec.name)
-    elif pretrained:
+    try:
+        config = replace(spec.config, **overrides)
+    except TypeError as exc:  # a field given a value of the wrong kind that __post_init__ could not compare
+        raise ValueError(f"create_model({spec.name!r}): bad override {overrides}: {exc}") from exc
+    if checkpoint_path is None and not pretrained:
+        return FaceViT(config)
+    if checkpoint_path is None:
         if spec.weights is None:
-            raise ValueError(
-                f"model {spec.name!r} has no official weights; pretrained models: {', '.join(list_models(pretrained=True))}"
-            )
-        from .checkpoint import load_checkpoint
+            known = ", ".join(list_models(pretrained=True))
+            raise ValueError(f"model {spec.name!r} has no official weights; models with weights: {known}")
         from .pretrained import fetch_weights
 
-        load_checkpoint(model, fetch_weights(spec.weights, cache_dir=cache_dir), model_name=spec.name)
+        checkpoint_path = fetch_weights(spec.weights, cache_dir=cache_dir)
+    from .checkpoint import load_checkpoint
+
+    # Weights are about to be replaced: build without memory or random init (seconds for the
+    # large variants), then take the checkpoint's tensors in place of the meta ones.
+    with torch.device("meta"):
+        model = FaceViT(config)
+    load_checkpoint(model, checkpoint_path, model_name=spec.name)
     return model
 
 
@@ -112,30 +138,26 @@ def _variant(embed_dim: int, depth: int) -> FaceViTConfig:
 def _register_defaults() -> None:
     from .pretrained import OFFICIAL_WEIGHTS
 
-    register_model(
-        ModelSpec("lvface_t", _variant(256, 12), "LVFace-T: 256 wide, 12 deep, 19.14 M params",
-                  OFFICIAL_WEIGHTS["lvface_t"], recipe_drop_path_rate=0.1, recipe_mask_ratio=0.1),
-        aliases=("vit_t", "vit_t_dp005_mask0"),
-    )
-    register_model(
-        ModelSpec("lvface_s", _variant(512, 12), "LVFace-S: 512 wide, 12 deep, 76.02 M params",
-                  OFFICIAL_WEIGHTS["lvface_s"], recipe_drop_path_rate=0.1, recipe_mask_ratio=0.1),
-        aliases=("vit_s", "vit_s_dp005_mask_0"),
-    )
-    register_model(
-        ModelSpec("lvface_b", _variant(512, 24), "LVFace-B: 512 wide, 24 deep, 113.83 M params",
-                  OFFICIAL_WEIGHTS["lvface_b"], recipe_drop_path_rate=0.05, recipe_mask_ratio=0.1),
-        aliases=("vit_b", "vit_b_dp005_mask_005"),
-    )
-    register_model(
-        ModelSpec("lvface_l", _variant(768, 24), "LVFace-L: 768 wide, 24 deep, 255.68 M params",
-                  OFFICIAL_WEIGHTS["lvface_l"], recipe_drop_path_rate=0.05, recipe_mask_ratio=0.1),
-        aliases=("vit_l", "vit_l_dp005_mask_005"),
-    )
-    register_model(
-        ModelSpec("lvface_tiny", FaceViTConfig(embed_dim=32, depth=2, num_heads=8, feature_dim=512),
-                  "random tiny variant for tests and --tiny demos (no weights)"),
-    )
+    # Upstream never says which `get_model` name each release used; the file sizes match these
+    # architectures (reference/lvface.md §2, §4). The `dp005`/`mask` names differ only in training knobs.
+    for name, D, depth, dpr, aliases in (
+        ("lvface_t", 256, 12, 0.1, ("vit_t", "vit_t_dp005_mask0")),
+        ("lvface_s", 512, 12, 0.1, ("vit_s", "vit_s_dp005_mask_0")),
+        ("lvface_b", 512, 24, 0.05, ("vit_b", "vit_b_dp005_mask_005")),
+        ("lvface_l", 768, 24, 0.05, ("vit_l_dp005_mask_005",)),
+    ):
+        config = _variant(D, depth)
+        size = name[-1].upper()
+        register_model(ModelSpec(
+            name, config, f"LVFace-{size} ({D} wide, {depth} deep, {config.num_params / 1e6:.2f} M params)",
+            OFFICIAL_WEIGHTS[name], aliases=aliases,
+            # upstream masks 10% whenever mask_ratio > 0 (the ratio is not passed through)
+            recipe_drop_path_rate=dpr, recipe_mask_ratio=0.1,
+        ))
+    register_model(ModelSpec(
+        "lvface_tiny", FaceViTConfig(embed_dim=32, depth=2, num_heads=8, feature_dim=512),
+        "random tiny variant for tests and --tiny demos (no weights)",
+    ))
 
 
 _register_defaults()

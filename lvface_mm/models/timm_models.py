@@ -1,7 +1,9 @@
-"""Make every registered FaceViT available as `timm.create_model(name)` once lvface_mm is imported.
+"""Make every registered FaceViT available as `timm.create_model(name)`.
 
-timm has no plugin entry points, so registration happens when `lvface_mm.models` is imported.
-It only adds entries to timm's name table; nothing is built or downloaded.
+timm has no plugin entry points, so our names enter timm's table either when `lvface_mm.models` is
+imported after timm, or when `register_with_timm()` is called. Importing timm costs several seconds
+(it imports every timm architecture), so `import lvface_mm` never imports it just to register.
+Registration only adds names; nothing is built or downloaded.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .facevit import FaceViT
-from .registry import _MODELS, create_model
+from .registry import create_model, list_models
 
 
 def _timm_entry(name: str):
@@ -28,11 +30,13 @@ def _timm_entry(name: str):
     return build
 
 
-def register_with_timm() -> None:
+def register_with_timm() -> list[str]:
+    """Register every lvface_mm model with timm (idempotent). Returns the names timm now knows."""
     try:
         from timm.models import is_model, register_model
-    except ImportError:  # timm is optional for the core encoder
-        return
-    for name in _MODELS:
+    except ImportError as exc:
+        raise ImportError("register_with_timm needs timm: pip install timm") from exc
+    for name in list_models():
         if not is_model(name):
             register_model(_timm_entry(name))
+    return list_models()

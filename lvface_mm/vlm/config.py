@@ -65,7 +65,9 @@ class LoraSpec:
             try:
                 re.compile(self.target_modules)
             except re.error as err:
-                raise ValueError(f"LoraSpec.target_modules is not a valid regex: {self.target_modules!r} ({err})") from err
+                raise ValueError(
+                    f"LoraSpec.target_modules is not a valid regex: {self.target_modules!r} ({err})"
+                ) from err
         # JSON gives lists; keep tuples so the frozen config stays hashable.
         object.__setattr__(self, "modules_to_save", _str_tuple(self.modules_to_save, "LoraSpec.modules_to_save"))
         object.__setattr__(self, "trainable_tokens", _str_tuple(self.trainable_tokens, "LoraSpec.trainable_tokens"))
@@ -115,15 +117,23 @@ class IdentityAdapterConfig:
                 raise ValueError(f"IdentityAdapterConfig.{name} must be a non-empty string, got {value!r}")
         if self.embedding_source not in EMBEDDING_SOURCES:
             raise ValueError(
-                f"IdentityAdapterConfig.embedding_source must be one of {EMBEDDING_SOURCES}, got {self.embedding_source!r}"
+                f"IdentityAdapterConfig.embedding_source must be one of {EMBEDDING_SOURCES}, "
+                f"got {self.embedding_source!r}"
             )
-        if not isinstance(self.num_id_tokens, int) or isinstance(self.num_id_tokens, bool) or not 1 <= self.num_id_tokens <= 256:
-            raise ValueError(f"IdentityAdapterConfig.num_id_tokens must be an int in [1, 256], got {self.num_id_tokens!r}")
+        if (
+            not isinstance(self.num_id_tokens, int)
+            or isinstance(self.num_id_tokens, bool)
+            or not 1 <= self.num_id_tokens <= 256
+        ):
+            raise ValueError(
+                f"IdentityAdapterConfig.num_id_tokens must be an int in [1, 256], got {self.num_id_tokens!r}"
+            )
         if self.projector_hidden_dim is not None and (
             not isinstance(self.projector_hidden_dim, int) or self.projector_hidden_dim <= 0
         ):
             raise ValueError(
-                f"IdentityAdapterConfig.projector_hidden_dim must be a positive int or None, got {self.projector_hidden_dim!r}"
+                "IdentityAdapterConfig.projector_hidden_dim must be a positive int or None, "
+                f"got {self.projector_hidden_dim!r}"
             )
         if not isinstance(self.placeholder_token, str) or not _PLACEHOLDER_RE.match(self.placeholder_token):
             raise ValueError(
@@ -132,12 +142,15 @@ class IdentityAdapterConfig:
             )
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(
-                f"IdentityAdapterConfig.schema_version {self.schema_version!r} is not supported (expected {SCHEMA_VERSION})"
+                f"IdentityAdapterConfig.schema_version {self.schema_version!r} is not supported "
+                f"(expected {SCHEMA_VERSION})"
             )
         if isinstance(self.lora, dict):
             object.__setattr__(self, "lora", LoraSpec(**self.lora))
         elif self.lora is not None and not isinstance(self.lora, LoraSpec):
-            raise ValueError(f"IdentityAdapterConfig.lora must be a LoraSpec, a dict or None, got {type(self.lora).__name__}")
+            raise ValueError(
+                f"IdentityAdapterConfig.lora must be a LoraSpec, a dict or None, got {type(self.lora).__name__}"
+            )
         self._check_registries()
 
     def _check_registries(self) -> None:
@@ -147,17 +160,24 @@ class IdentityAdapterConfig:
         from .projectors import get_projector_class
 
         if self.family not in list_families():
-            raise ValueError(f"IdentityAdapterConfig.family {self.family!r} is unknown; known: {', '.join(list_families())}")
+            raise ValueError(
+                f"IdentityAdapterConfig.family {self.family!r} is unknown; known: {', '.join(list_families())}"
+            )
         if self.encoder not in list_models():
-            raise ValueError(f"IdentityAdapterConfig.encoder {self.encoder!r} is unknown; known: {', '.join(list_models())}")
+            raise ValueError(
+                f"IdentityAdapterConfig.encoder {self.encoder!r} is unknown; known: {', '.join(list_models())}"
+            )
         if self.tiny is not None:
             from .testing import TINY_FAMILY
 
             if self.tiny not in TINY_FAMILY:
-                raise ValueError(f"IdentityAdapterConfig.tiny {self.tiny!r} is unknown; known: {', '.join(sorted(TINY_FAMILY))}")
+                raise ValueError(
+                    f"IdentityAdapterConfig.tiny {self.tiny!r} is unknown; known: {', '.join(sorted(TINY_FAMILY))}"
+                )
             if TINY_FAMILY[self.tiny] != self.family:
                 raise ValueError(
-                    f"tiny build {self.tiny!r} is a {TINY_FAMILY[self.tiny]!r} model, but the card says family {self.family!r}"
+                    f"tiny build {self.tiny!r} is a {TINY_FAMILY[self.tiny]!r} model, "
+                    f"but the card says family {self.family!r}"
                 )
         projector_cls = get_projector_class(self.projector)
         if self.embedding_source not in projector_cls.supported_sources:
@@ -169,7 +189,7 @@ class IdentityAdapterConfig:
     # -- derived ----------------------------------------------------------------------------------
     @property
     def placeholder_stem(self) -> str:
-        """"face" for "<face>": indexed references are written "<face_0>", "<face_1>", ..."""
+        """ "face" for "<face>": indexed references are written "<face_0>", "<face_1>", ..."""
         match = _PLACEHOLDER_RE.match(self.placeholder_token)
         assert match is not None  # checked in __post_init__
         return match.group(1)

@@ -101,8 +101,7 @@ class GroundingTemplate:
     face_line: str = "- face {number}{ref}, {where}, box {box}: {label}."
     no_faces: str = "A face recognizer found no faces in the picture."
     instruction: str = (
-        "Use only these names for these people. Never invent a name: call anyone without a name "
-        f"{UNKNOWN_PERSON}."
+        f"Use only these names for these people. Never invent a name: call anyone without a name {UNKNOWN_PERSON}."
     )
     unknown: str = UNKNOWN_PERSON
 

@@ -74,7 +74,9 @@ class IdentityTokens:
             K = tokens.shape[1]
             bad = [j for j in refs if not 0 <= j < tokens.shape[0]]
             if bad:
-                raise FaceCountError(f"prompt {i} refers to face(s) {bad} but only {tokens.shape[0]} face(s) were given")
+                raise FaceCountError(
+                    f"prompt {i} refers to face(s) {bad} but only {tokens.shape[0]} face(s) were given"
+                )
             index = torch.as_tensor(list(refs), dtype=torch.long, device=tokens.device)
             rows.append(tokens.index_select(0, index).reshape(-1, tokens.shape[-1]))  # (len(refs)*K, D)
         return cls(tuple(rows), num_id_tokens=K)
@@ -132,7 +134,8 @@ def inject_identity_tokens(
     source = torch.cat(rows, dim=0).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)  # (sum n_i, D)
     if source.shape[-1] != inputs_embeds.shape[-1]:
         raise ValueError(
-            f"identity tokens have width {source.shape[-1]} but the model's embeddings have width {inputs_embeds.shape[-1]}"
+            f"identity tokens have width {source.shape[-1]} "
+            f"but the model's embeddings have width {inputs_embeds.shape[-1]}"
         )
     if source.shape[0] == 0:
         return inputs_embeds

@@ -122,7 +122,9 @@ class IdentityVLM:
         placeholder_id = self.processor.placeholder_id
         reserved = self.family.reserved_token_ids(model.config)
         if placeholder_id in reserved:
-            raise ValueError(f"{self.config.placeholder_token!r} has id {placeholder_id}, which the model reserves for images")
+            raise ValueError(
+                f"{self.config.placeholder_token!r} has id {placeholder_id}, which the model reserves for images"
+            )
         if calibrate:
             # Real token rows only: spare rows past the tokenizer are untrained in many checkpoints.
             real_rows = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
@@ -173,39 +175,31 @@ class IdentityVLM:
             identity_tokens: see `IdentityVLM`.
         """
         card, adapter_dir = _resolve_card(vlm, adapter)
-        hub_kwargs = {k: v for k, v in dict(device_map=device_map, dtype=dtype, local_files_only=local_files_only).items() if v is not None}
-        if isinstance(vlm, nn.Module):
-            if processor is None:
-                raise ValueError("IdentityVLM.from_pretrained(model): pass `processor=` (the tokenizer for text-only LLMs)")
-            model, family = vlm, family_for_model(vlm)
-        elif card is not None and card.tiny is not None:
-            from .testing import build_tiny_vlm
-
-            tiny = build_tiny_vlm(card.tiny)
-            model, processor, family = tiny.model, processor or tiny.processor, get_family(card.family)
-        else:
-            model_id = card.vlm_id if card is not None else str(vlm)
-            family = get_family(card.family) if card is not None else _family_of_checkpoint(model_id, local_files_only)
-            model = family.load_model(model_id, **hub_kwargs, **model_kwargs)
-            if processor is None:
-                proc_kwargs = {k: v for k, v in model_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
-                if local_files_only is not None:
-                    proc_kwargs["local_files_only"] = local_files_only
-                processor = family.load_processor(model_id, **proc_kwargs)
+        hub_kwargs = {
+            k: v
+            for k, v in dict(device_map=device_map, dtype=dtype, local_files_only=local_files_only).items()
+            if v is not None
+        }
+        model, processor, family = _load_model(vlm, card, processor, hub_kwargs, model_kwargs)
         if card is None:
-            card = IdentityAdapterConfig(
-                name=getattr(model.config, "name_or_path", "") or family.name,
-                vlm_id=getattr(model.config, "name_or_path", "") or family.name,
-                family=family.name,
-            )
+            name = getattr(model.config, "name_or_path", "") or family.name
+            card = IdentityAdapterConfig(name=name, vlm_id=name, family=family.name)
         if card.family != family.name:
-            raise ValueError(f"card {card.name!r} is for family {card.family!r}, but the model is a {family.name!r} model")
+            raise ValueError(
+                f"card {card.name!r} is for family {card.family!r}, but the model is a {family.name!r} model"
+            )
         encoder_name = card.encoder
         if isinstance(encoder, str) and encoder != card.encoder:
             if adapter_dir is not None:
-                raise ValueError(f"the adapter at {adapter_dir} was trained with encoder {card.encoder!r}, not {encoder!r}")
+                raise ValueError(
+                    f"the adapter at {adapter_dir} was trained with encoder {card.encoder!r}, not {encoder!r}"
+                )
             card, encoder_name = card.replace(encoder=encoder), encoder
-        face_vit = encoder if isinstance(encoder, FaceViT) else _build_encoder(encoder_name, encoder_checkpoint, encoder_pretrained)
+        face_vit = (
+            encoder
+            if isinstance(encoder, FaceViT)
+            else _build_encoder(encoder_name, encoder_checkpoint, encoder_pretrained)
+        )
         identity = IdentityAdapter(card, face_vit, family.hidden_size(model.config))
         if adapter_dir is not None:
             identity.load_adapter_weights(adapter_dir)
@@ -216,7 +210,9 @@ class IdentityVLM:
             family=family,
             detector=detector,
             calibrate=adapter_dir is None,
-            identity_tokens=identity_tokens if identity_tokens is not None else (True if adapter_dir is not None else None),
+            identity_tokens=identity_tokens
+            if identity_tokens is not None
+            else (True if adapter_dir is not None else None),
         )
         if adapter_dir is not None and (Path(adapter_dir) / PEFT_CONFIG_NAME).is_file():
             vlm_obj.load_lora(adapter_dir)
@@ -252,7 +248,9 @@ class IdentityVLM:
     def _single_token_id(self, token: str) -> int:
         ids = self.processor.tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"trainable token {token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
+            raise ValueError(
+                f"trainable token {token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one"
+            )
         return int(ids[0])
 
     # -- save -----------------------------------------------------------------------------------
@@ -340,7 +338,9 @@ class IdentityVLM:
         inputs = self.processor(texts, images=images, num_faces=counts)
         crops = [c for c in per_prompt if c is not None and len(c)]
         if crops:
-            flat = np.concatenate([np.asarray(c) for c in crops]) if isinstance(crops[0], np.ndarray) else torch.cat(crops)
+            flat = (
+                np.concatenate([np.asarray(c) for c in crops]) if isinstance(crops[0], np.ndarray) else torch.cat(crops)
+            )
             tokens = self.encode_faces(flat)  # (sum F_i, K, d)
         else:
             tokens = self.encode_faces(np.zeros((0, 112, 112, 3), dtype=np.uint8))
@@ -355,12 +355,16 @@ class IdentityVLM:
 
     __call__ = forward
 
-    def generate_ids(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **generate_kwargs: Any) -> torch.Tensor:
+    def generate_ids(
+        self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **generate_kwargs: Any
+    ) -> torch.Tensor:
         """`model.generate` with identity tokens; returns only the new tokens (B*num_return_sequences, T_new)."""
         tokens = IdentityTokens.from_faces([t.detach() for t in face_tokens], inputs.face_order)
         kwargs = {"max_new_tokens": 64, "do_sample": False, **generate_kwargs}
         # The placeholder is input-only: never let the model emit it.
-        suppress = list(kwargs.pop("suppress_tokens", None) or getattr(self.model.generation_config, "suppress_tokens", None) or [])
+        suppress = list(
+            kwargs.pop("suppress_tokens", None) or getattr(self.model.generation_config, "suppress_tokens", None) or []
+        )
         kwargs["suppress_tokens"] = sorted({*suppress, self.processor.placeholder_id})
         kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
         model_inputs = self._to_device(inputs.inputs)
@@ -418,7 +422,12 @@ class IdentityVLM:
         use_tokens = self._use_tokens(identity_tokens) and len(picture) > 0
         num_images = 0 if self.family.text_only else 1
         messages = grounded_messages(
-            question, grounded, num_images, template, face_refs=use_tokens, placeholder_token=self.config.placeholder_token
+            question,
+            grounded,
+            num_images,
+            template,
+            face_refs=use_tokens,
+            placeholder_token=self.config.placeholder_token,
         )
         prompt = self.processor.render_chat(messages)
         crops = [picture.crops] if use_tokens else None
@@ -497,13 +506,13 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _resolve_card(
-    vlm: Any, adapter: str | os.PathLike[str] | None
-) -> tuple[IdentityAdapterConfig | None, Path | None]:
+def _resolve_card(vlm: Any, adapter: str | os.PathLike[str] | None) -> tuple[IdentityAdapterConfig | None, Path | None]:
     if adapter is not None:
         adapter_dir = Path(adapter)
         if not (adapter_dir / CONFIG_NAME).is_file() or not (adapter_dir / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{adapter_dir} is not a saved identity adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"{adapter_dir} is not a saved identity adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
         card = IdentityAdapterConfig.from_pretrained(adapter_dir)
         if isinstance(vlm, IdentityAdapterConfig) and (vlm.family != card.family or vlm.vlm_id != card.vlm_id):
             raise ValueError(f"adapter at {adapter_dir} is for {card.vlm_id!r}, not {vlm.vlm_id!r}")
@@ -518,6 +527,36 @@ def _resolve_card(
     if path.suffix == ".json" or str(vlm) in list_adapter_cards():
         return load_adapter_card(vlm), None
     return find_card_for_model(str(vlm)), None
+
+
+def _load_model(
+    vlm: Any,
+    card: IdentityAdapterConfig | None,
+    processor: Any,
+    hub_kwargs: dict[str, Any],
+    model_kwargs: dict[str, Any],
+) -> tuple[nn.Module, Any, VLMFamily]:
+    """The model, its processor and family: given, built tiny from the card, or loaded with transformers."""
+    if isinstance(vlm, nn.Module):
+        if processor is None:
+            raise ValueError("IdentityVLM.from_pretrained(model): pass `processor=` (the tokenizer for text-only LLMs)")
+        return vlm, processor, family_for_model(vlm)
+    if card is not None and card.tiny is not None:
+        from .testing import build_tiny_vlm
+
+        tiny = build_tiny_vlm(card.tiny)
+        return tiny.model, processor or tiny.processor, get_family(card.family)
+    model_id = card.vlm_id if card is not None else str(vlm)
+    local_only = hub_kwargs.get("local_files_only")
+    family = get_family(card.family) if card is not None else _family_of_checkpoint(model_id, local_only)
+    model = family.load_model(model_id, **hub_kwargs, **model_kwargs)
+    if processor is None:
+        shared = ("gguf_file", "revision", "trust_remote_code", "cache_dir", "token")
+        proc_kwargs = {k: v for k, v in model_kwargs.items() if k in shared}
+        if local_only is not None:
+            proc_kwargs["local_files_only"] = local_only
+        processor = family.load_processor(model_id, **proc_kwargs)
+    return model, processor, family
 
 
 def _family_of_checkpoint(model_id: str, local_files_only: bool | None) -> VLMFamily:

@@ -120,10 +120,11 @@ class Projector(nn.Module):
 
     def _check(self, features: FaceFeatures) -> None:
         s = self.spec
-        if s.source in ("pooled", "both"):
-            if features.pooled is None or features.pooled.ndim != 2 or features.pooled.shape[-1] != s.pooled_dim:
-                got = None if features.pooled is None else tuple(features.pooled.shape)
-                raise ValueError(f"{type(self).__name__} expects pooled embeddings (N, {s.pooled_dim}), got {got}")
+        pooled = features.pooled
+        pooled_ok = pooled is not None and pooled.ndim == 2 and pooled.shape[-1] == s.pooled_dim
+        if s.source in ("pooled", "both") and not pooled_ok:
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"{type(self).__name__} expects pooled embeddings (N, {s.pooled_dim}), got {got}")
         if s.source in ("patch", "both"):
             p = features.patches
             if p is None or p.ndim != 3 or tuple(p.shape[1:]) != (s.num_patches, s.patch_dim):

@@ -41,9 +41,21 @@ _ABSTAIN_RE = re.compile("|".join(ABSTAIN_PATTERNS), re.IGNORECASE)
 _YES_RE = re.compile(r"^\W*(yes|yeah|yep|correct|true)\b", re.IGNORECASE)
 _NO_RE = re.compile(r"^\W*(no|nope|false)\b", re.IGNORECASE)
 _NUMBER_WORDS = {
-    "zero": 0, "no one": 0, "nobody": 0, "one": 1, "a single": 1, "two": 2, "three": 3, "four": 4,
-    "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-}  # fmt: skip
+    "zero": 0,
+    "no one": 0,
+    "nobody": 0,
+    "one": 1,
+    "a single": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+}
 _NUMBER_RE = re.compile(r"\b(\d+|" + "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True)) + r")\b", re.IGNORECASE)
 _ARTICLES = {"a", "an", "the"}
 

@@ -150,3 +150,48 @@ def recordio_photos(path: str | Path, out_dir: str | Path, limit: int | None = N
         _write_png(image.transpose(2, 0, 1), out / rel)
         photos.append(FacePhoto(f"rec_{label:06d}", f"rec:{index}", crop=str((out / rel).resolve())))
     return photos
+
+
+def embed_photos(
+    photos: list[FacePhoto],
+    model: str,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> list[FacePhoto]:
+    """Attach L2-normalised embeddings of each photo's crop, computed with an LVFace encoder.
+
+    Args:
+        photos: photos with `crop` files (aligned 112x112).
+        model: registered encoder name (e.g. "lvface_b").
+        checkpoint: a local checkpoint instead of the official weights.
+        pretrained: load the official weights (False: a random encoder seeded with 0, for smoke runs).
+        batch_size: crops per forward pass.
+        device: torch device (default: cuda if available, else cpu).
+    """
+    import torch
+    from PIL import Image
+
+    from ..faces.alignment import to_model_input
+    from ..models import create_model
+
+    missing = [p.photo for p in photos if p.crop is None]
+    if missing:
+        raise ValueError(f"{len(missing)} photo(s) have no crop to embed, e.g. {missing[:3]}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = create_model(model, pretrained=pretrained and checkpoint is None, checkpoint_path=checkpoint)
+    encoder = encoder.to(dev).eval()
+    out = []
+    for start in range(0, len(photos), batch_size):
+        chunk = photos[start : start + batch_size]
+        crops = []
+        for p in chunk:
+            with Image.open(p.crop) as im:
+                crops.append(np.asarray(im.convert("RGB").resize((112, 112))))
+        with torch.no_grad():
+            emb = encoder(to_model_input(np.stack(crops), device=dev), normalize=True).float().cpu().numpy()  # (B, 512)
+        out += [FacePhoto(p.identity, p.photo, p.crop, e) for p, e in zip(chunk, emb)]
+    return out

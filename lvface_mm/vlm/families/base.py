@@ -159,4 +159,3 @@ def family_for_config(config: Any) -> VLMFamily:
 
 def family_for_model(model: nn.Module) -> VLMFamily:
     return family_for_config(model.config)
-

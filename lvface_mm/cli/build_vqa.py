@@ -1,0 +1,132 @@
+"""`lvface-mm build-vqa`: identity-grounded VQA training and evaluation sets from labelled faces.
+
+    lvface-mm build-vqa --source folder --path faces/ --embed lvface_b --out data/vqa
+    lvface-mm build-vqa --source recordio --path glint/ --limit 20000 --embed lvface_b --out data/vqa
+    lvface-mm build-vqa --source clusters --num-identities 40 --out data/vqa_tiny     # no images at all
+
+Writes train.json / eval.json (LLaVA-style samples), manifest.json, and embeddings.safetensors
+(when the source has embeddings or `--embed` computes them), split so that evaluation photos and
+evaluation-only people never appear in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SOURCES = ("folder", "recordio", "synthetic", "embeddings", "clusters")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("faces")
+    src.add_argument(
+        "--source",
+        choices=SOURCES,
+        required=True,
+        help="folder: root/<identity>/<crop>; recordio: InsightFace .rec/.idx; synthetic: drawn "
+        "identities; embeddings: safetensors with 'embeddings' and 'labels'; clusters: random "
+        "identity clusters on the sphere (embeddings only, for smoke runs)",
+    )
+    src.add_argument("--path", help="the folder, .rec directory/prefix or embeddings file")
+    src.add_argument("--limit", type=int, default=None, help="recordio: read only the first N images")
+    src.add_argument("--num-identities", type=int, default=40, help="synthetic/clusters: identities to make")
+    src.add_argument("--photos-per-identity", type=int, default=6, help="synthetic/clusters: photos each")
+    src.add_argument("--dim", type=int, default=512, help="clusters: embedding width")
+    src.add_argument(
+        "--embed",
+        metavar="MODEL",
+        help="embed the crops with this encoder (e.g. lvface_b) and store the table, so training can skip the encoder",
+    )
+    src.add_argument("--embed-checkpoint", help="local encoder checkpoint for --embed")
+    src.add_argument("--random-weights", action="store_true", help="--embed with a random (seeded) encoder")
+    src.add_argument("--scenes", nargs="*", default=[], help="background photos: compose scene images from the crops")
+    out = parser.add_argument_group("samples")
+    out.add_argument("--out", required=True, help="output dataset directory")
+    out.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    out.add_argument("--names", help="JSON file: identity label -> display name")
+    out.add_argument("--attributes", help="JSON file: identity label -> {attribute: value} (text-only QA)")
+    out.add_argument(
+        "--tasks", default="recognition,naming,caption,counting,unknown,text_qa", help="comma-separated tasks"
+    )
+    out.add_argument("--num-enrolled", type=int, default=None)
+    out.add_argument("--num-train-unknown", type=int, default=2)
+    out.add_argument("--num-eval-unknown", type=int, default=2)
+    out.add_argument("--eval-photos", type=int, default=1, help="held-out photos per enrolled identity")
+    out.add_argument("--train-per-task", type=int, default=200)
+    out.add_argument("--eval-per-task", type=int, default=50)
+    out.add_argument("--max-faces", type=int, default=3)
+    out.add_argument("--unknown-prob", type=float, default=0.3)
+    out.add_argument("--negative-context-prob", type=float, default=0.3)
+    out.add_argument("--seed", type=int, default=0)
+
+
+def _read_json(path: str | None, what: str) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"--{what}: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"--{what}: {path} must hold a JSON object")
+    return data
+
+
+def _photos(args: argparse.Namespace) -> list:
+    from ..vqa import sources
+
+    if args.source in ("folder", "recordio", "embeddings") and not args.path:
+        raise SystemExit(f"--source {args.source} needs --path")
+    if args.source == "folder":
+        return sources.folder_photos(args.path)
+    if args.source == "recordio":
+        return sources.recordio_photos(args.path, args.out, limit=args.limit)
+    if args.source == "synthetic":
+        return sources.synthetic_photos(args.out, args.num_identities, args.photos_per_identity, seed=args.seed)
+    if args.source == "embeddings":
+        return sources.embedding_table_photos(args.path)
+    return sources.embedding_cluster_photos(args.num_identities, args.photos_per_identity, args.dim, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..vqa.builder import VQABuildConfig, build_vqa
+
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.overwrite:
+        print(f"{out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    try:
+        config = VQABuildConfig(
+            seed=args.seed,
+            num_enrolled=args.num_enrolled,
+            num_train_unknown=args.num_train_unknown,
+            num_eval_unknown=args.num_eval_unknown,
+            eval_photos_per_identity=args.eval_photos,
+            tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            train_per_task=args.train_per_task,
+            eval_per_task=args.eval_per_task,
+            max_faces=args.max_faces,
+            unknown_prob=args.unknown_prob,
+            negative_context_prob=args.negative_context_prob,
+            names=_read_json(args.names, "names"),
+            attributes=_read_json(args.attributes, "attributes"),
+        )
+        photos = _photos(args)
+        if args.embed:
+            from ..vqa.sources import embed_photos
+
+            photos = embed_photos(
+                photos, args.embed, checkpoint=args.embed_checkpoint, pretrained=not args.random_weights
+            )
+        manifest = build_vqa(photos, out, config, scenes=args.scenes, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"build-vqa: {exc}", file=sys.stderr)
+        return 1
+    n = manifest["num_samples"]
+    print(
+        f"{out}: {n['train']} training and {n['eval']} evaluation samples; {len(manifest['enrolled'])} enrolled, "
+        f"{len(manifest['train_unknown'])} + {len(manifest['eval_unknown'])} unknown identities"
+    )
+    return 0

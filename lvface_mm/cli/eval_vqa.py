@@ -1,0 +1,109 @@
+"""`lvface-mm eval vqa`: the identity-grounded VQA harness on a dataset from `lvface-mm build-vqa`.
+
+    lvface-mm eval vqa --data data/vqa --adapter runs/llava-id/adapter --out reports/vqa
+    lvface-mm eval vqa --data data/vqa --vlm llava-1.5-7b --modes prompt,plain       # no adapter yet
+
+Answers every evaluation sample with token grounding (the adapter's identity tokens), prompt
+grounding (a gallery enrolled from the training photos, calibrated at --far) and the plain model,
+and writes report.json, report.md, report.png and answers.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("model")
+    m.add_argument(
+        "--adapter", help="adapter directory written by training/adapter.py (or IdentityVLM.save_pretrained)"
+    )
+    m.add_argument(
+        "--vlm",
+        help="card name/path or model id when no --adapter is given (token mode then uses an "
+        "untrained projector: the chance-level control)",
+    )
+    m.add_argument("--encoder", help="LVFace encoder name (default: the card's)")
+    m.add_argument("--gguf-file", help="GGUF file inside the model directory")
+    m.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", required=True, help="dataset directory (manifest.json, train.json, eval.json)")
+    d.add_argument("--split", default="eval", choices=("eval", "train"), help="which samples to answer")
+    d.add_argument(
+        "--face-input",
+        choices=("embedding", "crop"),
+        default=None,
+        help="faces from the embedding table or from crops (default: embedding when the table exists)",
+    )
+    r = parser.add_argument_group("harness")
+    r.add_argument("--modes", default="token,prompt,plain", help="comma-separated: token, prompt, plain")
+    r.add_argument("--max-per-task", type=int, default=None, help="answer at most N samples per task")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--far", type=float, default=1e-3, help="FAR of the prompt-grounding gallery threshold")
+    r.add_argument("--out", required=True, help="report directory")
+
+
+def _load_vlm(args: argparse.Namespace):  # noqa: ANN202 - IdentityVLM, imported lazily
+    from ..vqa.harness import load_trained_vlm
+
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    if args.encoder:
+        kwargs["encoder"] = args.encoder
+    if args.adapter:
+        return load_trained_vlm(args.adapter, **kwargs)
+    if not args.vlm:
+        raise ValueError("give --adapter (a trained adapter) or --vlm (a card or model id)")
+    from ..vlm import IdentityVLM
+
+    vlm = IdentityVLM.from_pretrained(args.vlm, **kwargs)
+    vlm.model.eval()
+    return vlm
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..vqa.builder import load_manifest
+    from ..vqa.data import FaceStore, encoder_for_vlm
+    from ..vqa.harness import HarnessConfig, build_gallery, run_modes
+    from ..vqa.report import write_report
+    from ..vqa.schema import load_samples
+
+    try:
+        root = Path(args.data)
+        manifest = load_manifest(root)
+        config = HarnessConfig(
+            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            far=args.far,
+            max_per_task=args.max_per_task,
+        )
+        face_input = args.face_input or ("embedding" if manifest.get("embeddings") else "crop")
+        faces = FaceStore.open(root, face_input)
+        train = load_samples(root / "train.json")
+        samples = train if args.split == "train" else load_samples(root / "eval.json")
+        vlm = _load_vlm(args)
+        if args.device:
+            vlm.model.to(torch.device(args.device))
+            vlm.adapter.to(torch.device(args.device))
+        gallery = build_gallery(train, faces, vlm.adapter, far=args.far) if "prompt" in config.modes else None
+        results, answers = run_modes(vlm, samples, encoder_for_vlm(vlm), faces, config, gallery, manifest["vocabulary"])
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"eval vqa: {exc}", file=sys.stderr)
+        return 1
+    info = {
+        "model": vlm.config.name,
+        "adapter": args.adapter or "none (untrained projector)",
+        "data": str(root),
+        "split": args.split,
+        "face_input": face_input,
+    }
+    paths = write_report(results, args.out, info=info)
+    (Path(args.out) / "answers.json").write_text(json.dumps(answers, indent=2) + "\n", encoding="utf-8")
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    return 0

