@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
-from _datasets_and_eval_fixtures import jpeg_bytes, pattern_image, write_ijb_folder
 
 from lvface_mm.cli import build_parser, main
 from lvface_mm.data import write_verification_bin
 from lvface_mm.models import create_model
+from tests._datasets_and_eval_fixtures import jpeg_bytes, pattern_image, write_ijb_folder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,6 +112,13 @@ def test_eval_ijb_cli(tmp_path, capsys):
     assert [t["far"] for t in tar] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     assert report["models"]["lvface_tiny"]["identification_1toN"]["rank_accuracy"]["rank1"] == 1.0
     assert (tmp_path / "out" / "roc_IJBC.png").read_bytes()[:8] == PNG_MAGIC
+    # Another scoring mode reuses the cached embeddings instead of recomputing them.
+    cache = next((tmp_path / "out" / "cache").glob("*.npy"))
+    stamp = cache.stat().st_mtime_ns
+    assert main([*argv, "--no-flip", "--no-detector-score"]) == 0
+    assert cache.stat().st_mtime_ns == stamp
+    report = json.loads((tmp_path / "out" / "ijb_IJBC_report.json").read_text())
+    assert report["mode"] == {"flip_sum": False, "detector_score_weighting": False, "normalize_images": False}
     assert main(["eval", "ijb", "--root", str(tmp_path / "nowhere"), "--model", "lvface_tiny",
                  "--random-weights", "--quiet"]) == 2
     assert "no IJB meta folder" in capsys.readouterr().err

@@ -40,12 +40,13 @@ def test_lora_run_freezes_the_base_and_round_trips(tmp_path: Path) -> None:
     base_path = tmp_path / "base.pt"
     base = tiny_encoder()
     torch.save(base.state_dict(), base_path)
-    main(["--config", TINY, "--loop.progress_bar=false", "--loop.tensorboard=false", "--data.num_workers=0",
+    main(["--config", TINY, "--loop.progress_bar=false", "--loop.tensorboard=true", "--data.num_workers=0",
           "--eval.synthetic_pairs=false", "--data.synthetic.num_identities=16",
           "--data.synthetic.images_per_identity=8", "--data.batch_size=16", "--loop.max_steps=6",
           "--head.kind=partial_fc", "--head.sample_rate=1.0", f"--model.checkpoint_path={base_path}",
           "--lora.rank=4", "--optim.lr=1e-2", f"--output_dir={tmp_path / 'run'}"])
 
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tb").iterdir())
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006.pt")
     optimized = set(ckpt["optimizer"]["state"])
     assert "head.weight" in optimized and all(n == "head.weight" or ".lora_" in n for n in optimized)

@@ -185,6 +185,11 @@ def test_two_connections_see_each_others_commits(tmp_path, rng):
     assert reader.identify(x)[0].name == "Ann"
     writer.delete("Ann")
     assert reader.identify(x)[0].name is None
+    # the reader's own write must not hide a commit it has not looked at yet
+    y, z = unit(rng, 2)
+    writer.enrol("Bo", y)
+    reader.enrol("Cy", z)
+    assert [o.name for o in reader.identify(np.vstack([y, z]))] == ["Bo", "Cy"]
 
 
 def test_delete_really_removes_the_bytes(tmp_path, rng):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from _datasets_and_eval_fixtures import write_ijb_folder
 
 from lvface_mm.data import IJBAlignedFaces, load_ijb
 from lvface_mm.eval import (
@@ -19,6 +18,7 @@ from lvface_mm.eval import (
     template_features,
 )
 from lvface_mm.models import create_model
+from tests._datasets_and_eval_fixtures import write_ijb_folder
 
 
 def test_image_features_modes():

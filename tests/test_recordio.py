@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-from _datasets_and_eval_fixtures import jpeg_bytes, pattern_image, png_bytes, write_identity_tree
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lvface_mm.cli import main
@@ -25,6 +24,7 @@ from lvface_mm.data import (
     unpack,
 )
 from lvface_mm.data.recordio import decode_frames
+from tests._datasets_and_eval_fixtures import jpeg_bytes, pattern_image, png_bytes, write_identity_tree
 
 MAGIC = struct.pack("<I", RECORD_MAGIC)
 
@@ -157,6 +157,12 @@ def test_read_headers_matches_exact_decode_on_many_records(tmp_path):
     shifted = RecordReader.open(tmp_path / "shift")
     np.testing.assert_array_equal(shifted.read_headers(block_bytes=999).label, table.label)
     assert shifted.read(17) == reader.read(17)
+    # An index listed out of file order (sizes then come from the sorted offsets).
+    lines = (tmp_path / "m.idx").read_text().splitlines()
+    (tmp_path / "m.idx").write_text("\n".join(reversed(lines)) + "\n")
+    shuffled = RecordReader.open(tmp_path / "m")
+    assert [shuffled.read(k) for k in range(300)] == [reader.read(k) for k in range(300)]
+    np.testing.assert_array_equal(shuffled.read_headers(np.arange(300)).label, table.label)
 
 
 def test_streaming_without_index(tmp_path):

@@ -11,7 +11,6 @@ import sqlite3
 import struct
 import threading
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +72,7 @@ def test_sigkill_during_large_enrolment_keeps_every_commit(tmp_path):
 
 def _enrol_some(path: str, prefix: str, n: int) -> None:
     g = Gallery(path)
-    rng = np.random.default_rng(len(prefix))
+    rng = np.random.default_rng(sum(map(ord, prefix)))
     for i in range(n):
         g.enrol(f"{prefix}-{i}", rng.normal(size=(20, 512)))
 
@@ -122,6 +121,10 @@ def _tiny_index(path: str):
 
 
 def _index_gated(path: str, folder: str, conn) -> None:  # runs in the child
+    import torch
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork: without this, torch ops hang
+
     def progress(p) -> None:
         if p.status == "indexed":
             conn.send(p.path)
@@ -203,7 +206,7 @@ def test_bad_pictures_give_messages_and_the_workbench_keeps_working(tmp_path):
         (tmp_path / name).write_bytes(data)
     odd = tmp_path / "grey16.png"  # unusual but valid: 16-bit greyscale
     with Image.open(portrait_path("obama")) as im:
-        Image.fromarray((np.asarray(im.convert("L")).astype(np.uint16) * 257)).save(odd)
+        Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257).save(odd)
 
     wb = Workbench(WorkbenchConfig(db=str(tmp_path / "demo.db"), tiny=True, max_image_pixels=20_000_000))
     from lvface_mm.faces import FaceEmbedder

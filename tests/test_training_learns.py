@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig, heldout_pair_list, heldout_pairs
 from lvface_mm.eval import evaluate_verification, extract_embeddings
 from training.config import EncoderRunConfig, load_config
 from training.encoder import build_encoder, build_pair_sets, main
 
 TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
 QUIET = ["--loop.progress_bar=false", "--loop.tensorboard=false"]
+
+
+def test_synthetic_identities_are_deterministic_and_split() -> None:
+    config = SyntheticFacesConfig(num_identities=6, images_per_identity=3, heldout_identities=4, num_pairs=200)
+    a, b = SyntheticFaces(config), SyntheticFaces(config, cache=False)
+    assert len(a) == 18 and a.num_classes == 6
+    image, label = a[7]
+    assert image.shape == (3, 112, 112) and image.dtype == torch.uint8 and label == 2
+    assert torch.equal(image, b[7][0])  # pixels depend on (seed, identity, index) only
+    assert not torch.equal(a[6][0], a[7][0])  # same identity, another photo
+    assert not torch.equal(image, SyntheticFaces(dataclasses.replace(config, seed=1))[7][0])
+    pairs = heldout_pair_list(config)
+    assert {ia for ia, *_ in pairs} | {ib for _, _, ib, _, _ in pairs} <= set(range(6, 10))  # unseen ids only
+    assert sum(same for *_, same in pairs) == 100
+    assert all((ia == ib) == same for ia, _, ib, _, same in pairs)
+    for fold in range(10):  # every contiguous fold of the 10-fold protocol holds both kinds
+        assert {same for *_, same in pairs[20 * fold : 20 * fold + 20]} == {True, False}
+    loaded = heldout_pairs(config)
+    assert loaded.images_a.shape == (200, 3, 112, 112) and loaded.issame.tolist() == [p[-1] for p in pairs]
 
 
 def heldout_accuracy(log: Path) -> list[float]:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from lvface_mm.data import IRHeader, RecordWriter, pack, write_verification_bin
+from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig, heldout_pairs
 from training.checkpoint import CheckpointManager, read_checkpoint
-from training.config import CheckpointConfig, LoopConfig, OptimConfig
+from training.config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig
 from training.data import GlobalBatchSampler
+from training.encoder import main as encoder_main
 from training.loop import NonFiniteLossError, Trainer, WarmupPolyDecay, adamw_param_groups, build_adamw
+
+TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
 
 
 class Points(Dataset):
@@ -151,3 +159,41 @@ def test_param_groups_exempt_norms_biases_and_named_parameters() -> None:
     groups = adamw_param_groups(model, 0.1, exclude_norm_bias=True, no_decay_names={"pos_embed"})
     assert [len(g["params"]) for g in groups] == [1, 4] and groups[1]["weight_decay"] == 0.0
     assert len(adamw_param_groups(model, 0.1, exclude_norm_bias=False)[0]["params"]) == 5
+
+
+def _png(image_chw: torch.Tensor) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image_chw.permute(1, 2, 0).numpy()[:, :, ::-1]))
+    assert ok
+    return data.tobytes()
+
+
+def test_recordio_and_image_folder_sources_with_bin_verification(tmp_path: Path) -> None:
+    """Both on-disk sources feed the encoder program (bf16 autocast), and `.bin` sets are verified."""
+    synthetic = SyntheticFacesConfig(num_identities=8, images_per_identity=4, heldout_identities=4, num_pairs=20)
+    faces = SyntheticFaces(synthetic)
+    with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:  # im2rec layout, scalar labels
+        for i in range(len(faces)):
+            image, label = faces[i]
+            writer.write(pack(IRHeader(label=float(label), id=i), _png(image)), key=i)
+            (tmp_path / "folder" / f"id{label:02d}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "folder" / f"id{label:02d}" / f"{i}.png").write_bytes(_png(image))
+    pairs = heldout_pairs(synthetic)
+    write_verification_bin(tmp_path / "val.bin", [(_png(a), _png(b), bool(same)) for a, b, same in
+                                                  zip(pairs.images_a, pairs.images_b, pairs.issame)])
+    common = ["--config", TINY, "--loop.progress_bar=false", "--loop.tensorboard=false", "--data.num_workers=0",
+              "--data.batch_size=8", "--loop.max_steps=3", "--loop.precision=bf16", "--eval.every_steps=0",
+              f"--eval.bin_files=[{tmp_path / 'val.bin'}]", "--data.num_classes=8"]
+    for source, path in (("recordio", tmp_path), ("image_folder", tmp_path / "folder")):
+        out = tmp_path / source
+        encoder_main(common + [f"--data.source={source}", f"--data.path={path}", f"--output_dir={out}"])
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        (evaluation,) = [r for r in records if r["kind"] == "eval"]
+        assert 0.0 <= evaluation["val/acc"] <= 1.0 and "synthetic_heldout/acc" not in evaluation
+        final = read_checkpoint(out / "checkpoints" / "step_00000003.pt")
+        assert final["model"]["sharded"]["head"]["weight"].shape == (8, 512)
+        assert math.isfinite(records[-2]["loss"])
+    with pytest.raises(ConfigError, match="data.num_classes is 9 but recordio data .* has 8 identities"):
+        encoder_main(common + ["--data.source=recordio", f"--data.path={tmp_path}", "--data.num_classes=9",
+                               f"--output_dir={tmp_path / 'bad'}"])

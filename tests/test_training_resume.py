@@ -1,4 +1,4 @@
-"""Resume: exact continuation on one process, and world-size independent checkpoints (2 -> 1 processes)."""
+"""Resume: exact continuation on one process, and checkpoints that move between 1 and 2 processes."""
 
 from __future__ import annotations
 
@@ -111,13 +111,35 @@ def _two_process_runs(rank: int, port: int, root: str) -> None:
         main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/straight"])
         main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/split", f"--loop.stop_at_step={K}"])
         main(PCO + ["--data.batch_size=8", f"--output_dir={root}/pco", "--loop.stop_at_step=4"])
+        main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/one_to_two"])  # 1 -> 2: each rank slices
     finally:
         gc.collect()
         dist.destroy_process_group()
 
 
+def assert_same_training(straight: dict, other: dict) -> None:
+    """Parameters, centres and centre moments of two runs agree up to summation order.
+
+    Running BatchNorm statistics are per rank and excluded. So are the two biases that a following
+    BatchNorm cancels (the final LayerNorm's and the first head BatchNorm's): their true gradient is
+    0, so AdamW turns rounding noise of either run into lr-sized steps that change no output.
+    """
+    cancelled = {"encoder.norm.bias", "encoder.feature.1.bias"}
+    for name, value in straight["model"]["replicated"].items():
+        compared = "running_" not in name and "num_batches" not in name and name not in cancelled
+        if isinstance(value, torch.Tensor) and compared:
+            torch.testing.assert_close(other["model"]["replicated"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(other["model"]["sharded"]["head"]["weight"],
+                               straight["model"]["sharded"]["head"]["weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(other["optimizer"]["state"]["head.weight"]["exp_avg"],
+                               straight["optimizer"]["state"]["head.weight"]["exp_avg"], rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.multiproc
-def test_two_process_checkpoint_resumes_on_one_process(tmp_path: Path) -> None:
+def test_checkpoints_move_between_one_and_two_processes(tmp_path: Path) -> None:
+    # One process with 2 accumulated micro-batches of 8 = two processes with 8 each (global batch 16).
+    main(EQUIV + ["--data.batch_size=8", "--loop.grad_accum_steps=2", f"--output_dir={tmp_path / 'one_to_two'}",
+                  f"--loop.stop_at_step={K}"])
     mp.start_processes(_two_process_runs, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
 
     # The 2-process checkpoint holds full matrices: all 16 centres and their AdamW moments.
@@ -133,30 +155,23 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path: Path) -> None:
     straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000012.pt")
     resumed = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000012.pt")
     assert resumed["progress"]["world_size"] == 1 and resumed["progress"]["step"] == 12
-    # 2 -> 1 equals 2 all the way (up to summation order): per-rank BatchNorm saw the same 8-image
-    # groups as the micro-batches, and the loss, gradients and AdamW updates are the same functions.
-    # Running BatchNorm statistics are per rank and excluded. So are the two biases that a following
-    # BatchNorm cancels (the final LayerNorm's and the first head BatchNorm's): their true gradient is
-    # 0, so AdamW turns rounding noise of either run into lr-sized steps that change no output.
-    cancelled = {"encoder.norm.bias", "encoder.feature.1.bias"}
-    for name, value in straight["model"]["replicated"].items():
-        compared = "running_" not in name and "num_batches" not in name and name not in cancelled
-        if isinstance(value, torch.Tensor) and compared:
-            torch.testing.assert_close(resumed["model"]["replicated"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(resumed["model"]["sharded"]["head"]["weight"], stopped["model"]["sharded"]["head"]["weight"])
+    # 2 -> 1 and 1 -> 2 equal 2 processes all the way: per-rank BatchNorm saw the same 8-image groups as
+    # the micro-batches, and the loss, gradients and AdamW updates are the same functions.
+    assert_same_training(straight, resumed)
+    widened = read_checkpoint(tmp_path / "one_to_two" / "checkpoints" / "step_00000012.pt")
+    assert widened["progress"]["world_size"] == 2
+    assert_same_training(straight, widened)
     # The encoders compute the same embeddings (training-mode BatchNorm: batch statistics).
     images = torch.stack([SyntheticFaces(SyntheticFacesConfig(num_identities=4, images_per_identity=2))[i][0]
                           for i in range(8)])
     embeddings = []
-    for run in ("straight", "split"):
+    for run in ("straight", "split", "one_to_two"):
         encoder = create_model("lvface_tiny", num_heads=2, checkpoint_path=tmp_path / run / "model.pt")
         with torch.no_grad():
             embeddings.append(encoder.train()(images_to_input(images)))
-    torch.testing.assert_close(embeddings[0], embeddings[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(resumed["model"]["sharded"]["head"]["weight"],
-                               straight["model"]["sharded"]["head"]["weight"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(resumed["optimizer"]["state"]["head.weight"]["exp_avg"],
-                               straight["optimizer"]["state"]["head.weight"]["exp_avg"], rtol=1e-3, atol=1e-6)
-    assert not torch.equal(resumed["model"]["sharded"]["head"]["weight"], stopped["model"]["sharded"]["head"]["weight"])
+    torch.testing.assert_close(embeddings[1], embeddings[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(embeddings[2], embeddings[0], rtol=1e-4, atol=1e-4)
 
     # PCO: the bank and the stage saved by 2 processes load whole into 1 process and training goes on.
     pco_ckpt = read_checkpoint(tmp_path / "pco" / "checkpoints" / "step_00000004.pt")

@@ -8,9 +8,9 @@ import struct
 
 import numpy as np
 import pytest
-from _datasets_and_eval_fixtures import jpeg_bytes, pattern_image, png_bytes
 
 from lvface_mm.data import UnsafePickleError, VerificationBin, load_verification_bin, write_verification_bin
+from tests._datasets_and_eval_fixtures import jpeg_bytes, pattern_image, png_bytes
 
 
 def _py2_pickle(images: list[bytes], issame: list[bool]) -> bytes:

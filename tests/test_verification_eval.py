@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _datasets_and_eval_fixtures import pattern_image
 
 from lvface_mm.eval import (
     DISTANCE_THRESHOLDS,
@@ -20,6 +19,7 @@ from lvface_mm.eval import (
     ten_fold_accuracy,
 )
 from lvface_mm.models import create_model
+from tests._datasets_and_eval_fixtures import pattern_image
 
 
 def _pairs(num_pairs: int, issame: np.ndarray, dim: int = 64, seed: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +74,8 @@ class Progress:
 
 
 class Hook(Protocol):
+    """Called on every rank; either method may be left out. Returned scalars are logged as "eval"."""
+
     def on_step(self, trainer: Trainer, metrics: dict[str, float]) -> dict[str, float] | None: ...
 
     def on_end(self, trainer: Trainer) -> dict[str, float] | None: ...
@@ -189,7 +191,7 @@ class RunLogger:
             self._bar.refresh()
 
     def log(self, step: int, record: dict[str, Any], prefix: str = "train") -> None:
-        if not self.enabled:
+        if self._file is None:  # not rank 0, or closed
             return
         entry = {"step": step, "kind": prefix, **record, "time": time.time()}
         self._file.write(json.dumps(entry) + "\n")
@@ -202,7 +204,7 @@ class RunLogger:
             self._bar.set_postfix(shown, refresh=False)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self._file is None:
             return
         if self._bar is not None:
             self._bar.write(text)
@@ -250,6 +252,7 @@ class Trainer:
         with_seeds: pass per-sample augmentation seeds to the data set.
         data_seed: the data-order seed (same on every rank).
         extra_state: saved in every checkpoint under "extra" (e.g. the resolved config).
+        collate_fn: DataLoader collate function (default: torch's stacking).
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class Trainer:
         with_seeds: bool = False,
         data_seed: int = 0,
         extra_state: dict[str, Any] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.task, self.optimizer, self.device = task, optimizer, torch.device(device)
         self.loop_cfg, self.ckpt_cfg = loop, checkpoint
@@ -281,6 +285,7 @@ class Trainer:
                                           loop.grad_accum_steps, data_seed, with_seeds=with_seeds)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, num_workers=num_workers,
+            collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
             # A private generator: creating loader iterators must not consume the global torch RNG,
             # or a resumed run would draw different dropout/masking/sampling numbers.
@@ -456,7 +461,7 @@ class Trainer:
         if callable(after):
             metrics.update(after(p.step, p.epoch, metrics) or {})
         for hook in self.hooks:
-            result = hook.on_step(self, metrics)
+            result = hook.on_step(self, metrics) if hasattr(hook, "on_step") else None
             if result:
                 self.logger.log(p.step, result, prefix="eval")
         if p.step % self.loop_cfg.log_every == 0 or p.step == self.total_steps:
@@ -508,7 +513,7 @@ class Trainer:
                 self.save_checkpoint()
             if p.step >= self.total_steps:
                 for hook in self.hooks:
-                    result = hook.on_end(self)
+                    result = hook.on_end(self) if hasattr(hook, "on_end") else None
                     if result:
                         self.logger.log(p.step, result, prefix="eval")
         finally:
@@ -517,6 +522,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the DDP wrapper (before `destroy_process_group`, avoiding a gloo abort at exit)."""
+        self.logger.close()
         self.model = None
         self.loader = None
         gc.collect()

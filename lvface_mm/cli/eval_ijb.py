@@ -74,14 +74,15 @@ def _run(args: argparse.Namespace) -> int:
     }
     curves = {}
     for m in models:
+        # Always embed both views: the cache then serves every scoring mode (--no-flip included).
         emb = extract_embeddings(
-            m.model, faces, batch_size=args.batch_size, flip=not args.no_flip,
+            m.model, faces, batch_size=args.batch_size, flip=True,
             cache_path=cache_path(args, f"ijb-{args.target}-{data_key}-{m.fingerprint}"),
             cache_key=f"{m.fingerprint}|{data_key}", num_workers=args.workers,
             progress=not args.quiet, desc=f"{args.target} / {m.label}",
         )
         result = evaluate_ijb(
-            protocol, emb.plain, emb.flipped,
+            protocol, emb.plain, None if args.no_flip else emb.flipped,
             detector_weighting=not args.no_detector_score, normalize_images=args.normalize_images, fars=IJB_FARS,
         )
         report["models"][m.label] = {"source": m.source, "fingerprint": m.fingerprint, **result.to_dict()}

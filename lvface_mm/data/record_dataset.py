@@ -86,9 +86,10 @@ def read_layout(reader: RecordReader, layout: Layout = "auto") -> RecordLayout:
     a, b = meta
     image_keys = np.arange(1, a, dtype=np.int64)
     identity_keys = np.arange(a, b, dtype=np.int64)
-    known = np.isin(np.concatenate([image_keys, identity_keys]), reader.keys)
+    wanted = np.concatenate([image_keys, identity_keys])
+    known = reader.slots_of(wanted, strict=False) >= 0
     if not known.all():
-        missing = int(np.concatenate([image_keys, identity_keys])[~known][0])
+        missing = int(wanted[~known][0])
         raise RecordIOError(
             f"{reader.rec_path}: the meta record says images are keys 1..{a - 1} and identities {a}..{b - 1}, "
             f"but key {missing} is not in {reader.idx_path}"

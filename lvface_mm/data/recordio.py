@@ -329,18 +329,17 @@ class RecordReader:
         return len(self.keys)
 
     def __contains__(self, key: int) -> bool:
-        return self.keys is not None and bool(self._slots(np.asarray([key]), strict=False)[0] >= 0)
+        return self.keys is not None and bool(self.slots_of(np.asarray([key]), strict=False)[0] >= 0)
 
-    def _slots(self, keys: np.ndarray, strict: bool = True) -> np.ndarray:
+    def slots_of(self, keys: np.ndarray, strict: bool = True) -> np.ndarray:
         """Positions of `keys` in the index (-1 for unknown keys unless `strict`, which raises KeyError)."""
         keys = np.asarray(keys, dtype=np.int64)
         n = len(self.keys)
         if self._dense:
             slots = np.where((keys >= 0) & (keys < n), keys, -1)
         else:
-            pos = np.minimum(np.searchsorted(self._sorted_keys, keys), max(n - 1, 0))
-            found = (n > 0) & (self._sorted_keys[pos] == keys) if n else np.zeros(keys.shape, bool)
-            slots = np.where(found, self._key_order[pos], -1)
+            pos = np.minimum(np.searchsorted(self._sorted_keys, keys), n - 1)  # n > 0: empty is dense
+            slots = np.where(self._sorted_keys[pos] == keys, self._key_order[pos], -1)
         if strict and (slots < 0).any():
             raise KeyError(f"record key {int(keys[slots < 0][0])} is not in {self.idx_path}")
         return slots
@@ -397,7 +396,11 @@ class RecordReader:
         """The payload stored under `key` in the index."""
         if self.keys is None:
             raise KeyError(f"record key {key} is not in {self.rec_path} (no .idx file)")
-        slot = int(self._slots(np.asarray([key]))[0])
+        key, n = int(key), len(self.keys)
+        if self._dense and 0 <= key < n:  # the usual index: key == position, no search
+            slot = key
+        else:
+            slot = int(self.slots_of(np.asarray([key]))[0])
         offset = int(self.offsets[slot])
         return self.read_at(offset, self._end(slot) - offset)
 
@@ -461,7 +464,7 @@ class RecordReader:
             keys, offsets = self.keys, self.offsets
         else:
             keys = np.asarray(keys, dtype=np.int64)
-            offsets = self.offsets[self._slots(keys)]
+            offsets = self.offsets[self.slots_of(keys)]
         order = np.argsort(offsets, kind="stable")
         sorted_offsets = offsets[order]
         aligned = not (sorted_offsets % 4).any()  # always, for files written by dmlc or by us

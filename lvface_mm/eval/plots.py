@@ -41,8 +41,8 @@ def plot_roc(
     lowest = 1.0
     for label, curve in curves.items():
         keep = curve.fpr > 0  # log axis: FPR 0 cannot be drawn
-        if keep.any():
-            lowest = min(lowest, float(curve.fpr[keep].min()))
+        # The axis starts at the smallest measurable FPR (one impostor), even if the curve jumps past it.
+        lowest = min(lowest, 1.0 / max(curve.num_neg, 1), float(curve.fpr[keep].min()) if keep.any() else 1.0)
         ax.plot(curve.fpr[keep], curve.tpr[keep], linewidth=1.5, label=label)
     left = min_fpr if min_fpr is not None else max(lowest, 1e-7)
     for far in mark_fars:

@@ -230,6 +230,22 @@ class Gallery:
                 raise
             self._conn.execute("COMMIT")
 
+    @contextmanager
+    def _change(self) -> Iterator[tuple[sqlite3.Connection, list]]:
+        """A write transaction plus the cache updates to run once it committed. If another connection
+        committed since the cache was loaded, the cache is rebuilt instead: applying only our own
+        change would hide theirs. (Inside BEGIN IMMEDIATE nobody else can commit, so the check is exact.)"""
+        with self._lock:
+            updates: list = []
+            with self._transaction() as c:
+                stale = self._current_data_version() != self._data_version
+                yield c, updates
+            if stale:
+                self._reload()
+            else:
+                for update in updates:
+                    update()
+
     def _reload(self) -> None:
         """Rebuild the template cache from the database."""
         with self._lock:
@@ -370,12 +386,11 @@ class Gallery:
             json.dumps(extra)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata for {name!r} must be JSON-serialisable: {exc}") from exc
-        with self._transaction() as c:
+        with self._change() as (c, updates):
             identity_id, template = self._write_identity(c, name, x, q, extra, images, replace)
             stored_name = c.execute("SELECT name FROM identities WHERE id = ?", (identity_id,)).fetchone()[0]
-        self._index.add(np.array([identity_id]), template[None])
-        self._names[identity_id] = stored_name
-        self._data_version = self._current_data_version()
+            updates.append(lambda: self._index.add(np.array([identity_id]), template[None]))
+            updates.append(lambda: self._names.__setitem__(identity_id, stored_name))
         return identity_id
 
     def _write_identity(self, c: sqlite3.Connection, name: str, x: np.ndarray, q: np.ndarray, meta: dict,
@@ -410,7 +425,7 @@ class Gallery:
     def rename(self, who: str | int, new_name: str) -> None:
         """Change an identity's name (by current name or id); the new name must be free."""
         new_name = _check_name(new_name)
-        with self._transaction() as c:
+        with self._change() as (c, updates):
             identity_id, old = self._resolve(c, who)
             clash = c.execute("SELECT id FROM identities WHERE name = ? AND id != ?",
                               (new_name, identity_id)).fetchone()
@@ -418,8 +433,7 @@ class Gallery:
                 raise ValueError(f"cannot rename {old!r} to {new_name!r}: that name is already enrolled")
             c.execute("UPDATE identities SET name = ?, updated_at = ? WHERE id = ?",
                       (new_name, time.time(), identity_id))
-        self._names[identity_id] = new_name
-        self._data_version = self._current_data_version()
+            updates.append(lambda: self._names.__setitem__(identity_id, new_name))
 
     def delete(self, who: str | int) -> int:
         """Remove an identity and all its samples (by name or id); returns the deleted id.
@@ -427,14 +441,13 @@ class Gallery:
         The rows' bytes are zeroed in the file (secure_delete) and the WAL is checkpointed and
         truncated so no older copy of the pages survives there either.
         """
-        with self._transaction() as c:
+        with self._change() as (c, updates):
             identity_id, _ = self._resolve(c, who)
             c.execute("DELETE FROM samples WHERE identity_id = ?", (identity_id,))
             c.execute("DELETE FROM identities WHERE id = ?", (identity_id,))
-        self._index.remove(np.array([identity_id]))
-        self._names.pop(identity_id, None)
+            updates.append(lambda: self._index.remove(np.array([identity_id])))
+            updates.append(lambda: self._names.pop(identity_id, None))
         self._scrub()
-        self._data_version = self._current_data_version()
         return identity_id
 
     def _scrub(self) -> None:

@@ -27,6 +27,7 @@ TINY_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}<|im_start|>assistant{% endif -%}"
 )
+_ROLES = ("system", "user", "assistant")
 _WORD_RE = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 
 
@@ -78,6 +79,7 @@ def tiny_tokenizer_with_words(words: Iterable[str]) -> Any:
 
     tokenizer = tiny_tokenizer((), TINY_CHAT_TEMPLATE)
     vocab = tokenizer.get_vocab()
+    words = {*words, *_ROLES}  # the chat template writes the role names
     # single_word: "Bo" must not match inside "Bob"; sorted so ids are the same on every run.
     new = [AddedToken(w, single_word=True, normalized=False) for w in sorted(set(words)) if w not in vocab]
     tokenizer.add_tokens(new)

@@ -1,0 +1,189 @@
+"""Stage-2 adapter training: LoRA on the LLM against full fine-tuning of the same tiny LLM.
+
+    python benchmarks/bench_adapter_training.py --quick    # hidden 256 x 4 layers, 12 timed steps each
+    python benchmarks/bench_adapter_training.py            # hidden 512 x 8 layers, 30 timed steps each
+
+Both runs train the identity adapter's stage 2 on the same VQA batches (synthetic identities,
+naming + recognition, up to 2 faces, K = 2 identity tokens, precomputed embeddings) through
+`IdentityAdapterTask`, with AdamW:
+
+    lora        LoRA r=16 on every linear layer of the LLM + the projector (what training/adapter.py does)
+    full        every LLM parameter + the projector
+
+Each configuration runs in its own process. Memory is the peak resident set (VmHWM, reset right
+before the first training step) minus the resident set at that moment: the training step's own
+working memory (gradients, AdamW state, activations). On CUDA it is `max_memory_allocated` instead.
+Throughput is the median over timed steps after 3 warm-up steps. The report goes to
+benchmarks/results/adapter_training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODES = ("lora", "full")
+WARMUP = 3
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak() -> int:
+    """Reset the kernel's resident high-water mark; return the current RSS in bytes (Linux only)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _make_data(root: Path) -> None:
+    from lvface_mm.vqa.builder import VQABuildConfig, build_vqa
+    from lvface_mm.vqa.sources import embedding_cluster_photos
+
+    config = VQABuildConfig(
+        num_train_unknown=2,
+        num_eval_unknown=2,
+        tasks=("naming", "recognition"),
+        train_per_task=200,
+        eval_per_task=4,
+        max_faces=2,
+    )
+    build_vqa(embedding_cluster_photos(20, 5, dim=512, seed=0), root, config)
+
+
+def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: int) -> dict:
+    """One configuration, in this process: build, train `WARMUP + steps` steps, measure."""
+    from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
+    from lvface_mm.vqa.data import FaceStore, VQADataset, encoder_for_vlm
+    from lvface_mm.vqa.schema import load_samples
+    from training.adapter import AdapterRunConfig, build_vlm, prepare_stage
+    from training.config import load_config
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = {
+            "data.path": str(data),
+            "output_dir": tmp,
+            "model.tiny.hidden_size": str(hidden),
+            "model.tiny.intermediate_size": str(4 * hidden),
+            "model.tiny.num_hidden_layers": str(layers),
+            "model.tiny.num_attention_heads": "8",
+            "model.tiny.num_key_value_heads": "4",
+        }
+        config = load_config(
+            AdapterRunConfig, Path(__file__).parents[1] / "training/configs/adapter/tiny_synthetic.yaml", overrides
+        )
+        train = load_samples(data / "train.json")
+        vlm = build_vlm(config, train + load_samples(data / "eval.json"), Path(tmp))
+    if mode == "lora":
+        prepare_stage(vlm, config, 2, None)
+    else:  # full fine-tuning of the same LLM
+        vlm.model.requires_grad_(True)
+        vlm.adapter.requires_grad_(False)
+        vlm.adapter.projector.requires_grad_(True)
+    task = IdentityAdapterTask(vlm, "embedding").to(device).train()
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    dataset = VQADataset(train, encoder_for_vlm(vlm), FaceStore.open(data, "embedding"), pad_id=0)
+    batches = []
+    for start in range(0, (WARMUP + steps) * batch, batch):
+        items = [dataset[i % len(dataset)] for i in range(start, start + batch)]
+        batches.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0]})
+    base = _reset_peak() if device.type == "cpu" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = task(b)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - t0)
+    peak = (_status_kb("VmHWM") * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated()) - base
+    return {
+        "mode": mode,
+        "device": str(device),
+        "llm_parameters": sum(p.numel() for p in vlm.model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+        "step_s": statistics.median(times),
+        "samples_per_s": batch / statistics.median(times),
+        "peak_mb": peak / 2**20,
+        "loss": float(loss),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller LLM, fewer steps")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "adapter_training.md"))
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    hidden, layers, steps, batch = (256, 4, 12, 16) if args.quick else (512, 8, 30, 16)
+    if args.child:
+        print("RESULT" + json.dumps(child(args.child, Path(args.data), hidden, layers, steps, batch)), flush=True)
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "vqa"
+        _make_data(data)
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--child", mode, "--data", str(data)] + (["--quick"] if args.quick else [])
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(proc.stderr[-4000:], file=sys.stderr)
+                return 1
+            results.append(json.loads(proc.stdout.split("RESULT", 1)[1]))
+    lora, full = results
+    lines = [
+        "# Adapter training: stage 2 with LoRA against full fine-tuning",
+        "",
+        f"- command: `python benchmarks/bench_adapter_training.py{' --quick' if args.quick else ''}`",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {lora['device']}, "
+        f"{torch.get_num_threads()} threads",
+        f"- model: tiny Llama, hidden {hidden}, {layers} layers, {lora['llm_parameters'] / 1e6:.2f} M parameters; "
+        f"batch {batch}; median of {steps} steps after {WARMUP} warm-up steps",
+        "- peak MB: the training step's working memory (peak RSS after the reset minus RSS before the first step)",
+        "",
+        "| run | trainable params | samples/s | x full | peak MB | x full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['trainable']:,} | {r['samples_per_s']:.1f} "
+            f"| {r['samples_per_s'] / full['samples_per_s']:.2f} "
+            f"| {r['peak_mb']:.1f} | {r['peak_mb'] / max(full['peak_mb'], 1e-9):.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
