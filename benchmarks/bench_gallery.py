@@ -78,7 +78,8 @@ def bench_search(sizes: list[int], num_queries: int, hnsw_max: int) -> list[dict
         templates = unit_rows(rng, n)
         ids = np.arange(n, dtype=np.int64)
         queries, truth = queries_for(templates, rng, num_queries)
-        nlist = int(min(4 * np.sqrt(n), 1024))
+        # ~4 sqrt(N) cells, capped so k-means stays quick and every cell gets FAISS's 39 training points
+        nlist = int(min(4 * np.sqrt(n), 1024, n // 39))
         kinds = [("exact", IndexConfig(kind="exact")), ("flat", IndexConfig(kind="flat")),
                  (f"ivf (nlist {nlist}, nprobe 16)", IndexConfig(kind="ivf", nlist=nlist, nprobe=16))]
         if n <= hnsw_max:

@@ -177,11 +177,12 @@ def run_config(cfg: dict, world: int) -> dict:
 def estimate_bytes(head: str, classes: int, world: int) -> float:
     """Rough peak bytes per process: centre matrix (num_local x D fp32) times the live copies.
 
-    Dense: weight, gradient, 2 AdamW moments, about 2 temporaries of the optimizer step (+1 DDP bucket
-    for the replicated weight); sparse: weight and 2 SparseAdam moments.
+    Measured at 100k classes: Partial FC dense 5.7 copies (weight, gradient, 2 AdamW moments, optimizer
+    temporaries), sparse 3.5, the full softmax 7.6 (it also normalises the whole matrix); +1 DDP bucket
+    for the replicated weight.
     """
-    rate, sparse = HEADS[head]
-    copies = 3 if sparse else 6 + (1 if head == "full" and world > 1 else 0)
+    _, sparse = HEADS[head]
+    copies = 4 if sparse else 8 + (1 if world > 1 else 0) if head == "full" else 6
     rows = classes if head == "full" else -(-classes // world)
     return copies * rows * D * 4
 
@@ -228,7 +229,7 @@ def gpu_projection(batch: int, rate: float, world: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10k and 100k classes, fewer steps")
+    parser.add_argument("--quick", action="store_true", help="10k and 100k classes only (no 1M)")
     parser.add_argument("--batch", type=int, default=64, help="samples per process and step")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process (1: OpenMP spinning on a busy 2-core box distorts timings)")
@@ -237,37 +238,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "losses.md"))
     args = parser.parse_args(argv)
     classes_list = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
-    warmup, steps = 1, 3
     rows, curves = [], {}
     load_before = os.getloadavg()
     for world in (1, 2):
         for classes in classes_list:
-            ref_ms = ref_mb = None
+            ref: dict | None = None
             for head in HEADS:
                 if head == "pfc r=1.0" and classes >= 1_000_000:
                     continue  # the sharded full softmax: as slow as `full`, adds nothing but minutes
-                need = world * estimate_bytes(head, classes, world)
-                if need > args.mem_fraction * _mem_available():
-                    print(f"world={world} C={classes:>9,} {head:<18} skipped: needs ~{need / 1e9:.1f} GB", flush=True)
-                    rows.append((world, classes, head, None, None, None, None))
+                res, note = _measure(head, classes, world, args)
+                print(f"world={world} C={classes:>9,} {head:<18} "
+                      + (f"{res['ms']:9.1f} ms  {res['peak_mb']:9.1f} MB" if res else note), flush=True)
+                if res is None:
+                    rows.append((world, classes, head, None, None, None, None, note))
                     continue
-                cfg = {"classes": classes, "batch": args.batch, "head": head, "warmup": warmup, "steps": steps,
-                       "threads": args.threads}
-                res = run_config(cfg, world)
-                if head == "full":
-                    ref_ms, ref_mb = res["ms"], res["peak_mb"]
+                ref = res if head == "full" else ref
                 rows.append((world, classes, head, res["ms"], res["peak_mb"],
-                             res["ms"] / ref_ms if ref_ms else None, res["peak_mb"] / ref_mb if ref_mb else None))
+                             res["ms"] / ref["ms"] if ref else None, res["peak_mb"] / ref["peak_mb"] if ref else None,
+                             ""))
                 curves.setdefault((world, head), []).append((classes, res["peak_mb"]))
-                print(f"world={world} C={classes:>9,} {head:<18} {res['ms']:9.1f} ms  {res['peak_mb']:9.1f} MB",
-                      flush=True)
     load = f"load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     command = " ".join(["python benchmarks/bench_partial_fc.py", *(sys.argv[1:] if argv is None else argv)])
     write_report(args, rows, curves, command, load)
 
 
+def _measure(head: str, classes: int, world: int, args: argparse.Namespace) -> tuple[dict | None, str]:
+    """(result, "") or (None, why not): skipped for memory, or killed (the box is shared)."""
+    need = world * estimate_bytes(head, classes, world)
+    if need > args.mem_fraction * _mem_available():
+        return None, f"skipped: needs ~{need / 1e9:.1f} GB, {_mem_available() / 1e9:.1f} GB available"
+    cfg = {"classes": classes, "batch": args.batch, "head": head, "warmup": 1, "steps": 3, "threads": args.threads}
+    try:
+        return run_config(cfg, world), ""
+    except mp.ProcessExitedException as err:  # SIGKILL = the kernel's out-of-memory killer
+        return None, f"failed: {err}"
+
+
 def _fmt(value: float | None, spec: str) -> str:
-    return "skipped" if value is None else format(value, spec)
+    return "-" if value is None else format(value, spec)
 
 
 def write_report(args: argparse.Namespace, rows: list, curves: dict, command: str, load: str) -> None:
@@ -282,12 +290,12 @@ def write_report(args: argparse.Namespace, rows: list, curves: dict, command: st
         "of the peak resident memory (VmHWM, reset just before the head is built) minus the RSS at that point. "
         "Ratios are against `full` at the same world size and C.",
         "",
-        "| procs | classes | head | step ms | x full | peak MB/proc | x full |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| procs | classes | head | step ms | x full | peak MB/proc | x full | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for world, classes, head, ms, mb, r_ms, r_mb in rows:
+    for world, classes, head, ms, mb, r_ms, r_mb, note in rows:
         lines.append(f"| {world} | {classes:,} | {head} | {_fmt(ms, '.1f')} | {_fmt(r_ms, '.2f')} | "
-                     f"{_fmt(mb, '.0f')} | {_fmt(r_mb, '.2f')} |")
+                     f"{_fmt(mb, '.0f')} | {_fmt(r_mb, '.2f')} | {note} |")
     lines += ["", f"## Per-process memory extrapolated to {WF42M_IDS:,} identities (D = 512)", "",
               "Least-squares line through the measured peaks above (same batch per process):", "",
               "| procs | head | MB per 100k classes | predicted MB/proc at 2.06M |", "|---:|---|---:|---:|"]

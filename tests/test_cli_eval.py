@@ -42,7 +42,7 @@ def test_eval_verify_two_models_report_plot_and_cache(tmp_path, small_bin, capsy
     ckpt = tmp_path / "other_tiny.pt"
     torch.save(create_model("lvface_tiny").state_dict(), ckpt)
     argv = ["eval", "verify", "--bin", str(small_bin), "--model", "lvface_tiny", "--random-weights",
-            "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--quiet", "--batch-size", "16",
+            "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--quiet", "--batch-size", "64",
             "--far", "0.1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -100,7 +100,7 @@ def test_eval_verify_errors_are_clear(tmp_path, small_bin, capsys):
 def test_eval_ijb_cli(tmp_path, capsys):
     expected = write_ijb_folder(tmp_path / "IJB", "IJBC")
     argv = ["eval", "ijb", "--root", str(tmp_path / "IJB"), "--target", "ijbc", "--model", "lvface_tiny",
-            "--random-weights", "--out", str(tmp_path / "out"), "--quiet", "--batch-size", "8"]
+            "--random-weights", "--out", str(tmp_path / "out"), "--quiet", "--batch-size", "64"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"templates: {expected['templates']}" in printed

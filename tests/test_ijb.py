@@ -127,7 +127,7 @@ def test_synthetic_ijb_end_to_end_on_tiny_model(tmp_path):
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     torch.manual_seed(0)
     model = create_model("lvface_tiny")
-    emb = extract_embeddings(model, faces, batch_size=8, progress=False)
+    emb = extract_embeddings(model, faces, batch_size=64, progress=False)
     result = evaluate_ijb(protocol, emb.plain, emb.flipped)
     # Every image of a subject is the same picture, so genuine templates score exactly 1.
     genuine = {t.far: t for t in result.tar}

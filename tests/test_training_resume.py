@@ -132,7 +132,7 @@ def assert_same_training(straight: dict, other: dict) -> None:
     torch.testing.assert_close(other["model"]["sharded"]["head"]["weight"],
                                straight["model"]["sharded"]["head"]["weight"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(other["optimizer"]["state"]["head.weight"]["exp_avg"],
-                               straight["optimizer"]["state"]["head.weight"]["exp_avg"], rtol=1e-3, atol=1e-6)
+                               straight["optimizer"]["state"]["head.weight"]["exp_avg"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.multiproc

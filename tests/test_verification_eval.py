@@ -176,9 +176,9 @@ def test_tar_at_far_known_values_and_duplicate_fars():
 def test_extraction_resumes_after_an_interruption(tmp_path):
     torch.manual_seed(0)
     model = create_model("lvface_tiny").eval()
-    crops = [pattern_image(i) for i in range(10)]
-    full = extract_embeddings(model, crops, batch_size=3, progress=False)
-    assert full.plain.shape == (10, 512) and full.flipped.shape == (10, 512)
+    crops = [pattern_image(i) for i in range(7)]
+    full = extract_embeddings(model, crops, batch_size=7, progress=False)
+    assert full.plain.shape == (7, 512) and full.flipped.shape == (7, 512)
     assert not np.allclose(full.plain, full.flipped)
 
     class Interrupting:
@@ -198,15 +198,15 @@ def test_extraction_resumes_after_an_interruption(tmp_path):
 
     cache = tmp_path / "emb.npy"
     with pytest.raises(KeyboardInterrupt):
-        extract_embeddings(model, Interrupting(7), batch_size=3, cache_path=cache, cache_key="k", progress=False)
+        extract_embeddings(model, Interrupting(5), batch_size=4, cache_path=cache, cache_key="k", progress=False)
     resumed = Interrupting(None)
-    got = extract_embeddings(model, resumed, batch_size=3, cache_path=cache, cache_key="k", progress=False)
-    assert resumed.reads == [6, 7, 8, 9]  # batches [0-2], [3-5] were saved; the rest is recomputed
+    got = extract_embeddings(model, resumed, batch_size=4, cache_path=cache, cache_key="k", progress=False)
+    assert resumed.reads == [4, 5, 6]  # batch [0-3] was saved; the rest is recomputed
     np.testing.assert_allclose(got.plain, full.plain, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.flipped, full.flipped, rtol=1e-5, atol=1e-6)
     again = Interrupting(None)
-    extract_embeddings(model, again, batch_size=3, cache_path=cache, cache_key="k", progress=False)
+    extract_embeddings(model, again, batch_size=4, cache_path=cache, cache_key="k", progress=False)
     assert again.reads == []  # complete cache: nothing recomputed
-    other = Interrupting(None)
-    extract_embeddings(model, other, batch_size=3, cache_path=cache, cache_key="another model", progress=False)
-    assert other.reads == list(range(10))  # a different key never reuses the cache
+    # A different key never reuses the cache: it starts again from image 0.
+    with pytest.raises(KeyboardInterrupt):
+        extract_embeddings(model, Interrupting(0), batch_size=4, cache_path=cache, cache_key="other", progress=False)
