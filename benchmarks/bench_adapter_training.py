@@ -1,6 +1,6 @@
 """Stage-2 adapter training: LoRA on the LLM against full fine-tuning of the same tiny LLM.
 
-    python benchmarks/bench_adapter_training.py --quick    # hidden 256 x 4 layers, 12 timed steps each
+    python benchmarks/bench_adapter_training.py --quick    # hidden 192 x 4 layers, 8 timed steps each
     python benchmarks/bench_adapter_training.py            # hidden 512 x 8 layers, 30 timed steps each
 
 Both runs train the identity adapter's stage 2 on the same VQA batches (synthetic identities,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    hidden, layers, steps, batch = (256, 4, 12, 16) if args.quick else (512, 8, 30, 16)
+    hidden, layers, steps, batch = (192, 4, 8, 16) if args.quick else (512, 8, 30, 16)
     if args.child:
         print("RESULT" + json.dumps(child(args.child, Path(args.data), hidden, layers, steps, batch)), flush=True)
         return 0

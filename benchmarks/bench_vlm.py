@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repeats, new_tokens = (5, 16) if args.quick else (9, 64)
 
+    load_before = os.getloadavg()[0]
     lm, tokenizer, llm_name = load_llm()
     llava = llava_from_causal_lm(lm, tokenizer)
     rows_speed, rows_share = [], []
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/bench_vlm.py{' --quick' if args.quick else ''}`  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}  ",
         f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {sys.version.split()[0]}  ",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {sys.version.split()[0]}; "
+        f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end (other jobs share the CPUs)  ",
         f"LLM: {llm_name}, as the language model of a LLaVA with a random 2-layer CLIP tower (112 px, 49 tokens)  ",
         f"Encoders: LVFace-T / LVFace-B, random weights, fp32; projector mlp2x_gelu, K=1 token per face; "
         f"{repeats} timed repeats after one warm-up, medians.",

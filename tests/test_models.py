@@ -214,3 +214,19 @@ def test_prepare_for_inference() -> None:
     if not cpu_has_native_bf16():
         with pytest.warns(RuntimeWarning, match="slow fallback"):
             prepare_for_inference(create_model("lvface_tiny"), dtype="bf16")
+
+
+@pytest.mark.gpu
+def test_cuda_paths_follow_the_device_and_match_upstream_autocast() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = create_model("lvface_t").eval()
+    _randomise_batchnorm(model)
+    ref = reference_from(model).cuda()  # upstream: fp16 autocast around qkv/proj/MLP on CUDA
+    fast = prepare_for_inference(model, dtype="auto", device="cuda")
+    assert next(fast.parameters()).dtype in (torch.bfloat16, torch.float16)
+    x = torch.rand(8, 3, 112, 112, device="cuda") * 2 - 1
+    with torch.inference_mode():
+        ours, theirs = fast(x), ref(x)
+    assert ours.device == x.device
+    assert F.cosine_similarity(ours.float(), theirs.float()).min() > 0.995

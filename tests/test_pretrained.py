@@ -100,3 +100,26 @@ def test_offline_and_not_cached_says_what_to_fetch_and_where(tmp_path: Path) -> 
     with pytest.raises(WeightsNotAvailableError, match=r"LVFace-S_Glint360K\.onnx"):
         fetch_weights(weights, cache_dir=cache, onnx=True)
     assert not cache.exists() or not any(cache.rglob("*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lvface_t", "lvface_s", "lvface_b", "lvface_l"])
+def test_real_official_weights_agree_with_official_onnx_and_reference(name: str, monkeypatch) -> None:
+    """Needs the official files in the Hugging Face cache (`hf download bytedance-research/LVFace ...`)."""
+    import numpy as np
+
+    from lvface_mm.models import OnnxEncoder
+    from lvface_mm.models.reference import reference_from
+
+    weights = get_model_spec(name).weights
+    pt, onnx_file = cached_weights_path(weights), cached_weights_path(weights, onnx=True)
+    if pt is None or onnx_file is None:
+        pytest.skip(f"{weights.filename} and its .onnx are not cached")
+    model = create_model(name, pretrained=True).eval()
+    x = torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        ours = model(x)
+        ref = reference_from(model)(x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    official = OnnxEncoder(fetch_weights(weights, onnx=True))(x)
+    np.testing.assert_allclose(official, ours.numpy(), rtol=0, atol=1e-4 * max(1.0, float(ours.abs().max())))

@@ -345,3 +345,19 @@ def test_pack_cli(tmp_path, capsys):
     assert "identity folder not found" in capsys.readouterr().err
     assert main(["pack", str(src), str(tmp_path / "o3"), "--detector", "no-such-detector", "--quiet"]) == 2
     assert "unknown detector 'no-such-detector'" in capsys.readouterr().err
+
+
+def test_pack_cli_detects_and_aligns_real_photos(tmp_path, data_dir):
+    pytest.importorskip("dlib")
+    import shutil
+    from pathlib import Path
+
+    for name in ("obama", "biden"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        shutil.copy(Path(data_dir) / "portraits" / f"{name}.jpg", tmp_path / "photos" / name / "1.jpg")
+    assert main(["pack", str(tmp_path / "photos"), str(tmp_path / "out"), "--quiet", "--workers", "1"]) == 0
+    ds = RecordDataset(tmp_path / "out")
+    assert len(ds) == 2 and ds.num_classes == 2
+    crop, label = ds.read_image(1)
+    assert crop.shape == (112, 112, 3) and label == 1
+    assert crop.std() > 20  # a real face crop, not the black border of a failed warp

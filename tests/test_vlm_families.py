@@ -212,3 +212,23 @@ def test_count_mismatch_raises_clear_error(build: str) -> None:
     # A reference past the faces given is caught before the model runs.
     with pytest.raises(FaceCountError, match="refers to face 1"):
         vlm.prepare(prompts(vlm, build, ["<face_1> is here"]), images_for(vlm, build, 1), crops_list([1]))
+
+
+@pytest.mark.parametrize("build", TINY_BUILDS)
+def test_identity_tokens_have_the_norm_of_the_models_own_embeddings(build: str) -> None:
+    """Projector outputs match the mean norm of the embedding module's outputs, which for Gemma
+    (PaliGemma) in transformers 5.x already include the sqrt(hidden) scale."""
+    vlm = bridge(build)
+    placeholder = vlm.processor.placeholder_id
+    ids = torch.tensor([i for i in range(len(vlm.processor.tokenizer)) if i != placeholder])
+    module = vlm.model.get_input_embeddings()
+    with torch.no_grad():
+        expected = module(ids[None])[0].norm(dim=-1).mean()  # as the decoder sees them
+        rows = module.weight[ids].norm(dim=-1).mean()  # the raw table
+    norm = vlm.adapter.projector.output_norm
+    torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+    scale = 32**0.5 if build == "paligemma" else 1.0
+    torch.testing.assert_close(expected / rows, torch.tensor(scale), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        tokens = vlm.encode_faces(random_face_crops(3))  # (3, K, d)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.full((3, K), float(norm)), rtol=1e-5, atol=0)

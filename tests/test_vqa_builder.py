@@ -154,3 +154,41 @@ def test_synthetic_crops_and_composed_scenes(tmp_path):
         # the pasted crop is really there: its pixels differ from the flat blue background
         patch = np.asarray(scene.crop((int(x1), int(y1), int(x2), int(y2))), dtype=np.float32)
         assert np.abs(patch - np.array([40, 90, 160])).mean() > 20
+
+
+def test_build_vqa_command_from_a_folder_with_embeddings(tmp_path):
+    from lvface_mm.cli import main
+
+    synthetic_photos(tmp_path / "faces", num_identities=6, photos_per_identity=3, seed=1)  # faces/crops/<id>/<k>.png
+    out = tmp_path / "vqa"
+    argv = [
+        "build-vqa",
+        "--source",
+        "folder",
+        "--path",
+        str(tmp_path / "faces" / "crops"),
+        "--embed",
+        "lvface_tiny",
+        "--random-weights",
+        "--out",
+        str(out),
+        "--tasks",
+        "naming,counting",
+        "--train-per-task",
+        "5",
+        "--eval-per-task",
+        "3",
+        "--num-train-unknown",
+        "1",
+        "--num-eval-unknown",
+        "1",
+    ]
+    assert main(argv) == 0
+    manifest = load_manifest(out)
+    assert manifest["embeddings"]["rows"] == 18 and manifest["embeddings"]["dim"] == 512
+    samples = load_samples(out / "train.json")
+    assert {s.task for s in samples} == {"naming", "counting"}
+    check_files(samples, out, num_embeddings=18)
+    assert main(argv) == 1  # an existing dataset is never overwritten without --overwrite
+    assert main(["build-vqa", "--source", "clusters", "--num-identities", "3", "--out", str(tmp_path / "few")]) == 1
+    assert not (tmp_path / "few").exists()

@@ -323,7 +323,13 @@ def stage_done(output_dir: Path, stage: int) -> bool:
 def save_stage_adapter(vlm: Any, encoder_lora: nn.Module | None, directory: Path, info: dict[str, Any]) -> Path:
     """Adapter-only files: projector + config, PEFT LoRA beside them, encoder LoRA in a subfolder.
     `stage.json` goes last and marks the directory complete."""
-    vlm.save_pretrained(directory)
+    from peft import PeftModel
+
+    vlm.adapter.save_pretrained(directory)
+    if isinstance(vlm.model, PeftModel):
+        # The placeholder's embedding row is frozen and rebuilt identically whenever the adapter is
+        # attached, so the (possibly huge) resized embedding table is not copied into the adapter.
+        vlm.model.save_pretrained(str(directory), save_embedding_layers=False)
     if encoder_lora is not None:
         save_adapter(encoder_lora, directory / ENCODER_LORA_DIR)
     (directory / "stage.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -296,6 +296,18 @@ class FaissIVFIndex(VectorIndex):
     def __len__(self) -> int:
         return len(self._buffer) if self._index is None else int(self._index.ntotal)
 
+    @property
+    def trained(self) -> bool:
+        return self._index is not None
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Cells visited per query from now on: the recall/latency knob, no rebuild needed."""
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.config = IndexConfig(**{**self.config.__dict__, "nprobe": nprobe})
+        if self._index is not None:
+            self._index.nprobe = min(nprobe, self._index.nlist)
+
     def _nlist_for(self, n: int) -> int:
         if self.config.nlist is not None:
             return self.config.nlist

