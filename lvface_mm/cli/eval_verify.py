@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import hashlib
-
     from ..data.verification_bin import load_verification_bin
     from ..eval.extract import extract_embeddings
     from ..eval.plots import plot_roc
@@ -50,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     fars = tuple(args.far or (1e-3, 1e-4))
     sets = [load_verification_bin(p) for p in args.bin]
     names = _unique_names([s.name for s in sets])
-    digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for p in args.bin]
+    digests = [_sha256(p) for p in args.bin]
     for vb, name in zip(sets, names):
         print(f"{name}: {vb.num_pairs} pairs ({int(vb.issame.sum())} genuine), {len(vb)} images, "
               f"{vb.encoded_bytes / 1e6:.1f} MB encoded")
@@ -99,3 +97,13 @@ def _unique_names(names: list[str]) -> list[str]:
     for i, name in enumerate(names):
         out.append(name if names.count(name) == 1 else f"{name}-{i + 1}")
     return out
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]

@@ -45,10 +45,12 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.source}: refusing to load: the pickle uses persistent ids")
 
 
-def safe_load_pickle(data: bytes, source: str = "<bytes>") -> object:
-    """Unpickle `data` allowing only built-in containers and scalars; never imports anything."""
+def safe_load_pickle(data: bytes | io.BufferedIOBase, source: str = "<bytes>") -> object:
+    """Unpickle `data` (bytes or a binary file) allowing only built-in containers and scalars;
+    never imports anything."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
-        return _NoGlobalsUnpickler(io.BytesIO(data), source).load()
+        return _NoGlobalsUnpickler(stream, source).load()
     except UnsafePickleError:
         raise
     except Exception as exc:  # a truncated or non-pickle file: say so instead of an opcode traceback
@@ -107,7 +109,8 @@ def load_verification_bin(path: str | Path, image_size: int = 112) -> Verificati
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"verification .bin not found: {path}")
-    obj = safe_load_pickle(path.read_bytes(), str(path))
+    with open(path, "rb") as f:  # unpickle from the stream: the file's bytes are never held twice
+        obj = safe_load_pickle(f, str(path))
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise ValueError(f"{path}: expected a pickled (images, issame_list) pair, got {_describe(obj)}")
     images, issame = obj

@@ -49,13 +49,15 @@ def image_features(
         detector_scores: (N,) multipliers, or None for no detector weighting.
         normalize_images: L2-normalise each image feature before weighting (InsightFace "N" mode).
     """
-    feats = np.asarray(embeddings, dtype=np.float64)
+    # float32 like the embeddings: IJB-C has ~470k images, so a float64 copy would cost 2 GB; the
+    # pooling sums accumulate in float64.
+    feats = np.array(embeddings, dtype=np.float32)  # (N, D), a copy the steps below modify in place
     if flipped is not None:
-        feats = feats + np.asarray(flipped, dtype=np.float64)
+        feats += np.asarray(flipped, dtype=np.float32)
     if normalize_images:
         feats = l2_normalize(feats)
     if detector_scores is not None:
-        feats = feats * np.asarray(detector_scores, dtype=np.float64)[:, None]
+        feats *= np.asarray(detector_scores, dtype=np.float32)[:, None]
     return feats
 
 
@@ -64,7 +66,7 @@ def _group_sum(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.n
     order = np.argsort(groups, kind="stable")
     sorted_groups = groups[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
-    sums = np.add.reduceat(values[order], starts, axis=0)
+    sums = np.add.reduceat(values[order], starts, axis=0, dtype=np.float64)
     counts = np.diff(np.r_[starts, len(groups)])
     return sorted_groups[starts], sums, counts
 
