@@ -188,6 +188,8 @@ def test_bad_names_configs_and_inputs_give_clear_errors() -> None:
         model(torch.zeros(1, 3, 100, 100))
     with pytest.raises(ValueError, match=r"got \(1, 1, 112, 112\)"):
         model(torch.zeros(1, 1, 112, 112))
+    with pytest.raises(TypeError, match="float crops scaled to \\[-1, 1\\], got torch.uint8"):
+        model(torch.zeros(1, 3, 112, 112, dtype=torch.uint8))
 
 
 def test_timm_create_model() -> None:

@@ -30,6 +30,15 @@ SMALL = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tensors_differ(a: object, b: object, path: str = "") -> list[str]:
     """Paths where two nested checkpoints differ (tensors compared exactly)."""
     if isinstance(a, torch.Tensor):
@@ -118,21 +127,33 @@ def _two_process_runs(rank: int, port: int, root: str) -> None:
 
 
 def assert_same_training(straight: dict, other: dict) -> None:
-    """Parameters, centres and centre moments of two runs agree up to summation order.
+    """Parameters, class centres and AdamW moments of two runs agree up to summation order.
 
-    Running BatchNorm statistics are per rank and excluded. So are the two biases that a following
-    BatchNorm cancels (the final LayerNorm's and the first head BatchNorm's): their true gradient is
-    0, so AdamW turns rounding noise of either run into lr-sized steps that change no output.
+    Two runs that differ only in reduction order drift apart a little: AdamW divides by the root of
+    the second moment, so an element whose true gradient is ~0 turns rounding noise into steps of up
+    to lr (2e-3 here), and ReLU6 units near their clip points switch on or off. Measured drift after
+    12 steps: parameters <= 5e-5, first moments <= 2% of their range. A real fault is far larger:
+    other data or a wrong gradient scale changes the moments by tens of percent and most parameters
+    by about lr x steps. Running BatchNorm statistics are per rank and excluded, and so are the two
+    biases a following BatchNorm cancels (the final LayerNorm's and the first head BatchNorm's):
+    their true gradient is exactly 0 and they change no output.
     """
     cancelled = {"encoder.norm.bias", "encoder.feature.1.bias"}
+    close, total = 0, 0
     for name, value in straight["model"]["replicated"].items():
-        compared = "running_" not in name and "num_batches" not in name and name not in cancelled
-        if isinstance(value, torch.Tensor) and compared:
-            torch.testing.assert_close(other["model"]["replicated"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and "running_" not in name \
+                and name not in cancelled:
+            diff = (other["model"]["replicated"][name] - value).abs()
+            assert diff.max() < 2e-4, (name, float(diff.max()))
+            close, total = close + int((diff < 1e-5).sum()), total + diff.numel()
+    assert close / total > 0.99
+    for name, moments in straight["optimizer"]["state"].items():
+        if name not in cancelled:
+            ref = moments["exp_avg"]
+            torch.testing.assert_close(other["optimizer"]["state"][name]["exp_avg"], ref, rtol=0,
+                                       atol=0.05 * float(ref.abs().max()), msg=name)
     torch.testing.assert_close(other["model"]["sharded"]["head"]["weight"],
                                straight["model"]["sharded"]["head"]["weight"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(other["optimizer"]["state"]["head.weight"]["exp_avg"],
-                               straight["optimizer"]["state"]["head.weight"]["exp_avg"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.multiproc

@@ -62,46 +62,58 @@ def image_features(
 
 
 def _group_sum(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum rows of `values` per group id -> (unique ids sorted, (G, D) sums, (G,) counts)."""
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
-    sums = np.add.reduceat(values[order], starts, axis=0, dtype=np.float64)
-    counts = np.diff(np.r_[starts, len(groups)])
-    return sorted_groups[starts], sums, counts
+    """Sum rows of `values` per group id -> (unique ids sorted, (G, D) float32 sums, (G,) counts).
+
+    torch's `index_add_` does the scatter: several times faster than `np.add.reduceat` along axis 0
+    and without a sorted copy of the (N, D) input.
+    """
+    import torch
+
+    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(ids), values.shape[1], dtype=torch.float32)
+    sums.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64)), torch.from_numpy(values))
+    return ids, sums.numpy(), counts
 
 
 def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pool image features into L2-normalised template features.
 
     Images of the same (template, media) are averaged into one media feature, the media features
-    of a template are summed, and the sum is L2-normalised.
+    of a template are summed, and the sum is L2-normalised. Sums run in float32 and the
+    normalisation in float64, as in the reference.
 
     Returns:
         (T,) sorted template ids and (T, D) float64 features.
     """
     templates = np.asarray(templates, dtype=np.int64)
     medias = np.asarray(medias, dtype=np.int64)
-    # One id per (template, media) pair; unique() sorts rows, so template order is preserved.
-    pairs, media_of = np.unique(np.stack([templates, medias], axis=1), axis=0, return_inverse=True)
-    _, media_sums, media_counts = _group_sum(features, media_of.reshape(-1))
-    media_means = media_sums / media_counts[:, None]  # (M, D)
-    template_ids, template_sums, _ = _group_sum(media_means, pairs[:, 0])
-    return template_ids, l2_normalize(template_sums)
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    # One int64 key per (template, media): template-major, so media groups sort within templates.
+    media_ids, media_of = np.unique(medias, return_inverse=True)
+    keys = templates * len(media_ids) + media_of.reshape(-1)
+    media_keys, media_sums, media_counts = _group_sum(features, keys)
+    media_means = media_sums / media_counts[:, None].astype(np.float32)  # (M, D)
+    template_ids, template_sums, _ = _group_sum(media_means, media_keys // len(media_ids))
+    return template_ids, l2_normalize(template_sums.astype(np.float64))
 
 
-def pair_scores(
-    template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray, batch: int = 100_000
-) -> np.ndarray:
-    """Cosine score of each (template 1, template 2) pair, `batch` pairs at a time."""
+def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Cosine score of each (template 1, template 2) pair.
+
+    Pairs are grouped by their first template, so each group is one matrix-vector product over
+    the partners' features (IJB-C: ~23k groups for 15.6M pairs) instead of two row gathers per
+    pair — several times faster and bounded in memory.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64)
     rows = np.searchsorted(template_ids, pairs)  # (P, 2) rows into template_feats
     if (rows >= len(template_ids)).any() or (template_ids[np.minimum(rows, len(template_ids) - 1)] != pairs).any():
         raise ValueError("a pair names a template without features")
+    order = np.argsort(rows[:, 0], kind="stable")
+    grouped = rows[order]
+    bounds = np.r_[0, np.flatnonzero(np.diff(grouped[:, 0])) + 1, len(grouped)]
     scores = np.empty(len(pairs), dtype=np.float64)
-    for lo in range(0, len(pairs), batch):
-        a = template_feats[rows[lo : lo + batch, 0]]
-        b = template_feats[rows[lo : lo + batch, 1]]
-        scores[lo : lo + batch] = np.einsum("ij,ij->i", a, b)
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        scores[order[lo:hi]] = template_feats[grouped[lo:hi, 1]] @ template_feats[grouped[lo, 0]]  # (n,)
     return scores
 
 

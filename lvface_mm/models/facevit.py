@@ -253,7 +253,12 @@ class FaceViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) -> (B, num_patches, embed_dim) tokens after the final LayerNorm."""
-        if x.is_floating_point() and x.dtype != self.pos_embed.dtype and not torch.is_autocast_enabled(x.device.type):
+        if not x.is_floating_point():
+            raise TypeError(
+                f"FaceViT expects float crops scaled to [-1, 1], got {x.dtype} "
+                "(lvface_mm.faces.to_model_input converts uint8 RGB crops)"
+            )
+        if x.dtype != self.pos_embed.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.pos_embed.dtype)  # fp32 crops into a bf16/fp16 model
         x = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         masking = self.training and self.config.mask_ratio > 0
