@@ -1,10 +1,31 @@
 """lvface-mm: LVFace face encoders as identity encoders for vision-language models.
 
-Heavy optional parts (VLM bridge, gallery, training losses) are imported from their subpackages:
-`lvface_mm.vlm`, `lvface_mm.gallery`, `lvface_mm.losses`, `lvface_mm.data`, `lvface_mm.eval`.
+The top level is lazy (PEP 562): `import lvface_mm.losses` does not pull in timm, torchvision or
+transformers. Subpackages: `lvface_mm.models`, `.faces`, `.data`, `.eval`, `.losses`, `.gallery`,
+`.vlm`, `.vqa`, `.tasks`. Importing `lvface_mm.models` (or touching `lvface_mm.create_model`)
+also registers every variant with timm, so `timm.create_model("lvface_b")` works afterwards.
 """
 
-from .models import FaceViT, FaceViTConfig, create_model, list_models
+from __future__ import annotations
+
+import importlib
+
 from .version import __version__
 
-__all__ = ["FaceViT", "FaceViTConfig", "__version__", "create_model", "list_models"]
+_LAZY = {
+    "FaceViT": "lvface_mm.models",
+    "FaceViTConfig": "lvface_mm.models",
+    "create_model": "lvface_mm.models",
+    "list_models": "lvface_mm.models",
+    "FaceEmbedder": "lvface_mm.faces",
+}
+
+__all__ = ["FaceEmbedder", "FaceViT", "FaceViTConfig", "__version__", "create_model", "list_models"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lvface_mm' has no attribute {name!r}")

@@ -16,7 +16,6 @@ from training.encoder import main
 TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
@@ -24,6 +23,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 def tiny_encoder() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -18,7 +18,6 @@ TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encod
 QUIET = ["--loop.progress_bar=false", "--loop.tensorboard=false"]
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
@@ -26,6 +25,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 def test_synthetic_identities_are_deterministic_and_split() -> None:
     config = SyntheticFacesConfig(num_identities=6, images_per_identity=3, heldout_identities=4, num_pairs=200)

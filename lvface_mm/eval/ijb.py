@@ -71,7 +71,8 @@ def _group_sum(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.n
 
     ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
     sums = torch.zeros(len(ids), values.shape[1], dtype=torch.float32)
-    sums.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64)), torch.from_numpy(values))
+    source = torch.from_numpy(values if values.flags.writeable else values.copy())  # torch wants writable memory
+    sums.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64)), source)
     return ids, sums.numpy(), counts
 
 

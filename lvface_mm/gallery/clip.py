@@ -11,6 +11,7 @@ builds a small random CLIP for tests and ``--tiny`` demos (the BPE vocabulary sh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,30 +48,53 @@ class ClipConfig:
 
 
 def _fetch_hint(model_name: str, tag: str) -> str:
-    """Which files to fetch for an open_clip pretrained tag, in words a user can act on."""
-    try:
-        from open_clip.pretrained import get_pretrained_cfg
+    """Which file to fetch for an open_clip pretrained tag, in words a user can act on."""
+    from open_clip.pretrained import get_pretrained_cfg
 
-        cfg = get_pretrained_cfg(model_name, tag)
-    except Exception:  # noqa: BLE001 - best effort: the hint must not hide the real error
-        cfg = {}
-    hub = (cfg or {}).get("hf_hub", "").rstrip("/")
-    if hub:
-        return (f"fetch it on a machine with internet: `huggingface-cli download {hub} open_clip_model.safetensors` "
-                f"(older repos: open_clip_pytorch_model.bin) and copy the Hugging Face cache (HF_HOME) here, or pass "
-                f"the downloaded file as the pretrained value")
-    url = (cfg or {}).get("url", "")
-    if url:
-        return f"download {url} and pass the file as the pretrained value"
+    cfg = get_pretrained_cfg(model_name, tag) or {}
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))
+    if repo:
+        # open_clip looks for the safetensors twin of the file first, then the file itself; either works.
+        filename = filename or "open_clip_pytorch_model.bin"
+        safe = filename.rsplit(".", 1)[0].replace("pytorch_model", "model") + ".safetensors"
+        return (f"On a machine with internet run `hf download {repo} {safe}` (or `{filename}`), then copy the "
+                f"Hugging Face cache (HF_HOME) here, or pass the downloaded file as the pretrained value "
+                f"(--clip-pretrained /path/to/{safe})")
+    if cfg.get("url"):
+        return f"Download {cfg['url']} and pass the file as the pretrained value (--clip-pretrained /path/to/file)"
     return f"open_clip knows no weights {model_name}/{tag}; pass a local checkpoint file as the pretrained value"
+
+
+def _resolve_weights(config: ClipConfig, cache_dir: str | None) -> str | None:
+    """A local file for ``config.pretrained`` (a file path, or a tag fetched from the Hub cache), found
+    before the model is built so a missing file is reported in seconds, not after a full init."""
+    if config.pretrained is None:
+        return None
+    if os.path.isfile(config.pretrained):
+        return config.pretrained
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(config.model_name, config.pretrained)
+    if not cfg:
+        tags = list_pretrained_tags_by_model(config.model_name)
+        raise FileNotFoundError(f"CLIP weights {config.pretrained!r}: neither a file nor a known tag of "
+                                f"{config.model_name} (known tags: {', '.join(tags) or 'none'})")
+    try:
+        return download_pretrained(cfg, cache_dir=cache_dir)
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        raise WeightsNotAvailableError(
+            f"CLIP weights {config.model_name} / {config.pretrained} are not in the local cache and cannot be "
+            f"downloaded here. {_fetch_hint(config.model_name, config.pretrained)}") from exc
 
 
 class ClipEncoder:
     """L2-normalised CLIP image and text embeddings on CPU or the module's device."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, image_size: int, key: str,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, mean: tuple[float, ...] = _MEAN, std: tuple[float, ...] = _STD) -> None:
         self.model = model.eval()
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.key = key
@@ -79,21 +103,18 @@ class ClipEncoder:
     @classmethod
     def from_pretrained(cls, config: ClipConfig | None = None, *, device: str | torch.device = "cpu",
                         cache_dir: str | None = None) -> ClipEncoder:
+        """Build from the Hugging Face cache or a local file; raises ``WeightsNotAvailableError`` with
+        the file to fetch when offline and not cached. ``pretrained=None`` gives random weights."""
         import open_clip
 
         config = config or ClipConfig()
-        try:
-            model = open_clip.create_model(config.model_name, pretrained=config.pretrained, device=device,
-                                           cache_dir=cache_dir, require_pretrained=config.pretrained is not None)
-        except RuntimeError as exc:
-            if config.pretrained and "download" in str(exc).lower():
-                raise WeightsNotAvailableError(
-                    f"CLIP weights {config.model_name} / {config.pretrained} are not in the local cache and cannot "
-                    f"be downloaded here. {_fetch_hint(config.model_name, config.pretrained)}") from exc
-            raise
+        weights = _resolve_weights(config, cache_dir)
+        model = open_clip.create_model(config.model_name, pretrained=weights, device=device)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else int(size)
-        return cls(model, open_clip.get_tokenizer(config.model_name), size, config.key, config.batch_size)
+        pp = getattr(model.visual, "preprocess_cfg", None) or {}
+        return cls(model, open_clip.get_tokenizer(config.model_name), size, config.key, config.batch_size,
+                   mean=tuple(pp.get("mean", _MEAN)), std=tuple(pp.get("std", _STD)))
 
     @classmethod
     def tiny(cls, seed: int = 0, embed_dim: int = 64) -> ClipEncoder:
@@ -114,8 +135,10 @@ class ClipEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else \
-            int(self.encode_text(["x"]).shape[1])
+        """Embedding width (found by encoding one word, so any open_clip tower layout works)."""
+        if not hasattr(self, "_dim"):
+            self._dim = int(self.encode_text(["photo"]).shape[1])
+        return self._dim
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, S, S): shorter side to S (bicubic), centre crop, CLIP normalisation."""
@@ -130,7 +153,7 @@ class ClipEncoder:
         top = (im.size[1] - self.image_size) // 2
         im = im.crop((left, top, left + self.image_size, top + self.image_size))
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(_MEAN)[:, None, None]) / torch.tensor(_STD)[:, None, None]
+        return (x - self.mean) / self.std
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:

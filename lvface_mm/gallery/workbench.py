@@ -201,8 +201,11 @@ class Workbench:
         lines = [f"face encoder {self.config.face_model_name}: "
                  + ("loaded" if self._embedder else self._errors.get("face encoder", "loads on first use"))]
         lines.append("CLIP: " + ("loaded" if self._clip else self._errors.get("CLIP", "loads on first use")))
-        vlm = TINY_VLM + " (tiny, random)" if self.config.tiny else (self.config.vlm or "none")
-        lines.append(f"VLM {vlm}: " + ("loaded" if self._vlm else self._errors.get("VLM", "loads on first use")))
+        if self.config.vlm is None and not self.config.tiny:
+            lines.append("VLM: disabled (--vlm none)")
+        else:
+            vlm = TINY_VLM + " (tiny, random)" if self.config.tiny else self.config.vlm
+            lines.append(f"VLM {vlm}: " + ("loaded" if self._vlm else self._errors.get("VLM", "loads on first use")))
         lines.append(f"gallery: {len(self.gallery)} people, threshold {self.gallery.threshold:.2f}")
         return lines
 

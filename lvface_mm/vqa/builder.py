@@ -478,25 +478,7 @@ def build_vqa(
         _write_atomic(out / "embeddings.safetensors", save({"embeddings": table}))
     _write_atomic(out / "train.json", dump_samples(train).encode("utf-8"))
     _write_atomic(out / "eval.json", dump_samples(evaluation).encode("utf-8"))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "config": _jsonable(asdict(config)),
-        "enrolled": split.enrolled,
-        "train_unknown": split.train_unknown,
-        "eval_unknown": split.eval_unknown,
-        "distractor_names": split.distractor_names,
-        "vocabulary": sorted(set(split.enrolled.values()) | set(split.distractor_names)),
-        "num_train_photos": sum(len(v) for v in split.train_photos.values()),
-        "num_eval_photos": sum(len(v) for v in split.eval_photos.values()),
-        "num_samples": {"train": len(train), "eval": len(evaluation)},
-        "tasks": {
-            which: {t: sum(s.task == t for s in ss) for t in config.tasks}
-            for which, ss in (("train", train), ("eval", evaluation))
-        },
-        "embeddings": {"file": "embeddings.safetensors", "rows": len(with_emb), "dim": int(table.shape[1])}
-        if with_emb
-        else None,
-    }
+    manifest = _manifest(config, split, train, evaluation, table.shape if with_emb else None)
     # The manifest goes last: its presence marks a complete dataset.
     _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return manifest
@@ -539,6 +521,28 @@ def _cover(im, width: int, height: int):
     im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))))
     left, top = (im.width - width) // 2, (im.height - height) // 2
     return im.crop((left, top, left + width, top + height))
+
+
+def _manifest(
+    config: VQABuildConfig, split: Split, train: list[Sample], evaluation: list[Sample], table: tuple | None
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": _jsonable(asdict(config)),
+        "enrolled": split.enrolled,
+        "train_unknown": split.train_unknown,
+        "eval_unknown": split.eval_unknown,
+        "distractor_names": split.distractor_names,
+        "vocabulary": sorted(set(split.enrolled.values()) | set(split.distractor_names)),
+        "num_train_photos": sum(len(v) for v in split.train_photos.values()),
+        "num_eval_photos": sum(len(v) for v in split.eval_photos.values()),
+        "num_samples": {"train": len(train), "eval": len(evaluation)},
+        "tasks": {
+            which: {t: sum(s.task == t for s in ss) for t in config.tasks}
+            for which, ss in (("train", train), ("eval", evaluation))
+        },
+        "embeddings": None if table is None else {"file": "embeddings.safetensors", "rows": table[0], "dim": table[1]},
+    }
 
 
 def _relative_crop(p: FacePhoto, out: Path) -> FacePhoto:

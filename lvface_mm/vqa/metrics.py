@@ -126,6 +126,67 @@ class _Ratio:
         return self.hit / self.total if self.total else None
 
 
+class _Tally:
+    """Running counts for every metric; `add` scores one answer."""
+
+    def __init__(self, matcher: NameMatcher) -> None:
+        self.matcher = matcher
+        self.rec_pos, self.rec_neg, self.naming, self.abstain = _Ratio(), _Ratio(), _Ratio(), _Ratio()
+        self.counting, self.text_qa, self.halluc = _Ratio(), _Ratio(), _Ratio()
+        self.tp = self.n_pred = self.n_true = 0
+        self.counts: dict[str, int] = {}
+
+    def add(self, s: Sample, pred: str) -> None:
+        self.counts[s.task] = self.counts.get(s.task, 0) + 1
+        said = self.matcher.find(pred)
+        named_absent = float(bool(said - set(s.names_present())))
+        if s.task == "recognition":
+            yes = parse_yes_no(pred)
+            if s.target["answer"] == "yes":
+                self.rec_pos.add(float(yes is True))
+            else:
+                self.rec_neg.add(float(yes is False))
+        elif s.task == "naming":
+            self.naming.add(float(said == set(s.target["names"])))
+            self.halluc.add(named_absent)
+        elif s.task == "unknown":
+            self.abstain.add(float(is_abstention(pred) and not said))
+            self.halluc.add(named_absent)
+        elif s.task == "caption":
+            expected = set(s.target["names"])
+            self.tp += len(said & expected)
+            self.n_pred += len(said)
+            self.n_true += len(expected)
+            self.halluc.add(named_absent)
+        elif s.task == "counting":
+            self.counting.add(float(parse_count(pred) == s.target["count"]))
+        elif s.task == "text_qa":
+            self.text_qa.add(float(contains_answer(pred, s.target["answer"])))
+
+    def result(self) -> dict[str, float | int | None]:
+        precision = self.tp / self.n_pred if self.n_pred else None
+        recall = self.tp / self.n_true if self.n_true else None
+        f1 = None
+        if precision is not None and recall is not None:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        pos, neg = self.rec_pos.value, self.rec_neg.value
+        out: dict[str, float | int | None] = {
+            "recognition_pos_acc": pos,
+            "recognition_neg_acc": neg,
+            "recognition_weighted_acc": None if pos is None or neg is None else (pos + neg) / 2,
+            "naming_acc": self.naming.value,
+            "caption_precision": precision,
+            "caption_recall": recall,
+            "caption_f1": f1,
+            "hallucinated_name_rate": self.halluc.value,
+            "unknown_abstention": self.abstain.value,
+            "counting_acc": self.counting.value,
+            "text_qa_acc": self.text_qa.value,
+        }
+        out.update({f"n_{task}": n for task, n in sorted(self.counts.items())})
+        return out
+
+
 def score_predictions(
     samples: Sequence[Sample],
     predictions: Mapping[str, str],
@@ -152,64 +213,10 @@ def score_predictions(
         vocab.update(n for n in s.target.get("names", ()) if isinstance(n, str))
         if isinstance(s.target.get("query"), str):
             vocab.add(s.target["query"])
-    matcher = NameMatcher(vocab)
-
-    rec_pos, rec_neg, naming, abstain, counting, text_qa = (_Ratio() for _ in range(6))
-    halluc = _Ratio()
-    tp = n_pred = n_true = 0
-    counts: dict[str, int] = {}
+    tally = _Tally(NameMatcher(vocab))
     for s in samples:
-        counts[s.task] = counts.get(s.task, 0) + 1
-        pred = predictions[s.id]
-        said = matcher.find(pred)
-        present = set(s.names_present())
-        if s.task == "recognition":
-            yes = parse_yes_no(pred)
-            if s.target["answer"] == "yes":
-                rec_pos.add(float(yes is True))
-            else:
-                rec_neg.add(float(yes is False))
-        elif s.task == "naming":
-            expected = set(s.target["names"])
-            naming.add(float(said == expected))
-            halluc.add(float(bool(said - present)))
-        elif s.task == "unknown":
-            abstain.add(float(is_abstention(pred) and not said))
-            halluc.add(float(bool(said - present)))
-        elif s.task == "caption":
-            expected = set(s.target["names"])
-            tp += len(said & expected)
-            n_pred += len(said)
-            n_true += len(expected)
-            halluc.add(float(bool(said - present)))
-        elif s.task == "counting":
-            counting.add(float(parse_count(pred) == s.target["count"]))
-        elif s.task == "text_qa":
-            text_qa.add(float(contains_answer(pred, s.target["answer"])))
-
-    precision = tp / n_pred if n_pred else None
-    recall = tp / n_true if n_true else None
-    if precision is None or recall is None:
-        f1 = None
-    else:
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    pos, neg = rec_pos.value, rec_neg.value
-    out: dict[str, float | int | None] = {
-        "recognition_pos_acc": pos,
-        "recognition_neg_acc": neg,
-        "recognition_weighted_acc": None if pos is None or neg is None else (pos + neg) / 2,
-        "naming_acc": naming.value,
-        "caption_precision": precision,
-        "caption_recall": recall,
-        "caption_f1": f1,
-        "hallucinated_name_rate": halluc.value,
-        "unknown_abstention": abstain.value,
-        "counting_acc": counting.value,
-        "text_qa_acc": text_qa.value,
-    }
-    for task, n in sorted(counts.items()):
-        out[f"n_{task}"] = n
-    return out
+        tally.add(s, predictions[s.id])
+    return tally.result()
 
 
 # Which metrics go in the summary table, in order, with their direction (higher is better?).

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Rebuild benchmarks/RESULTS.md from the per-area sections in benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")"
+{
+  echo "# Benchmark results"
+  echo
+  echo "Each section below is written by its benchmark script (\`python benchmarks/<script>.py --quick\`)"
+  echo "and states its command, date and machine. All numbers so far come from the project's 2-core"
+  echo "AMD EPYC CPU machine (no GPU was lent to these tasks). Several sections were measured while"
+  echo "other jobs loaded the machine (load average 10-19 on 2 cores): their ratios, measured"
+  echo "side by side in one run, are the meaningful numbers; absolute throughputs are pessimistic."
+  echo
+  for area in encoder faces datasets_and_eval losses training vlm_bridge adapter_training gallery_and_demo; do
+    f="results/$area.md"
+    [ -f "$f" ] || continue
+    echo
+    sed 's/^# /## /; s/^## \(.*\)/### \1/' "$f" | sed '1s/^### /## /'
+  done
+} > RESULTS.md
