@@ -48,7 +48,8 @@ class DemoState:
                 return old
             # Embeddings of different encoders do not compare: each variant gets its own gallery file.
             db = self.base_db if face_model == self._first_model else self.base_db.with_suffix(f".{face_model}.db")
-            self.workbench = Workbench(replace(cfg, face_model=face_model, vlm=vlm or None, db=str(db)))
+            chosen = None if not vlm or vlm.strip().lower() == "none" else vlm.strip()
+            self.workbench = Workbench(replace(cfg, face_model=face_model, vlm=chosen, db=str(db)))
             old.close()
             return self.workbench
 

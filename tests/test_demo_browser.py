@@ -8,9 +8,9 @@ $LVFACE_MM_DEMO_SCREENSHOT when set, which is how docs/img/demo.png is made).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -86,8 +86,20 @@ def demo_url(tmp_path: Path):
         demo.workbench_state.workbench.close()
 
 
+def refused(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return False
+    except urllib.error.HTTPError as exc:
+        return exc.code in (403, 404)
+
+
 def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
+    # the server hands out only its own upload cache: not the database, not arbitrary files
+    for path in (tmp_path / "demo.db", Path("/etc/passwd"), photos["grace"]):
+        assert refused(f"{demo_url}gradio_api/file={path}"), path
 
     long = 120_000  # ms; a loaded 2-core CI machine runs detection and the tiny VLM slowly
     with sync_playwright() as p:
@@ -144,5 +156,6 @@ def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 20  # content, not a uniform colour
     target = os.environ.get("LVFACE_MM_DEMO_SCREENSHOT")
-    if target:
-        shutil.copyfile(tmp_path / "demo_caption.png", target)
+    if target:  # a 256-colour PNG keeps the guide's image small (a UI screenshot has few colours)
+        with Image.open(tmp_path / "demo_caption.png") as im:
+            im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)

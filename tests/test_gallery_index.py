@@ -97,3 +97,18 @@ def test_gallery_answers_the_same_with_every_backend(tmp_path):
     assert answers["exact"] == answers["flat"] == answers["hnsw"]
     assert [a[0] for a in answers["exact"][:10]] == [f"p{i}" for i in range(10)]
     assert all(a[0] is None for a in answers["exact"][10:])
+
+
+def test_ivf_nprobe_trades_recall_for_work():
+    rng = np.random.default_rng(5)
+    base, queries = unit(rng, 4000), unit(rng, 200)
+    index = create_index(64, IndexConfig(kind="ivf", nlist=32, nprobe=1))
+    index.add(np.arange(4000), base)
+    assert index.trained
+    truth = np.argmax(queries @ base.T, axis=1)
+    recall = {}
+    for nprobe in (1, 32):
+        index.set_nprobe(nprobe)
+        recall[nprobe] = float((index.search(queries, 1)[1][:, 0] == truth).mean())
+    assert recall[32] == 1.0 and recall[1] < 0.9  # all cells visited = exact; one cell misses many
+    assert IndexConfig().kind == "auto" and IndexConfig().auto_kind == "flat"  # the default never loses recall

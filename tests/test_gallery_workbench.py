@@ -110,3 +110,16 @@ def test_demo_is_queued_and_serves_no_extra_paths(tmp_path):
     assert load_app().build_demo is build_demo
     args = build_parser().parse_args(["demo", "--tiny", "--db", str(tmp_path / "x.db")])
     assert (args.host, args.port, args.max_file_size) == ("127.0.0.1", 7860, "20mb")
+
+
+def test_switching_models_gives_each_encoder_its_own_gallery(tmp_path):
+    pytest.importorskip("gradio")
+    from demos.app import DemoState
+
+    state = DemoState(WorkbenchConfig(db=str(tmp_path / "demo.db"), face_model="lvface_b"))
+    state.workbench.gallery.enrol("Ann", np.ones(512))
+    wb = state.switch("lvface_t", "none")
+    assert wb.config.db == str(tmp_path / "demo.lvface_t.db") and wb.config.vlm is None
+    assert len(wb.gallery) == 0 and wb.gallery.model_name == "lvface_t"
+    back = state.switch("lvface_b", "HuggingFaceTB/SmolVLM-256M-Instruct")
+    assert [p.name for p in back.gallery.list_identities()] == ["Ann"]  # B's gallery is untouched

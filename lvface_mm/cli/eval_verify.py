@@ -46,6 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..eval.verification import evaluate_verification
 
     fars = tuple(args.far or (1e-3, 1e-4))
+    if not all(0 < f <= 1 for f in fars) or args.folds < 2:
+        raise ValueError(f"--far values must be in (0, 1] and --folds at least 2, got {list(fars)} and {args.folds}")
     sets = [load_verification_bin(p) for p in args.bin]
     names = _unique_names([s.name for s in sets])
     digests = [_sha256(p) for p in args.bin]

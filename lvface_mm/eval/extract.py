@@ -28,7 +28,7 @@ class Embeddings:
     """Raw (un-normalised) embeddings of N images.
 
     Attributes:
-        plain: (N, D) float32 embeddings of the images.
+        plain: (N, D) float32 embeddings of the images (possibly a strided view).
         flipped: (N, D) float32 embeddings of the horizontally flipped images, or None.
     """
 
@@ -125,8 +125,9 @@ def extract_embeddings(
             bar.close()
     finally:
         model.train(was_training)
-    result = np.asarray(out)
-    return Embeddings(result[:, 0].copy(), result[:, 1].copy() if flip else None)
+    if store is not None:  # read the cache into memory: a later run may rewrite the file under a view
+        out = np.array(out)
+    return Embeddings(out[:, 0], out[:, 1] if flip else None)  # views: no second copy of the embeddings
 
 
 class _CacheStore:

@@ -9,7 +9,10 @@ One small interface, several backends chosen by name from a registry:
   arrived and serves exact results until then.
 - ``hnsw``: FAISS ``IndexHNSWFlat``, approximate, no training; deletes are tombstoned and the
   graph rebuilt once too many accumulate, because HNSW cannot remove nodes.
-- ``auto``: ``exact`` while small, rebuilt into ``auto_kind`` once past ``exact_below`` vectors.
+- ``auto`` (the default): ``exact`` while small, rebuilt into ``auto_kind`` once past ``exact_below``
+  vectors. ``auto_kind`` defaults to ``flat``, so the default never trades recall for speed: on
+  the benchmark's uniform-sphere galleries HNSW (M 32, efSearch 128) found the exact top-1 for
+  92.5% of queries at 100k and IVF less; choose them explicitly when that trade is wanted.
 
 Every backend keys vectors by caller-chosen int64 ids (gallery identity ids, face row ids), so
 adding an id that is already present replaces its vector.
@@ -52,7 +55,7 @@ class IndexConfig:
 
     kind: str = "auto"
     exact_below: int = 50_000
-    auto_kind: str = "hnsw"
+    auto_kind: str = "flat"
     nlist: int | None = None
     nprobe: int = 16
     hnsw_m: int = 32
