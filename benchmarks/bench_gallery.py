@@ -251,7 +251,16 @@ def report(args: argparse.Namespace, search: list[dict], writes: dict, indexing:
                      f"{100 * r['detect_share']:.0f}% |")
     lines += ["", "Photos: the four committed portraits (282-512 x 640 px) and mirrored / slightly rotated copies "
               "(distinct bytes, so the content-hash check indexes each). One warm-up pass, then the median of the "
-              "timed passes."]
+              "timed passes. Photos per CPU-second counts every thread's CPU time, so it does not depend on "
+              "other work on the machine; on an idle machine, wall-clock photos/s lies between it and "
+              "(cores x it), depending on how much of the work runs in parallel.", "",
+              "## Notes", "",
+              "- Uniform random templates are the hard case for approximate search (no cluster structure to exploit); "
+              "recall on real face embeddings may be higher, but it is not measured here. This is why the "
+              "gallery's default index (`auto`) stays exact: numpy below 50k identities, FAISS `IndexFlatIP` above.",
+              "- Wall-clock columns depend on the machine's load (the load average is in the header); the CPU-time "
+              "columns are the comparable ones.",
+              "- With `--quick`, HNSW is built only up to 100k identities: its build is the slowest step."]
     return "\n".join(lines) + "\n"
 
 
