@@ -1,7 +1,8 @@
 """Enrolled identities (SQLite store, calibrated 1:N search) and photo-collection retrieval.
 
-`Gallery` and the search index need only numpy and the standard library (FAISS optional); the
-photo index (`lvface_mm.gallery.photos`) imports open_clip and the face pipeline when used.
+`Gallery`, the search index and `PhotoIndex` need only numpy and the standard library (FAISS
+optional); the CLIP encoder (`lvface_mm.gallery.clip`) and the demo logic
+(`lvface_mm.gallery.workbench`) import torch, open_clip and the face pipeline.
 """
 
 from .calibration import (
@@ -16,6 +17,7 @@ from .calibration import (
     threshold_at_far,
 )
 from .index import IndexConfig, VectorIndex, create_index, list_indexes, register_index
+from .photos import IndexReport, PhotoFace, PhotoHit, PhotoIndex, split_query
 from .store import Gallery, GalleryConfig, Identification, Identity
 
 __all__ = [
@@ -26,6 +28,10 @@ __all__ = [
     "Identification",
     "Identity",
     "IndexConfig",
+    "IndexReport",
+    "PhotoFace",
+    "PhotoHit",
+    "PhotoIndex",
     "ThresholdDefault",
     "VectorIndex",
     "calibrate",
@@ -35,6 +41,7 @@ __all__ = [
     "list_indexes",
     "pair_scores",
     "register_index",
+    "split_query",
     "tar_at_threshold",
     "threshold_at_far",
 ]
