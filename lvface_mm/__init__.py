@@ -2,8 +2,8 @@
 
 The top level is lazy (PEP 562): `import lvface_mm.losses` does not pull in timm, torchvision or
 transformers. Subpackages: `lvface_mm.models`, `.faces`, `.data`, `.eval`, `.losses`, `.gallery`,
-`.vlm`, `.vqa`, `.tasks`. Importing `lvface_mm.models` (or touching `lvface_mm.create_model`)
-also registers every variant with timm, so `timm.create_model("lvface_b")` works afterwards.
+`.vlm`, `.vqa`, `.tasks`. Variants are registered with timm when timm is already imported, or on
+`lvface_mm.models.register_with_timm()`; then `timm.create_model("lvface_b")` works.
 """
 
 from __future__ import annotations

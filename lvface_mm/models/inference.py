@@ -3,8 +3,9 @@ only where the hardware runs it natively.
 
 fp32 is the default everywhere because it reproduces the official CPU/ONNX outputs to float
 rounding. bf16 is worth it on CPUs with native bf16 matmuls (AVX512-BF16 or AMX); on others, such as
-AVX2-only x86, PyTorch falls back to a scalar kernel that is about 100x slower than fp32 (measured
-0.4 vs 40 GFLOP/s on the 2-core AMD EPYC this project is tested on), so "auto" keeps fp32 there.
+AVX2-only x86, PyTorch falls back to a scalar kernel that is about 35x slower than fp32 (measured
+1.9 vs 66.5 GFLOP per CPU-second on the AVX2 AMD EPYC this project is tested on), so "auto" keeps
+fp32 there.
 """
 
 from __future__ import annotations
