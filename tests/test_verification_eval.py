@@ -122,6 +122,9 @@ def test_flip_sum_is_reported_separately_from_plain():
                                                   np.linalg.norm(clean - noise, axis=1).mean()]), rel=1e-6)
     d = result.to_dict()
     assert d["accuracy_flip"]["mean"] == 1.0 and len(d["accuracy"]["folds"]) == 10
+    # A set of genuine pairs only still gets its accuracy; ROC and TAR@FAR are undefined and left out.
+    only_genuine = evaluate_verification(clean + noise, clean - noise, np.ones(1000, bool))
+    assert only_genuine.roc is None and only_genuine.tar == () and 0 < only_genuine.flip.mean <= 1
 
 
 def test_roc_curve_against_brute_force():

@@ -75,11 +75,15 @@ def _run(args: argparse.Namespace) -> int:
             )
             result = evaluate_verification(emb.plain, emb.flipped, vb.issame, fars=fars, n_folds=args.folds)
             entry["results"][m.label] = result.to_dict()
-            curves[m.label] = result.roc
+            if result.roc is not None:
+                curves[m.label] = result.roc
             _print_result(name, m.label, result)
         report["sets"][name] = entry
-        plot = plot_roc(curves, args.out / f"roc_{name}.png", title=f"{name} ({vb.num_pairs} pairs)", mark_fars=fars)
-        entry["roc_plot"] = str(plot)
+        if curves:
+            title = f"{name} ({vb.num_pairs} pairs)"
+            entry["roc_plot"] = str(plot_roc(curves, args.out / f"roc_{name}.png", title=title, mark_fars=fars))
+        else:
+            print(f"{name}: only one kind of pair (all genuine or all impostor): no ROC or TAR@FAR")
     path = write_json(args.out / "verify_report.json", report)
     print(f"report: {path}")
     return 0

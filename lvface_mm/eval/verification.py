@@ -118,8 +118,8 @@ class VerificationResult:
 
     flip: FoldAccuracy
     plain: FoldAccuracy
-    tar: tuple[TarAtFar, ...]
-    roc: RocCurve = field(repr=False)
+    tar: tuple[TarAtFar, ...]  # empty when the set has only genuine or only impostor pairs
+    roc: RocCurve | None = field(repr=False)  # None in that case too
     xnorm: float
     num_pairs: int
 
@@ -171,6 +171,8 @@ def evaluate_verification(
     combined = l2_normalize(embeddings + views[1]) if flipped is not None else l2_normalize(embeddings)
     plain = ten_fold_accuracy(pair_distances(l2_normalize(embeddings)), issame, n_folds)
     flip = ten_fold_accuracy(pair_distances(combined), issame, n_folds) if flipped is not None else plain
+    if issame.all() or not issame.any():  # accuracy is defined, an ROC is not
+        return VerificationResult(flip, plain, (), None, xnorm, len(issame))
     cosine = np.sum(combined[0::2].astype(np.float64) * combined[1::2], axis=1)  # (N,)
     curve = roc_curve(issame, cosine, drop_intermediate=False)
     tars = tuple(tar_at_far(curve, f, ties="best") for f in fars)
