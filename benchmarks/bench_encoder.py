@@ -7,6 +7,9 @@ measured matmul peak so each number can be read as a fraction of what the hardwa
     python benchmarks/bench_encoder.py --quick --threads 1   # one intra-op thread for every backend
 
 Backends (same random weights; speed does not depend on their values):
+    default      the encoder FaceEmbedder (and the CLI) picks with backend="auto" on this machine:
+                 for an fp32 FaceViT on the CPU, onnxruntime on a cached export of the weights,
+                 called with torch crops as the pipeline does.
     ours         create_model + prepare_for_inference (fp32) under torch.inference_mode: fused SDPA
                  attention, in-place ReLU6.
     ours-bf16    the same in bf16; only where the CPU has native bf16 matmuls (AVX512-BF16/AMX), or
@@ -77,6 +80,7 @@ def make_backends(
     low: torch.nn.Module | None,
     reference: torch.nn.Module,
     ort: Callable[[object], object],
+    default: Callable[[torch.Tensor], object],
     x: torch.Tensor,
 ) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per backend, all embedding the same batch `x`."""
@@ -89,7 +93,7 @@ def make_backends(
 
         return call
 
-    backends = {"ours": run_torch(model, True)}
+    backends = {"default": lambda: default(x), "ours": run_torch(model, True)}
     if low is not None:
         backends["ours-bf16"] = run_torch(low, True)
     backends["onnxruntime"] = lambda: ort(x_np)
@@ -105,6 +109,11 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     onnx_path = export_onnx(model, workdir / f"{name}.onnx")
     ort = OnnxEncoder(onnx_path, num_threads=torch.get_num_threads())
     reference = reference_from(model)
+    os.environ["LVFACE_MM_ONNX_CACHE"] = str(workdir / "auto")
+    from lvface_mm.faces import FaceEmbedder
+
+    default = FaceEmbedder(model).encoder  # backend="auto"; detection is never set up
+    print(f"  {name}: FaceEmbedder(backend='auto') runs {type(default).__name__}", flush=True)
     low = None
     if args.bf16 or cpu_has_native_bf16():
         low = prepare_for_inference(create_model(name), dtype=torch.bfloat16)
@@ -113,7 +122,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     rows = []
     for batch in batches:
         x = torch.rand(batch, 3, 112, 112) * 2 - 1  # (B, 3, 112, 112) crops in [-1, 1]
-        backends = make_backends(model, low, reference, ort, x)
+        backends = make_backends(model, low, reference, ort, default, x)
         samples: dict[str, list[tuple[float, float, int]]] = {k: [] for k in backends}
         if batch <= 8:  # first calls set up kernels and pools; at batch 64 one call costs seconds and changes nothing
             for fn in backends.values():

@@ -28,6 +28,12 @@ def _seed_and_restore() -> None:
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory) -> None:
+    """FaceEmbedder(backend="auto") exports encoders into this session's folder, never ~/.cache."""
+    os.environ["LVFACE_MM_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx_cache"))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     return os.path.join(os.path.dirname(__file__), "data")

@@ -281,15 +281,80 @@ def tiny_onnx(tmp_path_factory):
         return export_onnx(tiny().encoder.model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
-def test_onnx_backend_matches_torch(tiny_onnx, embedder, portrait_results):
+def test_onnx_backend_matches_torch(tiny_onnx, portrait_results):
     crops = np.stack([r.faces[0].crop for r in portrait_results])
     onnx = FaceEmbedder("lvface_tiny", backend="onnx", onnx_path=tiny_onnx, detector=shared_dlib())
-    np.testing.assert_allclose(onnx.embed_crops(crops), embedder.embed_crops(crops), atol=1e-4)
+    np.testing.assert_allclose(onnx.embed_crops(crops), tiny(backend="torch").embed_crops(crops), atol=1e-4)
     flipped = FaceEmbedder("lvface_tiny", backend="onnx", onnx_path=tiny_onnx, flip_test=True, detector=shared_dlib())
-    np.testing.assert_allclose(flipped.embed_crops(crops), tiny(flip_test=True).embed_crops(crops), atol=1e-4)
+    torch_flipped = tiny(flip_test=True, backend="torch")
+    np.testing.assert_allclose(flipped.embed_crops(crops), torch_flipped.embed_crops(crops), atol=1e-4)
     result = onnx.embed_image(portrait_path("obama3"))
     np.testing.assert_allclose(result.faces[0].embedding, portrait_results[2].faces[0].embedding, atol=1e-4)
     with pytest.raises(ValueError, match="tokens"):
         onnx.embed_crops(crops, return_tokens=True)
     with pytest.raises(ValueError, match="dtype"):
         FaceEmbedder("lvface_tiny", backend="onnx", onnx_path=tiny_onnx, dtype="bf16")
+
+
+def test_auto_backend_runs_a_cached_export_on_cpu_and_keeps_torch_for_tokens(portrait_results, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from lvface_mm.faces.encoders import CachedOnnxCropEncoder, TorchCropEncoder
+    from lvface_mm.models import onnx as onnx_module
+
+    monkeypatch.setenv("LVFACE_MM_ONNX_CACHE", str(tmp_path / "cache"))
+    crops = np.stack([r.faces[0].crop for r in portrait_results])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation and tracer warnings
+        auto = tiny(flip_test=True)  # backend="auto" is the default
+    assert isinstance(auto.encoder, CachedOnnxCropEncoder)
+    files = list((tmp_path / "cache").glob("*.onnx"))
+    assert files == [auto.encoder.path]
+    reference = tiny(flip_test=True, backend="torch")
+    assert isinstance(reference.encoder, TorchCropEncoder)
+    np.testing.assert_allclose(auto.embed_crops(crops), reference.embed_crops(crops), atol=1e-4)
+    emb, tokens = auto.embed_crops(crops, return_tokens=True)  # tokens come from the PyTorch module
+    np.testing.assert_array_equal(tokens, reference.embed_crops(crops, return_tokens=True)[1])
+
+    # Same weights: the export is reused, not redone. Other weights: a new file.
+    def must_not_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_module, "export_onnx", must_not_export)
+    assert tiny().encoder.path == files[0]
+    monkeypatch.undo()
+    monkeypatch.setenv("LVFACE_MM_ONNX_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = FaceEmbedder.from_tiny(seed=1, detector=shared_dlib())
+    assert other.encoder.path != files[0] and len(list((tmp_path / "cache").glob("*.onnx"))) == 2
+
+    # Where onnxruntime is not the faster exact path, auto stays in PyTorch.
+    assert isinstance(tiny(dtype="bf16").encoder, TorchCropEncoder)
+    wrapped = torch.nn.Sequential(tiny(backend="torch").encoder.model)  # not a FaceViT
+    assert isinstance(FaceEmbedder(wrapped, detector=shared_dlib()).encoder, TorchCropEncoder)
+
+
+def test_auto_backend_falls_back_to_torch_when_the_cache_is_unwritable(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from lvface_mm.faces.encoders import TorchCropEncoder
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LVFACE_MM_ONNX_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="PyTorch"):
+        embedder = tiny()
+    assert isinstance(embedder.encoder, TorchCropEncoder)
+    assert blocker.read_text().startswith("a file")  # nothing overwritten
+
+
+def test_weights_fingerprint_follows_every_weight():
+    from lvface_mm.models.onnx import weights_fingerprint
+
+    model = create_model("lvface_tiny")
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(model) == before and len(before) == 64
+    with torch.no_grad():
+        model.feature[3].running_var[0] += 1e-3  # a buffer, not a parameter
+    assert weights_fingerprint(model) != before

@@ -31,7 +31,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", type=Path, help="local checkpoint for --model instead of the official weights")
     g.add_argument("--tiny", action="store_true", help="use lvface_tiny with random weights (tests, demos)")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights (--tiny / models without weights)")
-    g.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="auto: onnxruntime from a cached export for fp32 on CPU, else PyTorch (default)",
+    )
     g.add_argument("--onnx-path", type=Path, help="ONNX encoder for --backend onnx (default: the official file)")
     g.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="encoder precision (default fp32)")
@@ -80,9 +85,9 @@ def _build_encoder(args: argparse.Namespace, common: dict):
     from lvface_mm.models import get_model_spec
 
     if args.tiny:
-        if args.backend != "torch" or args.checkpoint:
+        if args.backend == "onnx" or args.checkpoint:
             raise ValueError("--tiny means random PyTorch weights; it excludes --backend onnx and --checkpoint")
-        return FaceEmbedder.from_tiny(seed=args.seed, **common)
+        return FaceEmbedder.from_tiny(seed=args.seed, backend=args.backend, **common)
     if args.backend == "onnx":
         return FaceEmbedder(args.model, backend="onnx", onnx_path=args.onnx_path, **common)
     spec = get_model_spec(args.model)
@@ -95,8 +100,8 @@ def _build_encoder(args: argparse.Namespace, common: dict):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             model = create_model(spec.name)
-        return FaceEmbedder(model, **common)
-    return FaceEmbedder(args.model, checkpoint_path=args.checkpoint, **common)
+        return FaceEmbedder(model, backend=args.backend, **common)
+    return FaceEmbedder(args.model, checkpoint_path=args.checkpoint, backend=args.backend, **common)
 
 
 def assume_aligned_flag(value: str) -> bool | None:

@@ -11,8 +11,10 @@ reported in that image's `ImageResult` and never stop the batch.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 from ..models.pretrained import ARCFACE_TEMPLATE_112
 from .alignment import align_face, to_model_input
 from .detection import DetectedFace, Detector, create_detector
-from .encoders import OnnxCropEncoder, TorchCropEncoder, parse_dtype
+from .encoders import CachedOnnxCropEncoder, OnnxCropEncoder, TorchCropEncoder, parse_dtype
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ImageLoadError, LoadedImage, describe_source, load_image
 
 CROP_SIZE = 112
@@ -140,6 +142,28 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _onnx_is_faster(encoder: TorchCropEncoder) -> bool:
+    """True where `backend="auto"` should hand a PyTorch encoder to onnxruntime: an fp32 FaceViT on the CPU."""
+    from ..models import FaceViT
+
+    return (
+        encoder.device.type == "cpu"
+        and encoder.dtype == torch.float32
+        and isinstance(encoder.model, FaceViT)
+        and importlib.util.find_spec("onnxruntime") is not None
+    )
+
+
+def _cached_onnx_or_torch(
+    encoder: TorchCropEncoder, providers: list[str] | None
+) -> TorchCropEncoder | CachedOnnxCropEncoder:
+    try:
+        return CachedOnnxCropEncoder(encoder, providers=providers)
+    except (OSError, RuntimeError, ValueError, ImportError) as exc:  # unwritable cache, exporter or runtime failure
+        warnings.warn(f"backend='auto': running the encoder in PyTorch; the ONNX export failed ({exc})", stacklevel=3)
+        return encoder
+
+
 class FaceEmbedder:
     """Detect, align and embed faces with an LVFace encoder.
 
@@ -154,8 +178,11 @@ class FaceEmbedder:
         dtype: float32 (default), bfloat16 or float16 (also "bf16"/"fp16").
         flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side: see
             `PipelineConfig`.
-        backend: "torch" or "onnx" (onnxruntime on `onnx_path`; for a named model with official
-            weights the official .onnx is fetched when no path is given).
+        backend: "auto" (default): a FaceViT in fp32 on the CPU runs through onnxruntime from a
+            cached export of its weights when onnxruntime is installed (faster there; patch tokens
+            still come from PyTorch), anything else through PyTorch. "torch": always PyTorch.
+            "onnx": onnxruntime on `onnx_path` (for a named model with official weights the
+            official .onnx is fetched when no path is given).
         onnx_path, onnx_providers: the ONNX encoder file and onnxruntime providers.
     """
 
@@ -171,7 +198,7 @@ class FaceEmbedder:
         dtype: torch.dtype | str | None = None,
         flip_test: bool = False,
         batch_size: int = 64,
-        backend: Literal["torch", "onnx"] = "torch",
+        backend: Literal["auto", "torch", "onnx"] = "auto",
         onnx_path: str | Path | None = None,
         onnx_providers: list[str] | None = None,
         max_faces: int | None = None,
@@ -181,7 +208,15 @@ class FaceEmbedder:
     ) -> None:
         self.config = PipelineConfig(flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side)
         dtype = parse_dtype(dtype)
-        if backend == "torch":
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'onnx', got {backend!r}")
+        if backend == "onnx":
+            if dtype not in (None, torch.float32):
+                raise ValueError(f"backend='onnx' runs the graph in its own precision; dtype={dtype} is not supported")
+            self.encoder: TorchCropEncoder | OnnxCropEncoder | CachedOnnxCropEncoder = OnnxCropEncoder(
+                self._onnx_file(model, onnx_path), providers=onnx_providers
+            )
+        else:
             if isinstance(model, str):
                 from ..models import create_model
 
@@ -191,13 +226,9 @@ class FaceEmbedder:
                 device = device if device is not None else _default_device()
             elif not isinstance(model, nn.Module):
                 raise TypeError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
-            self.encoder: TorchCropEncoder | OnnxCropEncoder = TorchCropEncoder(model, device, dtype)
-        elif backend == "onnx":
-            if dtype not in (None, torch.float32):
-                raise ValueError(f"backend='onnx' runs the graph in its own precision; dtype={dtype} is not supported")
-            self.encoder = OnnxCropEncoder(self._onnx_file(model, onnx_path), providers=onnx_providers)
-        else:
-            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+            self.encoder = TorchCropEncoder(model, device, dtype)
+            if backend == "auto" and _onnx_is_faster(self.encoder):
+                self.encoder = _cached_onnx_or_torch(self.encoder, onnx_providers)
         self._detector_spec = detector
         self._detector_kwargs = dict(detector_kwargs or {})
         self._detector: Detector | None = None
@@ -397,7 +428,7 @@ class FaceEmbedder:
             return_tokens: also keep each face's (144, D) patch tokens (PyTorch backend).
         """
         if return_tokens and not getattr(self.encoder, "supports_tokens", False):
-            raise ValueError("return_tokens needs backend='torch' with a FaceViT model")
+            raise ValueError("return_tokens needs a FaceViT encoder in PyTorch (backend='auto' or 'torch')")
         pending: list[_Prepared] = []
         num_crops = 0
         for index, image in enumerate(images):

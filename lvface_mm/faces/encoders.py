@@ -115,3 +115,37 @@ class OnnxCropEncoder:
         if flip:
             raw = raw[:n] + raw[n:]
         return raw, None
+
+
+class CachedOnnxCropEncoder:
+    """A FaceViT run by onnxruntime from a cached export of its own weights (the CPU default).
+
+    On CPUs onnxruntime's fp32 GEMMs beat PyTorch's on the 144-row matrices of a 112x112 ViT (see
+    benchmarks/results/encoder.md), so `FaceEmbedder(backend="auto")` exports the model once
+    (`cached_onnx_export`) and embeds through the export. The PyTorch module stays for what the
+    graph cannot give: patch tokens (`return_tokens=True`) go through `torch_encoder`.
+    """
+
+    name = "onnx-auto"
+    supports_tokens = True
+
+    def __init__(self, torch_encoder: TorchCropEncoder, providers: list[str] | None = None) -> None:
+        from ..models.onnx import cached_onnx_export
+
+        if torch_encoder.device.type != "cpu" or torch_encoder.dtype != torch.float32:
+            raise ValueError(
+                f"the cached ONNX encoder runs fp32 CPU models, got {torch_encoder.dtype} on {torch_encoder.device}"
+            )
+        self.torch_encoder = torch_encoder
+        self.model = torch_encoder.model
+        self.onnx = OnnxCropEncoder(cached_onnx_export(self.model), providers=providers)
+        self.path = self.onnx.path
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    def __call__(
+        self, x: torch.Tensor, flip: bool = False, return_tokens: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if return_tokens:
+            return self.torch_encoder(x, flip=flip, return_tokens=True)
+        return self.onnx(x, flip=flip)

@@ -10,7 +10,7 @@ import sys
 from .checkpoint import guess_variant, load_checkpoint, read_state_dict
 from .facevit import FaceViT, FaceViTConfig
 from .inference import prepare_for_inference
-from .onnx import OnnxEncoder, export_onnx
+from .onnx import OnnxEncoder, cached_onnx_export, export_onnx, onnx_cache_dir
 from .pretrained import (
     ARCFACE_TEMPLATE_112,
     OFFICIAL_WEIGHTS,
@@ -38,6 +38,7 @@ __all__ = [
     "PretrainedWeights",
     "WeightsNotAvailableError",
     "WeightsVerificationError",
+    "cached_onnx_export",
     "cached_weights_path",
     "create_model",
     "export_onnx",
@@ -46,6 +47,7 @@ __all__ = [
     "guess_variant",
     "list_models",
     "load_checkpoint",
+    "onnx_cache_dir",
     "prepare_for_inference",
     "read_state_dict",
     "register_model",

@@ -11,6 +11,7 @@ auto-generated number; `OnnxEncoder` reads both names from the graph, so it need
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -92,6 +93,41 @@ def export_onnx(
         model.train(was_training)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def onnx_cache_dir() -> Path:
+    """Where `cached_onnx_export` keeps its files: `$LVFACE_MM_ONNX_CACHE`, else
+    `$XDG_CACHE_HOME/lvface_mm/onnx`, else `~/.cache/lvface_mm/onnx`."""
+    if os.environ.get("LVFACE_MM_ONNX_CACHE"):
+        return Path(os.environ["LVFACE_MM_ONNX_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "lvface_mm" / "onnx"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of a model's config, every state-dict entry (name, dtype, shape, bytes) and the torch
+    version that would export it: two modules with the same fingerprint export the same graph."""
+    digest = hashlib.sha256(f"{torch.__version__}|{getattr(model, 'config', type(model).__name__)!r}".encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())  # (numel * itemsize,) raw bytes
+    return digest.hexdigest()
+
+
+def cached_onnx_export(model: nn.Module, cache_dir: str | Path | None = None) -> Path:
+    """The ONNX export of `model`'s current weights, written once into `cache_dir` and reused after.
+
+    The file is named by `weights_fingerprint`, so changed weights get a new file and an unchanged
+    model (the same official checkpoint, the same seed) never exports twice. Exports appear
+    atomically (see `export_onnx`), so an interrupted export leaves no half-written file behind.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else onnx_cache_dir()
+    path = folder / f"{type(model).__name__.lower()}-{weights_fingerprint(model)[:24]}.onnx"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    return export_onnx(model, path)
 
 
 class OnnxEncoder:
