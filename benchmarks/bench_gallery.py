@@ -160,6 +160,7 @@ def bench_indexing(tmp: Path, num_photos: int, repeats: int) -> list[dict]:
             if (i // len(PORTRAITS)) % 2:
                 im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             im.rotate(i // (2 * len(PORTRAITS)), fillcolor=(128, 128, 128)).save(photos / f"p{i:03d}.jpg", quality=90)
+    os.environ.setdefault("LVFACE_MM_ONNX_CACHE", str(tmp / "onnx"))  # random weights: not the user's cache
     configs = {
         "tiny (tests, --tiny)": lambda: (FaceEmbedder.from_tiny(seed=0), ClipEncoder.tiny()),
         "LVFace-B + CLIP ViT-B-32 (random weights)": lambda: (
