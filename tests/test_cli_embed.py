@@ -126,7 +126,7 @@ def test_embed_aligned_crops_and_model_name_without_weights(tmp_path, capsys):
     np.testing.assert_array_equal(da["embeddings"], db["embeddings"])  # same seed, same random weights
 
 
-def test_embed_with_the_onnx_backend(tmp_path):
+def test_embed_with_the_onnx_backend(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     import warnings
 
@@ -139,13 +139,18 @@ def test_embed_with_the_onnx_backend(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_file = export_onnx(FaceEmbedder.from_tiny(seed=0).encoder.model, tmp_path / "tiny.onnx")
-    a, b = tmp_path / "torch.npz", tmp_path / "onnx.npz"
-    assert main(["embed", str(crop), "--tiny", "--assume-aligned", "yes", "-o", str(a)]) == 0
+    a, b, c = tmp_path / "torch.npz", tmp_path / "onnx.npz", tmp_path / "auto.npz"
+    assert main(["embed", str(crop), "--tiny", "--backend", "torch", "--assume-aligned", "yes", "-o", str(a)]) == 0
     args = ["embed", str(crop), "--model", "lvface_tiny", "--backend", "onnx", "--onnx-path", str(onnx_file)]
     args += ["--assume-aligned", "yes"]
     assert main([*args, "-o", str(b)]) == 0
+    assert main(["embed", str(crop), "--tiny", "--assume-aligned", "yes", "-o", str(c)]) == 0  # default: auto
     np.testing.assert_allclose(np.load(a)["embeddings"], np.load(b)["embeddings"], atol=1e-4)
+    np.testing.assert_allclose(np.load(a)["embeddings"], np.load(c)["embeddings"], atol=1e-4)
     assert json.loads(str(np.load(b)["meta"]))["backend"] == "onnx"
+    assert json.loads(str(np.load(c)["meta"]))["backend"] == "auto"
+    assert main(["embed", str(crop), "--tiny", "--backend", "onnx", "-o", str(tmp_path / "d.npz")]) == 2
+    assert "--tiny means random PyTorch weights" in capsys.readouterr().err
 
 
 def test_embed_never_clobbers_existing_output_on_failure(tmp_path, monkeypatch, capsys):
