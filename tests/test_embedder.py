@@ -309,6 +309,8 @@ def test_auto_backend_runs_a_cached_export_on_cpu_and_keeps_torch_for_tokens(por
         warnings.simplefilter("ignore")  # the exporter's own deprecation and tracer warnings
         auto = tiny(flip_test=True)  # backend="auto" is the default
     assert isinstance(auto.encoder, CachedOnnxCropEncoder)
+    options = auto.encoder.onnx._run.session.get_session_options()
+    assert options.intra_op_num_threads == torch.get_num_threads()  # torch's thread setting carries over
     files = list((tmp_path / "cache").glob("*.onnx"))
     assert files == [auto.encoder.path]
     reference = tiny(flip_test=True, backend="torch")

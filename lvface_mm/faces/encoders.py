@@ -87,7 +87,7 @@ class OnnxCropEncoder:
     name = "onnx"
     supports_tokens = False
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: list[str] | None = None, num_threads: int | None = None) -> None:
         try:
             from ..models.onnx import OnnxEncoder
         except ImportError as exc:
@@ -95,7 +95,9 @@ class OnnxCropEncoder:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX encoder file {self.path} does not exist")
-        self._run: Callable[[np.ndarray], np.ndarray] = OnnxEncoder(self.path, providers=providers)
+        self._run: Callable[[np.ndarray], np.ndarray] = OnnxEncoder(
+            self.path, providers=providers, num_threads=num_threads
+        )
         self.device = torch.device("cpu")  # inputs are handed over as numpy
         self.dtype = torch.float32
 
@@ -138,7 +140,9 @@ class CachedOnnxCropEncoder:
             )
         self.torch_encoder = torch_encoder
         self.model = torch_encoder.model
-        self.onnx = OnnxCropEncoder(cached_onnx_export(self.model), providers=providers)
+        # As many threads as PyTorch has, so torch.set_num_threads / OMP_NUM_THREADS keep their meaning.
+        path = cached_onnx_export(self.model)
+        self.onnx = OnnxCropEncoder(path, providers=providers, num_threads=torch.get_num_threads())
         self.path = self.onnx.path
         self.device = torch.device("cpu")
         self.dtype = torch.float32
