@@ -125,7 +125,9 @@ class CachedOnnxCropEncoder:
     On CPUs onnxruntime's fp32 GEMMs beat PyTorch's on the 144-row matrices of a 112x112 ViT (see
     benchmarks/results/encoder.md), so `FaceEmbedder(backend="auto")` exports the model once
     (`cached_onnx_export`) and embeds through the export. The PyTorch module stays for what the
-    graph cannot give: patch tokens (`return_tokens=True`) go through `torch_encoder`.
+    graph cannot give: patch tokens (`return_tokens=True`) go through `torch_encoder`. The export
+    holds the weights as they were at construction: after changing the module's weights, build a
+    new embedder (or use backend="torch").
     """
 
     name = "onnx-auto"
