@@ -46,16 +46,6 @@ def faces_at(boxes: list[tuple[float, float, float, float]], seed: int = 0) -> l
 
 
 @pytest.fixture
-def single_thread():
-    """Run tiny models on one intra-op thread: at hidden size 32 threads only add synchronisation,
-    which on a busy 2-core machine costs several times the work itself. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def tiny_vlm_factory():
     """`tiny_vlm_factory(build, **card_changes)` -> IdentityVLM."""
     return tiny_identity_vlm
@@ -73,7 +63,6 @@ __all__ = [
     "base_model",
     "faces_at",
     "logits_of",
-    "single_thread",
     "tiny_identity_vlm",
     "tiny_vlm_factory",
 ]

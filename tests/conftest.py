@@ -28,6 +28,17 @@ def _seed_and_restore() -> None:
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture
+def single_thread():
+    """Run tiny models on one intra-op thread: at these sizes threads only add synchronisation,
+    which on a busy 2-core machine costs more than the work itself. Restored afterwards.
+    Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _onnx_cache(tmp_path_factory) -> None:
     """FaceEmbedder(backend="auto") exports encoders into this session's folder, never ~/.cache."""

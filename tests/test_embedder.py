@@ -352,7 +352,7 @@ def test_auto_backend_falls_back_to_torch_when_the_cache_is_unwritable(tmp_path,
 
 
 def test_weights_fingerprint_follows_every_weight():
-    from lvface_mm.models.onnx import weights_fingerprint
+    from lvface_mm.models.checkpoint import weights_fingerprint
 
     model = create_model("lvface_tiny")
     before = weights_fingerprint(model)

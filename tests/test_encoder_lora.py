@@ -16,13 +16,8 @@ from training.encoder import main
 TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is as fast as two and keeps the run time predictable.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_encoder() -> torch.nn.Module:

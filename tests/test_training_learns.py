@@ -18,13 +18,8 @@ TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encod
 QUIET = ["--loop.progress_bar=false", "--loop.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is as fast as two and keeps the run time predictable.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_synthetic_identities_are_deterministic_and_split() -> None:

@@ -54,13 +54,8 @@ class Regression(nn.Module):
         return {"loss": (pred - y).square().mean(), "pred_mean": pred.mean()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is as fast as two and keeps the run time predictable.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_trainer(tmp: Path, batch_size: int, accum: int, data: Dataset | None = None, **ckpt: object) -> Trainer:

@@ -30,13 +30,8 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread is as fast as two and keeps the run time predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is as fast as two and keeps the run time predictable.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tensors_differ(a: object, b: object, path: str = "") -> list[str]:

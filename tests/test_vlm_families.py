@@ -14,7 +14,7 @@ import torch
 
 from lvface_mm.vlm import FaceCountError, IdentityTokens
 from lvface_mm.vlm.testing import TINY_IMAGE_SIZE, random_face_crops
-from tests._vlm_fixtures import TINY_BUILDS, base_model, logits_of, single_thread, tiny_identity_vlm  # noqa: F401 (fixture)
+from tests._vlm_fixtures import TINY_BUILDS, base_model, logits_of, tiny_identity_vlm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,7 +10,7 @@ from lvface_mm.vlm import GroundedFace, find_mentions, ground_faces, grounding_t
 from lvface_mm.vlm.grounding import horizontal_position
 from lvface_mm.vlm.model import CAPTION_REQUEST
 from lvface_mm.vlm.testing import random_face_crops
-from tests._vlm_fixtures import Face, single_thread, tiny_identity_vlm  # noqa: F401 (fixture)
+from tests._vlm_fixtures import Face, tiny_identity_vlm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,7 +11,7 @@ import torch
 from lvface_mm.vlm import IdentityVLM, LoraSpec
 from lvface_mm.vlm.processing import ensure_embedding_row
 from lvface_mm.vlm.testing import random_face_crops
-from tests._vlm_fixtures import TINY_BUILDS, base_model, single_thread, tiny_identity_vlm  # noqa: F401 (fixture)
+from tests._vlm_fixtures import TINY_BUILDS, base_model, tiny_identity_vlm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -520,19 +518,10 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
     import yaml
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import atomic_write_bytes
+
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
 
 
 __all__ = [

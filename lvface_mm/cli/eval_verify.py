@@ -44,13 +44,14 @@ def _run(args: argparse.Namespace) -> int:
     from ..eval.plots import plot_roc
     from ..eval.report import run_info, write_json
     from ..eval.verification import evaluate_verification
+    from ..models.pretrained import sha256_of
 
     fars = tuple(args.far or (1e-3, 1e-4))
     if not all(0 < f <= 1 for f in fars) or args.folds < 2:
         raise ValueError(f"--far values must be in (0, 1] and --folds at least 2, got {list(fars)} and {args.folds}")
     sets = [load_verification_bin(p) for p in args.bin]
     names = _unique_names([s.name for s in sets])
-    digests = [_sha256(p) for p in args.bin]
+    digests = [sha256_of(p)[:16] for p in args.bin]
     for vb, name in zip(sets, names):
         print(f"{name}: {vb.num_pairs} pairs ({int(vb.issame.sum())} genuine), {len(vb)} images, "
               f"{vb.encoded_bytes / 1e6:.1f} MB encoded")
@@ -103,13 +104,3 @@ def _unique_names(names: list[str]) -> list[str]:
     for i, name in enumerate(names):
         out.append(name if names.count(name) == 1 else f"{name}-{i + 1}")
     return out
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()[:16]

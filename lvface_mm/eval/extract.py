@@ -8,7 +8,6 @@ data). A second call with the same key resumes after the last finished row, or r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..faces.alignment import to_model_input
+from ..models.checkpoint import weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,7 @@ class Embeddings:
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the architecture and every parameter/buffer value (cache key for the weights)."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_fingerprint(model)[:16]
 
 
 def _collate(batch: list[np.ndarray]) -> np.ndarray:

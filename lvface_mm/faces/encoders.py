@@ -15,26 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
+from ..models.inference import DTYPE_NAMES
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """`torch.bfloat16`, "bf16", "bfloat16", ... -> torch dtype (None stays None)."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in set(_DTYPES.values()):
+        if dtype is not None and dtype not in set(DTYPE_NAMES.values()):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(DTYPE_NAMES))}")
+    return DTYPE_NAMES[dtype]
 
 
 class TorchCropEncoder:

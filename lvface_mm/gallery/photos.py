@@ -14,7 +14,6 @@ The tables live next to a gallery's in the same file if you like: ``--db library
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sqlite3
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..models.pretrained import sha256_of
 from .index import IndexConfig, VectorIndex, create_index
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ __all__ = [
     "PhotoFace",
     "PhotoHit",
     "PhotoIndex",
-    "file_sha256",
     "find_images",
     "split_query",
 ]
@@ -118,14 +117,6 @@ class IndexReport:
     @property
     def photos_per_second(self) -> float:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Path]:
@@ -298,7 +289,7 @@ class PhotoIndex:
         from ..faces.image_io import ImageLoadError, load_image
 
         try:
-            sha = file_sha256(path)
+            sha = sha256_of(path)
         except OSError as exc:
             return "failed", None, self._fail(path, None, f"cannot read file ({exc.strerror or exc})")
         with self._lock:

@@ -4,6 +4,7 @@ is named by the variant it looks like instead of failing with a wall of missing 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -122,3 +123,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str | None =
         model.load_state_dict(state, strict=True, assign=True)
     else:
         model.load_state_dict(state, strict=True)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of a model's config, every state-dict entry (name, dtype, shape, bytes) and the torch
+    version: the key for anything derived from the weights (ONNX exports, cached embeddings)."""
+    digest = hashlib.sha256(f"{torch.__version__}|{getattr(model, 'config', type(model).__name__)!r}".encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())  # (numel * itemsize,) raw bytes
+    return digest.hexdigest()

@@ -18,13 +18,14 @@ from torch import nn
 
 DTypeName = Literal["fp32", "bf16", "fp16", "auto"]
 
-_NAMES: dict[str, torch.dtype] = {
+DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float32": torch.float32,
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
     "float16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -60,9 +61,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str = 
         return dtype
     if dtype == "auto":
         return fastest_dtype(device)
-    if dtype not in _NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_NAMES)} or 'auto'")
-    return _NAMES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_NAMES)} or 'auto'")
+    return DTYPE_NAMES[dtype]
 
 
 def prepare_for_inference(

@@ -11,7 +11,6 @@ auto-generated number; `OnnxEncoder` reads both names from the graph, so it need
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .checkpoint import weights_fingerprint
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
@@ -102,17 +103,6 @@ def onnx_cache_dir() -> Path:
         return Path(os.environ["LVFACE_MM_ONNX_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "lvface_mm" / "onnx"
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 (hex) of a model's config, every state-dict entry (name, dtype, shape, bytes) and the torch
-    version that would export it: two modules with the same fingerprint export the same graph."""
-    digest = hashlib.sha256(f"{torch.__version__}|{getattr(model, 'config', type(model).__name__)!r}".encode())
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())  # (numel * itemsize,) raw bytes
-    return digest.hexdigest()
 
 
 def cached_onnx_export(model: nn.Module, cache_dir: str | Path | None = None) -> Path:
