@@ -4,6 +4,7 @@ deterministic, RAP-style negatives keep the answer, and nothing already saved is
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,39 @@ def test_build_vqa_command_from_a_folder_with_embeddings(tmp_path):
     assert main(argv) == 1  # an existing dataset is never overwritten without --overwrite
     assert main(["build-vqa", "--source", "clusters", "--num-identities", "3", "--out", str(tmp_path / "few")]) == 1
     assert not (tmp_path / "few").exists()
+
+
+def test_recordio_source_writes_labelled_crops_that_build_a_dataset(tmp_path):
+    from PIL import Image
+
+    from lvface_mm.data.pack import pack_identity_folder
+    from lvface_mm.vqa.sources import recordio_photos
+    from tests._datasets_and_eval_fixtures import write_identity_tree
+
+    src = write_identity_tree(tmp_path / "src", identities=6, per_identity=4)
+    pack_identity_folder(src, tmp_path / "rec", progress=False, workers=1)
+    out = tmp_path / "vqa"
+    photos = recordio_photos(tmp_path / "rec", out)
+    assert len(photos) == 24 and len({p.photo for p in photos}) == 24
+    by_identity: dict[str, list] = {}
+    for p in photos:
+        by_identity.setdefault(p.identity, []).append(p)
+    assert sorted(len(v) for v in by_identity.values()) == [4] * 6
+    # Every crop is one of its own identity's source images (packed as JPEG q95), none of another's.
+    folders = sorted(src.iterdir())
+    for label, identity in enumerate(sorted(by_identity)):
+        sources = [np.asarray(Image.open(f).convert("RGB"), np.float32) for f in sorted(folders[label].iterdir())]
+        for p in by_identity[identity]:
+            crop = np.asarray(Image.open(p.crop).convert("RGB"), np.float32)
+            assert crop.shape == (112, 112, 3) and Path(p.crop).is_relative_to(out.resolve())
+            assert min(np.abs(crop - s).mean() for s in sources) < 3.0
+    assert len(recordio_photos(tmp_path / "rec", tmp_path / "subset", limit=5)) == 5
+
+    config = VQABuildConfig(
+        num_train_unknown=1, num_eval_unknown=1, train_per_task=6, eval_per_task=4, tasks=("naming", "recognition")
+    )
+    manifest = build_vqa(photos, out, config)
+    train, evaluation = load_samples(out / "train.json"), load_samples(out / "eval.json")
+    check_splits(train, evaluation, manifest["eval_unknown"])
+    check_files(train + evaluation, out)
+    assert len(manifest["enrolled"]) == 4 and train and evaluation
