@@ -132,6 +132,9 @@ def test_synthetic_ijb_end_to_end_on_tiny_model(tmp_path):
     # Every image of a subject is the same picture, so genuine templates score exactly 1.
     genuine = {t.far: t for t in result.tar}
     assert genuine[1e-1].tar_closest == 1.0 and all(t.tar_interpolated == 1.0 for t in result.tar)
+    # InsightFace's rule (highest TPR among equally close ROC points): perfect at every FAR, even where
+    # the closest FPR is 0 and the lowest point there is the (0, 0) start.
+    assert all(t.tar_closest == 1.0 for t in result.tar)
     assert result.identification.rank_accuracy[1] == 1.0
     assert all(v == 1.0 for v in result.identification.tpir.values())
     assert [g.mated for g in result.identification.galleries] == [6, 6]  # 3 subjects x 2 probes each

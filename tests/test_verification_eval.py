@@ -91,8 +91,10 @@ def test_perfectly_separable_pairs_give_100_percent():
     assert result.flip.cosine_threshold == pytest.approx(1 - 0.01 / 2)
     assert all(t.tar_closest == 1.0 and t.tar_interpolated == 1.0 for t in result.tar)
     assert [t.resolved for t in result.tar] == [True, False]  # 300 impostors cannot measure 1e-3
-    # The IJB convention on the same scores lands on the (0, 0) start point at 1e-3 (see roc.py).
-    assert tar_at_far(roc_curve(issame, 1 - pair_distances(l2_normalize(emb)) / 2), 1e-3).tar_closest == 0.0
+    # Lowest-TPR-on-ties on the same scores lands on the (0, 0) start point at 1e-3 (see roc.py).
+    curve = roc_curve(issame, 1 - pair_distances(l2_normalize(emb)) / 2)
+    assert tar_at_far(curve, 1e-3, ties="first").tar_closest == 0.0
+    assert tar_at_far(curve, 1e-3).tar_closest == 1.0  # InsightFace's rule, the default
 
 
 def test_known_fraction_of_swapped_labels_gives_matching_accuracy():
@@ -153,11 +155,11 @@ def test_tar_at_far_known_values_and_duplicate_fars():
     curve = roc_curve(labels, np.r_[genuine, impostor])
     # Curve (collinear points dropped): (0,0) (0,.1) (.005,.2) (.005,1) (1,1); scores >= 0.9 accept
     # 2 genuine and the 5 tied impostors, so the FPR jumps from 0 to 0.005.
-    at_1e3 = tar_at_far(curve, 1e-3)
-    # Closest FPR is 0, first point there is the (0, 0) start: the reference convention gives 0.
+    at_1e3 = tar_at_far(curve, 1e-3, ties="first")
+    # Closest FPR is 0, first point there is the (0, 0) start: ties="first" gives 0.
     assert at_1e3.tar_closest == 0.0 and at_1e3.fpr_closest == 0.0
     assert at_1e3.tar_interpolated == pytest.approx(0.1 + (1.0 - 0.1) * (1e-3 / 5e-3))  # upper envelope
-    at_1e2 = tar_at_far(curve, 1e-2)
+    at_1e2 = tar_at_far(curve, 1e-2, ties="first")
     # Closest FPR is 0.005; the first point there is the bottom of the vertical step.
     assert at_1e2.tar_closest == pytest.approx(0.2) and at_1e2.fpr_closest == pytest.approx(0.005)
     assert at_1e2.threshold_closest == pytest.approx(0.9)
@@ -167,9 +169,9 @@ def test_tar_at_far_known_values_and_duplicate_fars():
     plateau = roc_curve(np.r_[np.ones(50, bool), np.zeros(50, bool)], np.r_[np.full(50, 0.7), np.full(50, 0.7)])
     t = tar_at_far(plateau, 0.3)
     assert t.tar_interpolated == pytest.approx(0.3) and t.resolved
-    # ties="best": of the points equally close to the target, the highest TPR.
-    assert tar_at_far(curve, 1e-2, ties="best").tar_closest == pytest.approx(1.0)
-    assert tar_at_far(curve, 1e-3, ties="best").tar_closest == pytest.approx(0.1)
+    # The default (InsightFace): of the points equally close to the target, the highest TPR.
+    assert tar_at_far(curve, 1e-2).tar_closest == pytest.approx(1.0)
+    assert tar_at_far(curve, 1e-3).tar_closest == pytest.approx(0.1)
     with pytest.raises(ValueError, match="genuine and impostor"):
         roc_curve(np.ones(4, bool), np.arange(4.0))
     with pytest.raises(ValueError, match="NaN"):
@@ -213,3 +215,32 @@ def test_extraction_resumes_after_an_interruption(tmp_path):
     # A different key never reuses the cache: it starts again from image 0.
     with pytest.raises(KeyboardInterrupt):
         extract_embeddings(model, Interrupting(0), batch_size=4, cache_path=cache, cache_key="other", progress=False)
+
+
+def _insightface_tar(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
+    """InsightFace's IJB rule as `eval_ijbc.py` describes it: reverse the ROC ("select largest tpr at
+    same fpr"), then the first point of smallest |FPR - target| in that order."""
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    _, index = min(zip(np.abs(fpr - far).tolist(), range(len(fpr))))
+    return float(tpr[index])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tar_at_far_default_is_insightface_rule_on_tied_scores(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(4000) < 0.4
+    # Scores rounded to 2 decimals: long runs of equal scores make vertical steps and equal FPRs.
+    scores = np.round(rng.normal(size=4000) * 0.3 + labels * 0.8, 2)
+    curve = roc_curve(labels, scores)
+    assert len(np.unique(curve.fpr)) < len(curve.fpr)  # the curve does have points sharing an FPR
+    differs = 0
+    for far in np.r_[1e-4, 3e-4, 1e-3, np.unique(curve.fpr)[1:8], 1e-2, 0.1, 0.5]:
+        expected = _insightface_tar(curve.fpr, curve.tpr, float(far))
+        assert tar_at_far(curve, float(far)).tar_closest == expected
+        differs += tar_at_far(curve, float(far), ties="first").tar_closest != expected
+    assert differs > 0  # the two tie rules do disagree on this data, so the test can tell them apart
+    # evaluate_verification reports the same rule (on the ROC without dropped points).
+    emb = rng.normal(size=(2 * len(labels[:600]), 8)).astype(np.float32)
+    result = evaluate_verification(emb, None, labels[:600], fars=(1e-2, 0.1))
+    for t in result.tar:
+        assert t.tar_closest == _insightface_tar(result.roc.fpr, result.roc.tpr, t.far)

@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         "benchmark": args.target,
         "root": str(args.root),
         "mode": mode,
-        "tar_conventions": "tar_closest: TPR at the ROC point with FPR closest to the target (as papers report); "
+        "tar_conventions": "tar_closest: TPR at the ROC point with FPR closest to the target, highest TPR on ties "
+                           "(InsightFace eval_ijbc.py, as papers report); "
                            "tar_interpolated: ROC upper envelope interpolated at the target",
         "run": run_info(),
         "counts": counts,

@@ -8,7 +8,8 @@ identification.
     template      = within a template, images of one media (video) are averaged; the media
                     features are summed; the sum is L2-normalised
     pair score    = cosine of the two template features
-    TAR@FAR       = both conventions of `roc.tar_at_far`, FAR 1e-6 ... 1e-1
+    TAR@FAR       = both conventions of `roc.tar_at_far`, FAR 1e-6 ... 1e-1; `tar_closest` takes the
+                    highest TPR among points equally close to the target, as `eval_ijbc.py` does
 
 1:N (mixed protocol, two disjoint galleries): each probe template is searched in each gallery; a
 probe whose subject is enrolled there is a mated search, otherwise non-mated.

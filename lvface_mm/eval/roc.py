@@ -2,12 +2,14 @@
 duplicate FAR values.
 
 Two conventions are reported side by side because papers and tools differ:
-    closest       TPR at the ROC point whose FPR is numerically closest to the target (first such
-                  point on ties). This is what InsightFace's IJB scripts print and what IJB-B/C
-                  tables in papers use; it runs on the curve with collinear points dropped, as
-                  scikit-learn's `roc_curve` returns it by default. On small impostor sets that
-                  can land on the (0, 0) start point (TAR 0) even when the scores separate
-                  perfectly; `resolved` says whether the FAR is measurable at all.
+    closest       TPR at the ROC point whose FPR is numerically closest to the target, the highest
+                  TPR among equally close points. This is InsightFace's IJB rule (`eval_ijbc.py`
+                  flips the ROC "to select largest tpr at same fpr" before taking the minimum gap)
+                  and what IJB-B/C tables in papers use; it runs on the curve with collinear points
+                  dropped, as scikit-learn's `roc_curve` returns it by default. `ties="first"` takes
+                  the lowest TPR instead (plain `np.argmin`): at a vertical step of the ROC that is
+                  the bottom, e.g. the (0, 0) start point on a small impostor set, TAR 0 for scores
+                  that separate perfectly. `resolved` says whether the FAR is measurable at all.
     interpolated  the ROC's upper envelope linearly interpolated at exactly the target FPR. Several
                   points can share one FPR (a vertical step); the envelope keeps the highest TPR of
                   each, which is what makes the interpolation well defined where `interp1d` fails
@@ -46,7 +48,7 @@ class TarAtFar:
 
     Attributes:
         far: the target.
-        tar_closest: TPR at the point with FPR closest to `far`.
+        tar_closest: TPR at the point with FPR closest to `far` (highest TPR on ties, unless `ties="first"`).
         fpr_closest: the FPR of that point (how close "closest" was).
         threshold_closest: its score threshold.
         tar_interpolated: upper-envelope TPR interpolated at exactly `far`.
@@ -110,22 +112,23 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, drop_intermediate: bool = 
     return RocCurve(fps / num_neg, tps / num_pos, thresholds, num_pos, num_neg)
 
 
-def tar_at_far(curve: RocCurve, far: float, ties: Literal["first", "best"] = "first") -> TarAtFar:
+def tar_at_far(curve: RocCurve, far: float, ties: Literal["best", "first"] = "best") -> TarAtFar:
     """TAR at one FAR on `curve` under both conventions (see module docstring).
 
     Args:
         curve: the ROC.
         far: target false accept rate.
         ties: which of several points equally close to `far` the closest convention takes:
-            "first" (lowest TPR; what `np.argmin` gives the reference scripts) or "best" (highest
-            TPR, i.e. the best operating point at that FPR).
+            "best" (highest TPR, InsightFace's IJB rule, the default) or "first" (lowest TPR, what
+            a plain `np.argmin` over the ROC gives).
     """
     if not 0.0 < far <= 1.0:
         raise ValueError(f"FAR must be in (0, 1], got {far!r}")
     if ties not in ("first", "best"):
         raise ValueError(f"ties must be 'first' or 'best', got {ties!r}")
     gap = np.abs(curve.fpr - far)
-    # argmin gives the first point on ties, as the reference does; "best" takes the last (highest TPR).
+    # The curve is sorted by (FPR, TPR), so among equally close points the last has the highest TPR:
+    # InsightFace reverses the arrays and takes the first minimum, which is the same point.
     i = int(np.argmin(gap)) if ties == "first" else int(np.flatnonzero(gap == gap.min())[-1])
     # Upper envelope: the highest TPR at each distinct FPR (the curve is sorted, so the last one).
     last_of_run = np.r_[np.diff(curve.fpr) != 0, True]
@@ -141,7 +144,7 @@ def tar_at_far(curve: RocCurve, far: float, ties: Literal["first", "best"] = "fi
 
 
 def tar_at_fars(labels: np.ndarray, scores: np.ndarray, fars: Sequence[float]) -> tuple[RocCurve, list[TarAtFar]]:
-    """ROC of the scores and TAR at each FAR in `fars` (the reference conventions)."""
+    """ROC of the scores and TAR at each FAR in `fars` (InsightFace's convention and the interpolated one)."""
     curve = roc_curve(labels, scores)
     return curve, [tar_at_far(curve, f) for f in fars]
 

@@ -12,9 +12,10 @@ Protocol (arcface_torch `eval/verification.py`, reproduced number for number):
 
 What differs and why: both flip and non-flip accuracies are computed (the reference hard-codes the
 non-flip one to 0); TAR@FAR is measured on all pairs with `roc.tar_at_far` (the reference's
-per-fold `interp1d` fails on current scipy) on the full ROC, taking the best point among equally
-close ones — with only a few thousand impostor pairs, the IJB convention (collinear points dropped,
-first point on ties) can report TAR 0 for a model that separates every pair; the chosen
+per-fold `interp1d` fails on current scipy) on the full ROC (no collinear points dropped), taking
+the highest TPR among equally close points as InsightFace's IJB scripts do (with only a few
+thousand impostor pairs, the lowest one is often the (0, 0) start point: TAR 0 for a model that
+separates every pair); the chosen
 thresholds are also given as cosine similarity (cos = 1 - d / 2), the form `lvface_mm` galleries use.
 """
 
@@ -175,5 +176,5 @@ def evaluate_verification(
         return VerificationResult(flip, plain, (), None, xnorm, len(issame))
     cosine = np.sum(combined[0::2].astype(np.float64) * combined[1::2], axis=1)  # (N,)
     curve = roc_curve(issame, cosine, drop_intermediate=False)
-    tars = tuple(tar_at_far(curve, f, ties="best") for f in fars)
+    tars = tuple(tar_at_far(curve, f) for f in fars)
     return VerificationResult(flip, plain, tars, curve, xnorm, len(issame))
