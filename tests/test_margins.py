@@ -118,3 +118,50 @@ def test_input_errors_name_the_problem() -> None:
         margin(torch.zeros(2, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="labels must be an integer"):
         margin(torch.zeros(2, 3), torch.zeros(2))
+
+
+def _arcface_torch_logits(cos: torch.Tensor, labels: torch.Tensor, scale: float, margin: float) -> torch.Tensor:
+    """arcface_torch's ArcFace branch as described in the reference notes: angles, + m on the target,
+    back to cosines, all under no_grad (so autograd sees only the final * s); no theta + m > pi rule."""
+    logits = cos.clone()
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    with torch.no_grad():
+        logits.arccos_()
+        logits[rows, labels[rows]] += margin
+        logits.cos_()
+    return logits * scale
+
+
+def test_straight_through_equals_arcface_torch_only_where_theta_plus_m_within_pi() -> None:
+    scale, margin = 64.0, 0.5
+    cos, labels = _cosines(rows=256)
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    mine = ArcFaceMargin(scale, margin, straight_through=True)(cos.clone().requires_grad_(), labels)
+    theirs = _arcface_torch_logits(cos, labels, scale, margin)
+    target = cos[rows, labels[rows]]
+    beyond = target < math.cos(math.pi - margin)  # theta + m > pi
+    assert beyond.sum() >= 5 and (~beyond).sum() >= 5
+    # Non-target logits, and target logits with theta + m <= pi: the same values.
+    off_target = torch.ones_like(cos, dtype=torch.bool)
+    off_target[rows, labels[rows]] = False
+    torch.testing.assert_close(mine[off_target], theirs[off_target], rtol=0, atol=1e-9)
+    mine_t, theirs_t = mine[rows, labels[rows]], theirs[rows, labels[rows]]
+    torch.testing.assert_close(mine_t[~beyond], theirs_t[~beyond], rtol=0, atol=1e-9)
+    # theta + m > pi: the documented difference. Here s * (cos - sin(pi - m) * m) against s * cos(theta + m).
+    mm = math.sin(math.pi - margin) * margin
+    torch.testing.assert_close(mine_t[beyond], scale * (target[beyond] - mm), rtol=0, atol=1e-9)
+    torch.testing.assert_close(theirs_t[beyond], scale * torch.cos(torch.acos(target[beyond]) + margin),
+                               rtol=0, atol=1e-9)
+    assert (theirs_t[beyond] - mine_t[beyond]).min().item() > 0  # arcface_torch's target is too easy there
+    # The worked example of the docs: theta = pi.
+    at_pi = ArcFaceMargin(1.0, margin, straight_through=True)(torch.tensor([[-1.0]], dtype=torch.float64),
+                                                              torch.tensor([0]))
+    assert at_pi.item() == pytest.approx(-1.240, abs=1e-3)
+    assert math.cos(math.pi + margin) == pytest.approx(-0.878, abs=1e-3)
+    # Gradients: both straight-through (s on every column), wherever theta is.
+    cos_grad = cos.clone().requires_grad_()
+    upstream = torch.randn_like(cos)
+    (ArcFaceMargin(scale, margin, straight_through=True)(cos_grad, labels) * upstream).sum().backward()
+    ref = cos.clone().requires_grad_()
+    (_arcface_torch_logits(ref, labels, scale, margin) * upstream).sum().backward()
+    torch.testing.assert_close(cos_grad.grad, ref.grad, rtol=1e-12, atol=1e-12)

@@ -295,3 +295,41 @@ def test_partial_fc_across_processes(tmp_path) -> None:
         assert torch.equal(res["exp_avg"], saved["exp_avg"])
         torch.testing.assert_close(res["loss"], one_loss, rtol=1e-5, atol=1e-5)
         assert res["tiny"].tolist() == [[0.0] * 3, [1.0] * 3]
+
+
+@pytest.mark.parametrize("head_type", ["partial_fc", "pco_stage2"])
+def test_logits_stay_fp32_under_bf16_autocast(head_type: str) -> None:
+    """The cosine matmul, margin and softmax run in fp32 even inside a bf16 autocast region."""
+    from lvface_mm.losses import PCOHead
+
+    torch.manual_seed(0)
+    dim, classes, batch = 512, 1000, 64  # LVFace's embedding size: bf16 cos errors are ~1e-3 here
+
+    def make() -> PartialFC:
+        if head_type == "partial_fc":
+            return PartialFC(dim, classes, CosFaceMargin(), sample_rate=1.0, init_seed=3)
+        return PCOHead(dim, classes, sample_rate=1.0, stage=2, init_seed=3)
+
+    x = torch.randn(batch, dim)
+    y = torch.randint(0, classes, (batch,))
+    ref_head, amp_head = make(), make()
+    ref = ref_head(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = amp_head(x, y)
+    assert amp.loss.dtype == torch.float32 and amp.cos_target.dtype == torch.float32
+    assert (amp.cos_target - ref.cos_target).abs().max().item() < 1e-6
+    assert abs(amp.loss.item() - ref.loss.item()) < 1e-5 * abs(ref.loss.item())
+    # What the head avoids: the same cosine as a bf16 matmul is off by ~1e-3 (s = 64 makes that ~0.1 in logits).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_cos = F.linear(F.normalize(x, dim=1), F.normalize(ref_head.weight.detach(), dim=1))
+    assert bf16_cos.dtype == torch.bfloat16
+    assert (bf16_cos.float()[torch.arange(batch), y] - ref.cos_target).abs().max().item() > 1e-4
+    # Gradients agree too; bf16 embeddings (a bf16 backbone's output) get a bf16 gradient back.
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        make()(xb, y).loss.backward()
+    xf = x.to(torch.bfloat16).float().requires_grad_(True)
+    make()(xf, y).loss.backward()
+    assert xb.grad.dtype == torch.bfloat16
+    # Equal up to the bf16 rounding of the returned gradient (2^-8 relative).
+    torch.testing.assert_close(xb.grad.float(), xf.grad, rtol=1 / 128, atol=1e-2 * xf.grad.abs().max().item())

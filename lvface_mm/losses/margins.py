@@ -17,13 +17,17 @@ What differs from InsightFace's `arcface_torch` and why:
     - The angular margin is differentiated exactly: d cos(m1*theta + m2) / d cos(theta) =
       m1 * sin(m1*theta + m2) / sin(theta). arcface_torch applies it under `no_grad`, which turns
       the target gradient into a straight-through s * (p - 1). That shortcut is available as
-      `straight_through=True`, off by default.
+      `straight_through=True`, off by default. It reproduces arcface_torch's gradient everywhere,
+      but its values only where theta + m2 <= pi (see the next point and `CombinedMargin`).
     - The combined form is computed as written; arcface_torch ignores m2 whenever m3 > 0.
     - Beyond the angle where m1*theta + m2 reaches pi, cos() would rise again and reward a worse
       sample, so the target logit falls back to the classic linear rule of the original ArcFace code,
       cos(theta) - mm with th = cos(theta_max) and mm = sin(theta_max) * (pi - theta_max), where
       theta_max = (pi - m2) / m1. For plain ArcFace that is th = cos(pi - m), mm = sin(pi - m) * m.
-      Like the original, the fallback is not continuous at theta_max.
+      Like the original, the fallback is not continuous at theta_max. arcface_torch computes those
+      constants but no longer uses them: for cos(theta) < cos(pi - m) its target logit is
+      s * cos(theta + m) (e.g. -0.878 s at theta = pi, m = 0.5) where this one gives
+      s * (cos(theta) - sin(pi - m) * m) (-1.240 s), with or without `straight_through`.
     - The target logit and its derivative are computed in float64 on the (B,) target entries only,
       so acos/sqrt near cos = +-1 lose no precision; the (B, C) work stays in the input dtype.
 """
@@ -138,7 +142,13 @@ class CombinedMargin(Margin):
 
     (1, 0, m) is CosFace, (1, m, 0) ArcFace, (m, 0, 0) a SphereFace-like multiplicative margin.
     Past theta_max = (pi - m2) / m1 the target falls back to cos(theta) - mm - m3 (module docstring).
-    `straight_through=True` reproduces arcface_torch: same values, but d phi / d cos taken as 1.
+
+    `straight_through=True` takes d phi / d cos as 1, as arcface_torch's ArcFace branch (m1 = 1,
+    m3 = 0) does. Its values equal arcface_torch's s * cos(theta + m2) only for theta <= pi - m2
+    (cos(theta) >= cos(pi - m2)); beyond, this class keeps the monotone fallback cos(theta) - mm
+    while arcface_torch keeps cos(theta + m2), which rises again towards -cos(m2) at theta = pi.
+    Other arcface_torch differences that `straight_through` does not touch: with m3 > 0 it ignores
+    m2, and it does not implement m1 != 1.
     """
 
     def __init__(

@@ -12,7 +12,9 @@ How one step works (W ranks, B samples per rank, C classes, D features):
        per-rank `nn.Parameter`; embeddings and labels of all ranks are all-gathered -> (B*W, D);
     2. each rank keeps every centre that is a positive of the global batch and fills the budget
        int(sample_rate * num_local) with random other centres of its shard (no sampling at rate 1);
-    3. cosine logits (B*W, S_local) in fp32, the margin on the target column of the owning rank;
+    3. cosine logits (B*W, S_local) in fp32, the margin on the target column of the owning rank
+       (autocast is switched off inside the head: a bf16 cosine matmul is off by up to ~1e-3, which s = 64
+       turns into logit errors of ~0.1);
     4. softmax cross-entropy over the union of all ranks' columns: row max, sum of exponentials and
        target logit are all-reduced, so the loss is identical on every rank;
     5. backward: each rank's centre gradient is exact for its shard; the embedding gradient of the
@@ -156,6 +158,13 @@ def target_values(values: Tensor, labels: Tensor, group: dist.ProcessGroup | Non
 
 
 # --- the module ---------------------------------------------------------------------------------
+
+
+def full_precision(like: Tensor) -> torch.autocast:
+    """Autocast switched off on `like`'s device: logits, margins and softmax of a head run in fp32
+    (or fp64) whatever autocast the backbone ran under; bf16/fp16 embeddings are upcast by the head."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
 
 
 @dataclass(frozen=True)
@@ -336,20 +345,24 @@ class PartialFC(nn.Module):
 
     @staticmethod
     def _cosine(x_normed: Tensor, rows: Tensor) -> Tensor:
-        """Cosine logits (N, S), at least fp32, between normalised features and L2-normalised rows."""
-        # bf16 embeddings against fp32 centres: multiply in the wider dtype (an ambient autocast
-        # still chooses the matmul precision).
-        common = torch.promote_types(x_normed.dtype, rows.dtype)
-        cos = F.linear(x_normed.to(common), F.normalize(rows, dim=1).to(common))
-        if cos.dtype not in (torch.float32, torch.float64):
-            cos = cos.float()  # the margin and the softmax always run in fp32 (fp64 for exact tests)
+        """Cosine logits (N, S), at least fp32, between normalised features and L2-normalised rows.
+
+        Call it with autocast off (`forward` does): under autocast F.linear would run in bf16/fp16.
+        """
+        common = torch.promote_types(torch.promote_types(x_normed.dtype, rows.dtype), torch.float32)
+        cos = F.linear(x_normed.to(common), F.normalize(rows.to(common), dim=1))
         with torch.no_grad():
             cos.clamp_(-1.0, 1.0)  # rounding can leave |cos| a hair above 1; the gradient is unaffected
         return cos
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> PartialFCOutput:
         """Loss of the local batch `embeddings` (B, D) with global class ids `labels` (B,)."""
+        with full_precision(embeddings):
+            return self._forward(embeddings, labels)
+
+    def _forward(self, embeddings: Tensor, labels: Tensor) -> PartialFCOutput:
         x, y = self._gather(embeddings, labels)
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # (B*W, D) normalised in fp32
         index, local = self._sample(self._local_labels(y), self.sample_rate)
         cos = self._cosine(F.normalize(x, dim=1), self._centres(index))  # (B*W, S)
         cos_target = target_values(cos, local, self.group)
@@ -397,6 +410,7 @@ class PartialFC(nn.Module):
 
 __all__ = [
     "PartialFC",
+    "full_precision",
     "PartialFCOutput",
     "gather_rows",
     "init_centres",

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..distributed import gather_rows, get_rank, get_world_size, shard_range
 from .margins import create_margin
-from .partial_fc import PartialFC, PartialFCOutput, target_and_negative_lse, target_values
+from .partial_fc import PartialFC, PartialFCOutput, full_precision, target_and_negative_lse, target_values
 
 STAGES = (1, 2, 3)
 
@@ -209,6 +209,10 @@ class PCOHead(PartialFC):
         return f"{super().extra_repr()}, stage={self.stage}"
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> PartialFCOutput:
+        with full_precision(embeddings):  # logits, margins and softmax in fp32 under any autocast
+            return self._pco_forward(embeddings, labels)
+
+    def _pco_forward(self, embeddings: Tensor, labels: Tensor) -> PartialFCOutput:
         stage = self.stage
         # The stage may also arrive through load_state_dict (the `stage_buffer` buffer), which bypasses
         # the setter: keep the bank's frozen flag in step with it.
@@ -216,9 +220,10 @@ class PCOHead(PartialFC):
         if stage >= 2 and not bool(self.bank.initialized):
             self.bank.initialize_from(self.weight)
         if stage == 1:
-            out = super().forward(embeddings, labels)
+            out = self._forward(embeddings, labels)
             return PartialFCOutput(out.loss, out.cos_target, out.num_sampled, 1, out.sampled_index)
         x, y = self._gather(embeddings, labels)
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # (B*W, D)
         index, local = self._sample(self._local_labels(y), self.sample_rate if stage == 2 else 1.0)
         x_normed = F.normalize(x, dim=1)  # (B*W, D)
         cos_w = self._cosine(x_normed, self._centres(index))  # (B*W, S)
