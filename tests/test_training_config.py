@@ -142,3 +142,28 @@ def test_published_recipes_match_the_reference() -> None:
         assert (cfg.data.batch_size, cfg.loop.epochs, cfg.optim.warmup_epochs) == (384, 40, 4.0), path
         assert cfg.data.source == "recordio" and cfg.data.num_classes == sizes[path.stem.split("_")[-1]], path
         assert cfg.head.sample_rate in (0.1, 0.3), path
+
+
+def test_stage_scheduler_smoothing_reaches_the_scheduler(tmp_path: Path) -> None:
+    from training.encoder import build_head
+
+    cfg = write(tmp_path / "run.yaml", "head:\n  kind: pco\n  stage_window: 5\n  min_steps_per_stage: 40\n")
+    config = load_config(EncoderRunConfig, cfg)
+    _, scheduler = build_head(config, 16, 10)
+    assert (scheduler.window, scheduler.min_steps_per_stage) == (5, 40)
+    # min_steps_per_stage acts: values far above delta1 = 0.2 do not switch during the first 40 steps.
+    values = [0.9] * 35 + [0.0] * 5
+    assert [scheduler.update(v, step) for step, v in enumerate(values)] == [1] * 40
+    # The window acts: one value of 0.9 after four zeros averages to 0.18 < 0.2, no switch ...
+    assert scheduler.update(0.9, 40) == 1 and scheduler.smoothed == pytest.approx(0.18)
+    # ... a second one lifts the mean to 0.36 and switches.
+    assert scheduler.update(0.9, 41) == 2 and scheduler.switch_steps == {2: 41}
+    defaults = load_config(EncoderRunConfig, None, ["--head.stage_window=3"])
+    _, scheduler = build_head(defaults, 16, 10)
+    assert (scheduler.window, scheduler.min_steps_per_stage) == (3, 0)
+    with pytest.raises(ConfigError, match="stage_window must be >= 1"):
+        load_config(EncoderRunConfig, None, ["--head.stage_window=0"])
+    with pytest.raises(ConfigError, match="min_steps_per_stage must be >= 0"):
+        load_config(EncoderRunConfig, None, ["--head.min_steps_per_stage=-1"])
+    with pytest.raises(ConfigError, match="only apply to kind: pco"):
+        load_config(EncoderRunConfig, None, ["--head.kind=partial_fc", "--head.stage_window=4"])

@@ -189,6 +189,10 @@ class HeadConfig:
         delta1, delta2: PCO stage thresholds on the batch mean of cos^2(feature, own centre).
         stage_override_steps: [first step of stage 2, first step of stage 3] instead of thresholds.
         stage_override_epochs: the same by epoch.
+        stage_window: the thresholds compare the mean of the last `stage_window` per-step values
+            (1 = no smoothing); smooths a noisy cos^2 at small batches.
+        min_steps_per_stage: a threshold switch happens only after this many steps in the current
+            stage (0 = none). Neither applies to a manual (override) schedule.
         init_seed: seed of the (world-size independent) centre initialisation.
     """
 
@@ -202,6 +206,8 @@ class HeadConfig:
     delta2: float = 0.35
     stage_override_steps: tuple[int | None, int | None] | None = None
     stage_override_epochs: tuple[int | None, int | None] | None = None
+    stage_window: int = 1
+    min_steps_per_stage: int = 0
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -211,6 +217,10 @@ class HeadConfig:
                "give stage_override_steps or stage_override_epochs, not both")
         _check(self.kind == "pco" or (self.stage_override_steps is None and self.stage_override_epochs is None),
                "stage overrides only apply to kind: pco")
+        _check(self.stage_window >= 1, f"stage_window must be >= 1 (1 = no smoothing), got {self.stage_window}")
+        _check(self.min_steps_per_stage >= 0, f"min_steps_per_stage must be >= 0, got {self.min_steps_per_stage}")
+        _check(self.kind == "pco" or (self.stage_window == 1 and self.min_steps_per_stage == 0),
+               "stage_window and min_steps_per_stage only apply to kind: pco")
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,8 @@ def build_head(
     head = PCOHead(feature_dim, num_classes, scale=h.scale, margin=h.margin_value, margin_bank=h.margin_bank,
                    sample_rate=h.sample_rate, margin_type=h.margin, init_seed=h.init_seed)
     overrides = {"override_epochs": h.stage_override_epochs} if h.stage_override_epochs else {}
-    scheduler = CosineStageScheduler(h.delta1, h.delta2, h.stage_override_steps, **overrides)
+    scheduler = CosineStageScheduler(h.delta1, h.delta2, h.stage_override_steps, window=h.stage_window,
+                                     min_steps_per_stage=h.min_steps_per_stage, **overrides)
     return head, scheduler
 
 
