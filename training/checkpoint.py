@@ -21,14 +21,30 @@ rows (`lvface_mm.distributed.shard_range`). Partial FC and the PCO head are.
 
 Files are written to a temporary name, fsync'd and renamed, then the `latest` pointer is replaced
 the same way, so a crash at any moment leaves the previous checkpoint intact and `latest` valid.
+
+Robustness:
+    - the sha256 and size of every checkpoint file go to a sidecar `step_N.pt.sha256`, written
+      before the checkpoint is renamed into place; loading checks them, so a flipped byte in tensor
+      data (which `torch.load` would accept) is refused with `CheckpointCorruptError`;
+    - temporary files of a save that was killed (`.step_N.pt.*.tmp`) are removed at the next save
+      and when a run starts;
+    - a full disk gives `CheckpointWriteError: disk full while writing <file>; last good checkpoint:
+      step_N.pt` instead of torch's "enforce fail at inline_container.cc", and leaves every
+      finished checkpoint as it was;
+    - `CheckpointManager.load_newest` (auto-resume) falls back from a truncated or corrupt newest
+      checkpoint to the next older good one, with a warning naming what was skipped and why.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +57,17 @@ from lvface_mm.distributed import gather_rows, get_rank, get_world_size, is_dist
 
 FORMAT = "lvface_mm.training/1"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic_write_bytes leaves behind when killed
+CHECKSUM_SUFFIX = ".sha256"
+_HASH_CHUNK = 1 << 22
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); earlier checkpoints are intact."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's bytes do not match the checksum recorded when it was written."""
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -55,24 +82,127 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it to `path`."""
+class _HashingWriter(io.RawIOBase):
+    """A binary file wrapper that hashes what goes through it and remembers the first OSError.
+
+    torch.save turns an exception of the file's `write` into "enforce fail at inline_container.cc";
+    keeping the original lets the caller say "disk full" instead.
+    """
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        super().__init__()
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            written = self.raw.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        view = memoryview(data).cast("B")[:written]
+        self.sha256.update(view)
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+
+def _write_error(path: Path, exc: OSError) -> CheckpointWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(exc.errno, f"disk full while writing {path}")
+    return CheckpointWriteError(exc.errno, f"could not write {path}: {exc.strerror or exc}")
+
+
+def atomic_write_bytes(
+    path: Path, write: Any, before_replace: Callable[[str, int], None] | None = None
+) -> tuple[str, int]:
+    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it to `path`.
+
+    `before_replace(sha256_hex, size)` runs after the data is on disk and before the rename (the
+    checksum sidecar is written there). Returns (sha256 hex, size). An OSError while writing
+    (including one torch.save wraps in a RuntimeError) raises `CheckpointWriteError`; the temporary
+    file is removed and `path` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    writer = None
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            writer = _HashingWriter(raw)
+            write(writer)
+            writer.flush()
+            os.fsync(raw.fileno())
+        digest, size = writer.sha256.hexdigest(), writer.size
+        if before_replace is not None:
+            before_replace(digest, size)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        error = writer.error if writer is not None and writer.error is not None else exc
+        if isinstance(error, OSError) and not isinstance(error, CheckpointWriteError):
+            raise _write_error(path, error) from exc
         raise
     _fsync_dir(path.parent)
+    return digest, size
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(Path(path), lambda f: torch.save(obj, f))
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in 4 MiB chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def verify_checksum(path: Path) -> bool:
+    """Check `path` against its sidecar. False when there is none (older checkpoints).
+
+    Raises:
+        CheckpointCorruptError: size or sha256 differ from what was recorded at save time.
+    """
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return False
+    try:
+        expected, expected_size = sidecar.read_text().split()[:2]
+        expected_size = int(expected_size)
+    except (ValueError, OSError) as exc:
+        raise CheckpointCorruptError(f"{sidecar}: unreadable checksum file ({exc})") from exc
+    actual, size = file_sha256(path)
+    if size != expected_size:
+        raise CheckpointCorruptError(
+            f"{path}: {size} bytes, {expected_size} were written (truncated or overwritten); refusing to load it"
+        )
+    if actual != expected:
+        raise CheckpointCorruptError(
+            f"{path}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded when it was written "
+            "(the file is corrupt); refusing to load it"
+        )
+    return True
 
 
 class CheckpointManager:
@@ -94,30 +224,98 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: the `latest` pointer, or the highest step file."""
+        candidates = self.candidates()
+        return candidates[0] if candidates else None
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, best first: the `latest` pointer's target, then steps newest first."""
+        out = [self.path_for(step) for step in reversed(self.steps())]
         pointer = self.directory / "latest"
         if pointer.is_file():
-            target = self.directory / pointer.read_text().strip()
-            if target.is_file():
-                return target
-        steps = self.steps()
-        return self.path_for(steps[-1]) if steps else None
+            try:
+                target = self.directory / pointer.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                target = None
+            if target is not None and target.is_file():
+                out = [target] + [p for p in out if p != target]
+        return out
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temporary files a killed save left in the directory (rank 0, no save running)."""
+        if not self.directory.is_dir():
+            return []
+        stale = [p for p in self.directory.iterdir() if _TEMP_FILE.match(p.name) and p.is_file()]
+        # A sidecar is written just before its checkpoint is renamed into place: alone, it is a leftover.
+        stale += [p for p in self.directory.glob(f"step_*.pt{CHECKSUM_SUFFIX}")
+                  if not p.with_name(p.name.removesuffix(CHECKSUM_SUFFIX)).exists()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def load_newest(self, warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that reads and verifies, falling back past bad ones with a warning.
+
+        Returns None when the directory holds no checkpoint.
+
+        Raises:
+            ValueError: checkpoints exist but none of them can be loaded (each reason is listed).
+        """
+        problems = []
+        for path in self.candidates():
+            try:
+                payload = read_checkpoint(path)
+            except (ValueError, OSError) as exc:
+                problems.append(f"{path.name}: {exc}")
+                warn(f"warning: skipping checkpoint {path} ({exc}); trying the next older one")
+                continue
+            if problems:
+                warn(f"warning: resuming from {path.name}, older than the newest checkpoint "
+                     f"({len(problems)} newer one(s) could not be loaded)")
+            return path, payload
+        if problems:
+            raise ValueError(f"{self.directory}: no checkpoint can be loaded: " + "; ".join(problems))
+        return None
 
     def save(self, payload: dict[str, Any], step: int) -> Path:
-        """Write `payload` as the checkpoint of `step` (call on rank 0 only), update `latest`, prune."""
+        """Write `payload` as the checkpoint of `step` (call on rank 0 only), update `latest`, prune.
+
+        Raises:
+            CheckpointWriteError: the disk is full (or another write error); the message names the
+                last good checkpoint, which is untouched.
+        """
+        self.remove_stale_temp_files()
         path = self.path_for(step)
-        atomic_torch_save(payload, path)
-        atomic_write_bytes(self.directory / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+
+        def write_sidecar(digest: str, size: int) -> None:
+            text = f"{digest} {size} {path.name}\n"
+            atomic_write_bytes(checksum_path(path), lambda f: f.write(text.encode()))
+
+        try:
+            atomic_write_bytes(path, lambda f: torch.save(payload, f), before_replace=write_sidecar)
+            atomic_write_bytes(self.directory / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+        except CheckpointWriteError as exc:
+            last = next((p.name for p in self.candidates() if p != path), None)
+            raise CheckpointWriteError(
+                exc.errno, f"{exc.strerror}; last good checkpoint: {last or 'none yet'} (nothing saved was changed)"
+            ) from exc
         for old in self.steps()[: -self.keep_last]:
             if old != step:
                 self.path_for(old).unlink(missing_ok=True)
+                checksum_path(self.path_for(old)).unlink(missing_ok=True)
         return path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint (plain data and tensors only: no code runs on load)."""
+    """Load a training checkpoint (plain data and tensors only: no code runs on load).
+
+    Raises:
+        CheckpointCorruptError: the bytes differ from the checksum recorded at save time.
+        ValueError: not a readable training checkpoint (truncated, another format).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify_checksum(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -315,10 +513,14 @@ def rng_for_this_rank(saved: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 __all__ = [
     "FORMAT",
+    "CheckpointCorruptError",
     "CheckpointManager",
+    "CheckpointWriteError",
     "atomic_torch_save",
     "atomic_write_bytes",
     "capture_rng",
+    "file_sha256",
+    "verify_checksum",
     "gather_rng",
     "load_model_state",
     "load_optimizer_state",

@@ -44,6 +44,8 @@ from lvface_mm.distributed import all_reduce_max, all_reduce_mean, get_rank, get
 
 from .checkpoint import (
     CheckpointManager,
+    CheckpointWriteError,
+    atomic_write_bytes,
     gather_rng,
     load_model_state,
     load_optimizer_state,
@@ -203,6 +205,30 @@ class RunLogger:
             shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "lr", "stage", "samples_per_s")}
             self._bar.set_postfix(shown, refresh=False)
 
+    def rewind(self, step: int) -> int:
+        """A run resumed at `step`: move log lines of later steps to `log.superseded.jsonl`.
+
+        The resumed run logs those steps again; without this `log.jsonl` would hold two lines for
+        each (nothing is deleted: the superseded lines keep their own file). Returns how many moved.
+        """
+        if self._file is None:
+            return 0
+        path = Path(self._file.name)
+        self._file.close()
+        kept, moved = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                later = int(json.loads(line).get("step", -1)) > step
+            except (ValueError, AttributeError, TypeError):  # a line cut short by a crash: keep it aside
+                later = True
+            (moved if later else kept).append(line if line.endswith("\n") else line + "\n")
+        if moved:
+            with open(path.with_name("log.superseded.jsonl"), "a") as f:
+                f.writelines(moved)
+            atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        return len(moved)
+
     def message(self, text: str) -> None:
         if not self.enabled or self._file is None:
             return
@@ -344,17 +370,27 @@ class Trainer:
             "rng": gather_rng(),
             "extra": self.extra_state,
         }
-        path = self.checkpoints.save(payload, self.progress.step) if self.rank == 0 else None
-        self.last_saved_step = self.progress.step
+        path, error = None, None
+        if self.rank == 0:
+            try:
+                path = self.checkpoints.save(payload, self.progress.step)
+            except CheckpointWriteError as exc:
+                error = exc
         if is_distributed():
-            dist.barrier()  # nobody races ahead (or exits) before the file is complete
+            # Every rank learns whether rank 0's write failed (instead of waiting in the next collective).
+            failed = all_reduce_max(torch.tensor([float(error is not None)], device=self.device))
+            if error is None and failed.item() > 0:
+                error = CheckpointWriteError(f"rank 0 could not write the checkpoint of step {self.progress.step}")
+        if error is not None:
+            raise error
+        self.last_saved_step = self.progress.step
         if path is not None:
             self.logger.message(f"checkpoint: {path}")
         return path
 
-    def resume(self, path: str | Path) -> None:
+    def resume(self, path: str | Path, payload: dict[str, Any] | None = None) -> None:
         """Restore model, optimizer, schedule, scaler, data position and (same world size) RNG."""
-        payload = read_checkpoint(path)
+        payload = read_checkpoint(path) if payload is None else payload
         source = str(path)
         load_model_state(self.task, payload["model"], source)
         load_optimizer_state(self.optimizer, self.task, payload["optimizer"], source)
@@ -377,10 +413,17 @@ class Trainer:
             self.logger.message(f"world size changed {saved['world_size']} -> {self.world_size}: "
                                 "random generators re-seeded from (seed, rank, step)")
         self.last_saved_step = self.progress.step
-        self.logger.message(f"resumed from {source} at step {step}, epoch {self.progress.epoch}")
+        moved = self.logger.rewind(step)
+        self.logger.message(f"resumed from {source} at step {step}, epoch {self.progress.epoch}"
+                            + (f" ({moved} later log lines moved to log.superseded.jsonl)" if moved else ""))
 
     def _maybe_resume(self) -> None:
         mode = self.ckpt_cfg.resume
+        if self.rank == 0:
+            for stale in self.checkpoints.remove_stale_temp_files():
+                self.logger.message(f"removed {stale.name}, left by an interrupted checkpoint save")
+        if is_distributed():
+            dist.barrier()  # the other ranks list the directory only after the clean-up
         latest = self.checkpoints.latest()
         if mode == "never":
             if latest is not None:
@@ -389,9 +432,13 @@ class Trainer:
                     "continue that run, or choose another output_dir (nothing was overwritten)"
                 )
             return
-        path = latest if mode == "auto" else Path(mode)
-        if path is not None:
-            self.resume(path)
+        if mode == "auto":
+            # Newest checkpoint that loads and verifies; a truncated or corrupt one is skipped with a warning.
+            found = self.checkpoints.load_newest(warn=self.logger.message)
+            if found is not None:
+                self.resume(*found)
+            return
+        self.resume(Path(mode))
 
     # -- one optimizer step --------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
