@@ -209,3 +209,26 @@ def test_pco_and_stage_scheduler_across_processes(tmp_path) -> None:
     # scheduler: means 0.05, 0.225 (-> 2), 0.2, 0.35 (-> 3), 0.35: identical decisions on both ranks
     assert results[0]["stages"] == results[1]["stages"] == [1, 2, 2, 3, 3]
     assert results[0]["smoothed"] == pytest.approx(0.35)
+
+
+def test_deferred_bank_update_equals_one_update_on_the_whole_step() -> None:
+    """Two micro-batches with `defer_bank_update` + commit = one forward on the concatenated batch."""
+    torch.manual_seed(5)
+    x = torch.randn(12, D, dtype=torch.float64)
+    y = torch.randint(0, C, (12,))
+    y[7] = y[1]  # a class in both micro-batches: its update uses the mean over both
+    whole = PCOHead(D, C, sample_rate=1.0, stage=2, ddp_grad_scaling=False).double()
+    split = PCOHead(D, C, sample_rate=1.0, stage=2, ddp_grad_scaling=False, defer_bank_update=True).double()
+    start = split.bank.expectation.clone()
+    whole(x, y)
+    split(x[:6], y[:6])
+    assert torch.equal(split.bank.expectation, start) and split.bank.has_pending  # nothing applied yet
+    split(x[6:], y[6:])  # the second micro-batch still trains against the step's starting bank
+    split.commit_bank_update()
+    assert not split.bank.has_pending
+    torch.testing.assert_close(split.bank.expectation, whole.bank.expectation, rtol=0, atol=1e-12)
+    # Per micro-batch updates (two steps' worth) would have moved the shared class differently.
+    eager = PCOHead(D, C, sample_rate=1.0, stage=2, ddp_grad_scaling=False).double()
+    eager(x[:6], y[:6])
+    eager(x[6:], y[6:])
+    assert (eager.bank.expectation[y[1]] - whole.bank.expectation[y[1]]).abs().max() > 1e-3

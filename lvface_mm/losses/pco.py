@@ -21,9 +21,13 @@ centre) crosses 0.2 and 0.35:
 Choices the paper leaves open, made here:
     - The bank starts as the normalised class centres when stage 2 begins (the scheduler switches
       only once features are aligned with their centres), so every class has an anchor at once.
-    - One bank update per class and step, from the mean of that class's normalised features in the
-      global batch; a = sigmoid(cos(batch mean, e_i)). The loss of a step uses the bank as it was
-      before that step's update.
+    - One bank update per class and optimizer step, from the mean of that class's normalised
+      features in the global batch; a = sigmoid(cos(batch mean, e_i)). The loss of a step uses the
+      bank as it was before that step's update. With gradient accumulation the global batch spans
+      several forward calls: with `defer_bank_update=True` each forward only accumulates its
+      features and `commit_bank_update()` (called once per optimizer step; `FaceRecognitionTask`
+      does) applies them, so 1 process x 2 micro-batches updates the bank exactly as 2 processes
+      x 1 micro-batch. The default (False) updates at every forward, i.e. one forward = one step.
     - Bank logits use the same sampled classes as the centre logits.
 """
 
@@ -60,6 +64,8 @@ class FeatureExpectationBank(nn.Module):
         self.class_start, class_end = shard_range(num_classes, get_rank(group), get_world_size(group))
         self.num_local = class_end - self.class_start
         self.frozen = False
+        # Accumulated, not yet applied (local rows, normalised features) of the current step; never saved.
+        self._pending: list[tuple[Tensor, Tensor]] = []
         self.register_buffer("expectation", torch.zeros(self.num_local, feature_dim))
         self.register_buffer("initialized", torch.tensor(False))
 
@@ -82,12 +88,18 @@ class FeatureExpectationBank(nn.Module):
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:
-        """Blend the global batch into the expectations of this rank's classes.
+        """Blend the global batch into the expectations of this rank's classes (accumulate + commit).
 
         Args:
             features: (N, D) features of the global batch (normalised here).
             labels: (N,) global class ids.
         """
+        self.accumulate(features, labels)
+        self.commit()
+
+    @torch.no_grad()
+    def accumulate(self, features: Tensor, labels: Tensor) -> None:
+        """Keep this rank's share of a (micro-)batch for the next `commit`; the expectations do not change."""
         if self.frozen:
             return
         if not bool(self.initialized):
@@ -99,10 +111,22 @@ class FeatureExpectationBank(nn.Module):
             )
         local = labels - self.class_start
         mine = (local >= 0) & (local < self.num_local)
-        if not bool(mine.any()):
+        if bool(mine.any()):
+            self._pending.append((local[mine], F.normalize(features[mine].to(self.expectation.dtype), dim=1)))
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """One update per class from the mean of everything accumulated since the last commit."""
+        pending, self._pending = self._pending, []
+        if not pending or self.frozen:
             return
-        classes, inverse = torch.unique(local[mine], return_inverse=True)  # (K,), (n,)
-        x = F.normalize(features[mine].to(self.expectation.dtype), dim=1)  # (n, D)
+        rows = torch.cat([r for r, _ in pending])  # (n,) local rows, micro-batches in order
+        x = torch.cat([f for _, f in pending])  # (n, D) normalised features
+        classes, inverse = torch.unique(rows, return_inverse=True)  # (K,), (n,)
         mean = x.new_zeros(classes.numel(), self.feature_dim).index_add_(0, inverse, x)
         mean /= torch.bincount(inverse, minlength=classes.numel()).unsqueeze(1).to(mean.dtype)  # (K, D)
         old = self.expectation[classes]  # (K, D)
@@ -156,6 +180,9 @@ class PCOHead(PartialFC):
         sample_rate: fraction of each rank's centres used in stages 1 and 2 (the paper: 0.1).
         stage: starting stage (1, 2 or 3).
         margin_type: "cosface" (the paper's choice) or "arcface"; applies to both anchors.
+        defer_bank_update: accumulate the bank's features over forward calls until
+            `commit_bank_update()` (one optimizer step of several micro-batches); False updates
+            the bank at every forward.
     """
 
     def __init__(
@@ -173,6 +200,7 @@ class PCOHead(PartialFC):
         sparse_update: bool = False,
         ddp_grad_scaling: bool = True,
         init_seed: int = 0,
+        defer_bank_update: bool = False,
     ) -> None:
         if margin_type not in ("cosface", "arcface"):
             raise ValueError(f"PCOHead: margin_type must be 'cosface' or 'arcface', got {margin_type!r}")
@@ -188,6 +216,7 @@ class PCOHead(PartialFC):
         )
         self.margin_bank = create_margin(margin_type, scale=scale, margin=margin_bank)
         self.bank = FeatureExpectationBank(num_classes, feature_dim, group)
+        self.defer_bank_update = bool(defer_bank_update)
         self.register_buffer("stage_buffer", torch.tensor(1, dtype=torch.int64))
         self.stage = stage
 
@@ -230,9 +259,18 @@ class PCOHead(PartialFC):
         cos_e = self._cosine(x_normed, self.bank.normalized(index).to(x_normed.dtype))  # (B*W, S), gradient to x only
         cos_target = target_values(cos_w, local, self.group)
         loss = two_anchor_loss(self.margin(cos_w, local), self.margin_bank(cos_e, local), local, self.group)
-        self.bank.update(x.detach(), y)  # after the loss: this step's anchors are the pre-update bank
+        # After the loss: this step's anchors are the pre-update bank.
+        if self.defer_bank_update:
+            self.bank.accumulate(x.detach(), y)
+        else:
+            self.bank.update(x.detach(), y)
         num_sampled = self.num_local if index is None else int(index.numel())
         return PartialFCOutput(loss, cos_target, num_sampled, stage, index)
+
+    def commit_bank_update(self) -> None:
+        """Apply the bank features accumulated since the last call (`defer_bank_update=True`): once per
+        optimizer step, before the stage can change."""
+        self.bank.commit()
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ What the loop learns from the task, besides `forward`:
     - `sharded_modules()`: the head holds a different slice of the class centres on every rank, so
       the loop keeps it out of DDP, does not clip its gradients, and checkpoints it through its
       world-size independent `full_state_dict()`;
-    - `after_optimizer_step(step, epoch, metrics)`: the PCO stage scheduler sees the batch mean of
+    - `after_optimizer_step(step, epoch, metrics)`: a PCO head applies the feature-expectation bank
+      update accumulated over the step's micro-batches (one update per optimizer step, whatever the
+      accumulation), then the PCO stage scheduler sees the batch mean of
       cos^2(feature, own centre) after every optimizer step and moves the head to stage 2 or 3;
       its state travels in the task's `state_dict()` (`_extra_state`).
 """
@@ -63,6 +65,9 @@ class FaceRecognitionTask(nn.Module):
             raise ValueError("a stage scheduler needs a PCOHead; plain Partial FC has a single stage")
         self.encoder = encoder
         self.head = head
+        if isinstance(head, PCOHead):
+            # The bank is updated once per optimizer step from all its micro-batches (after_optimizer_step).
+            head.defer_bank_update = True
         self.stage_scheduler = stage_scheduler
         self.freeze_norm_stats = freeze_norm_stats
 
@@ -95,7 +100,10 @@ class FaceRecognitionTask(nn.Module):
         return {"head": self.head}
 
     def after_optimizer_step(self, step: int, epoch: int, metrics: dict[str, float]) -> dict[str, float]:
-        """Advance the PCO stage from this step's cos^2 mean (identical on every rank). Collective."""
+        """Commit the step's PCO bank update, then advance the PCO stage from this step's cos^2 mean
+        (identical on every rank). Collective."""
+        if isinstance(self.head, PCOHead):
+            self.head.commit_bank_update()  # before a switch to stage 3 freezes the bank
         if self.stage_scheduler is None:
             return {}
         stage = self.stage_scheduler.update(metrics.get("cos_sq_mean"), step, epoch=epoch)
