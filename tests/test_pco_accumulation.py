@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from training.checkpoint import read_checkpoint
 from training.encoder import main
@@ -41,9 +42,19 @@ def _two_processes(rank: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    wrapped = []
+    ddp_init = DDP.__init__
+
+    def recording_init(self: DDP, module: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        wrapped.append(f"{type(module).__name__}:{sum(p.numel() for p in module.parameters())}")
+        ddp_init(self, module, *args, **kwargs)
+
+    DDP.__init__ = recording_init  # record what the loop puts under DDP
     try:
         main(ARGS + [f"--output_dir={out}"])
+        Path(out, f"ddp_rank{rank}.txt").write_text("\n".join(wrapped))
     finally:
+        DDP.__init__ = ddp_init
         gc.collect()
         dist.destroy_process_group()
 
@@ -57,6 +68,12 @@ def test_bank_updates_once_per_optimizer_step_with_accumulation(tmp_path: Path) 
     assert accum["progress"]["samples_per_step"] == two["progress"]["samples_per_step"] == 16
     head_a, head_b = accum["model"]["sharded"]["head"], two["model"]["sharded"]["head"]
     assert int(head_a["stage"]) == int(head_b["stage"]) == 3
+    # Only the encoder went under DDP, on both ranks (the Partial FC head is a plain module beside it).
+    encoder_params = sum(t.numel() for k, t in two["model"]["replicated"].items()
+                         if k.startswith("encoder.") and t.is_floating_point() and "running_" not in k
+                         and "num_batches" not in k)
+    for rank in range(2):
+        assert (tmp_path / "two" / f"ddp_rank{rank}.txt").read_text() == f"FaceViT:{encoder_params}"
     # The bank moved away from its start (the normalised centres at the beginning of stage 2) ...
     assert (head_a["bank"] - torch.nn.functional.normalize(head_a["weight"], dim=1)).abs().max() > 1e-2
     # ... and the two runs agree on it to rounding: the bank saw the same 16-image global batch per

@@ -5,6 +5,11 @@ the other entries are averaged and logged. Optional task methods:
 
     sharded_modules() -> {name: module}   row-sharded submodules (Partial FC centres): kept out of
                                            DDP and of gradient clipping, checkpointed in full;
+    set_data_parallel(wrap | None)         required with sharded modules on several processes: the
+                                           task wraps its replicated part (the backbone) with
+                                           `wrap` (DDP) and calls it through the wrapper; None
+                                           drops the wrappers. The task itself is not DDP-wrapped,
+                                           so the sharded head never enters DDP;
     after_optimizer_step(step, epoch, metrics) -> dict
                                            called on every rank after each optimizer step with the
                                            rank-averaged metrics (PCO stage scheduling);
@@ -330,6 +335,7 @@ class Trainer:
         sharded_ids = {id(p) for m in self.sharded.values() for p in m.parameters()}
         self.replicated_params = [p for p in task.parameters() if p.requires_grad and id(p) not in sharded_ids]
         self.sharded_params = [p for p in task.parameters() if p.requires_grad and id(p) in sharded_ids]
+        self._ddp: list[nn.Module] = []  # the DDP wrappers, for no_sync() during accumulation
         self.model = self._wrap_ddp(task)
         self.logger = RunLogger(self.run_dir, self.rank == 0, loop.tensorboard, loop.progress_bar, self.total_steps)
         self.last_saved_step: int | None = None
@@ -339,22 +345,41 @@ class Trainer:
         return self.sampler.samples_per_step
 
     def _wrap_ddp(self, task: nn.Module) -> nn.Module:
+        """DDP over the replicated parameters only: the whole task, or the part a task with sharded
+        modules hands to `wrap` (sharded modules hold another slice on every rank: DDP must neither
+        broadcast nor average them, and their gradients are already exact per shard)."""
         if self.world_size == 1:
             return task
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Sharded modules hold a different slice on every rank: DDP must neither broadcast nor
-        # average them (their gradients are already exact per shard).
-        ignore = [f"{prefix}.{name}" for prefix, module in self.sharded.items()
-                  for name, _ in [*module.named_parameters(), *module.named_buffers()]]
-        DDP._set_params_and_buffers_to_ignore_for_model(task, ignore)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers are not re-broadcast every forward (per-rank BatchNorm statistics, as arcface_torch);
         # newer torch spells this forward_sync_buffers.
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
-        return DDP(task, device_ids=device_ids, find_unused_parameters=self.loop_cfg.find_unused_parameters,
-                   **no_sync)
+        sharded_ids = {id(t) for m in self.sharded.values() for t in [*m.parameters(), *m.buffers()]}
+
+        def wrap(module: nn.Module) -> nn.Module:
+            if any(id(t) in sharded_ids for t in [*module.parameters(), *module.buffers()]):
+                raise ValueError(f"set_data_parallel: the module given to DDP ({type(module).__name__}) holds "
+                                 f"parameters of a sharded module ({sorted(self.sharded)})")
+            ddp = DDP(module, device_ids=device_ids, find_unused_parameters=self.loop_cfg.find_unused_parameters,
+                      **no_sync)
+            self._ddp.append(ddp)
+            return ddp
+
+        if not self.sharded:
+            return wrap(task)
+        set_parallel = getattr(task, "set_data_parallel", None)
+        if not callable(set_parallel):
+            raise TypeError(
+                f"{type(task).__name__} has sharded modules {sorted(self.sharded)} but no set_data_parallel(wrap): "
+                "on several processes the loop needs it to put only the replicated part under DDP"
+            )
+        set_parallel(wrap)
+        if not self._ddp:
+            raise ValueError(f"{type(task).__name__}.set_data_parallel did not wrap anything with DDP")
+        return task
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -451,8 +476,10 @@ class Trainer:
         accum = len(micro_batches)
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
-            sync = i == accum - 1 or self.model is self.task
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with contextlib.ExitStack() as stack:
+                if i < accum - 1:  # DDP all-reduces only on the last micro-batch of the step
+                    for ddp in self._ddp:
+                        stack.enter_context(ddp.no_sync())
                 with self._autocast():
                     out = self.model(_to_device(batch, self.device))
                 if "loss" not in out:
@@ -570,6 +597,9 @@ class Trainer:
     def close(self) -> None:
         """Release the DDP wrapper (before `destroy_process_group`, avoiding a gloo abort at exit)."""
         self.logger.close()
+        if self._ddp and self.model is self.task:
+            self.task.set_data_parallel(None)
+        self._ddp = []
         self.model = None
         self.loader = None
         gc.collect()

@@ -8,6 +8,8 @@ What the loop learns from the task, besides `forward`:
     - `sharded_modules()`: the head holds a different slice of the class centres on every rank, so
       the loop keeps it out of DDP, does not clip its gradients, and checkpoints it through its
       world-size independent `full_state_dict()`;
+    - `set_data_parallel(wrap)`: on several processes the loop hands over its DDP constructor; only
+      the encoder is wrapped (and called through the wrapper), the head stays a plain module;
     - `after_optimizer_step(step, epoch, metrics)`: a PCO head applies the feature-expectation bank
       update accumulated over the step's micro-batches (one update per optimizer step, whatever the
       accumulation), then the PCO stage scheduler sees the batch mean of
@@ -17,6 +19,7 @@ What the loop learns from the task, besides `forward`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,6 +73,9 @@ class FaceRecognitionTask(nn.Module):
             head.defer_bank_update = True
         self.stage_scheduler = stage_scheduler
         self.freeze_norm_stats = freeze_norm_stats
+        # The DDP-wrapped encoder while the loop runs on several processes. A plain dict, so the
+        # wrapper is not registered as a submodule (no second copy of the keys in state_dict()).
+        self._parallel: dict[str, nn.Module] = {}
 
     def train(self, mode: bool = True) -> FaceRecognitionTask:
         super().train(mode)
@@ -81,7 +87,8 @@ class FaceRecognitionTask(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, 112, 112) uint8 or [-1, 1] crops -> (B, D) raw embeddings."""
-        return self.encoder(images_to_input(images))
+        encoder = self._parallel.get("encoder", self.encoder)
+        return encoder(images_to_input(images))
 
     def forward(self, batch: tuple[Tensor, ...] | list[Tensor]) -> dict[str, Tensor]:
         images, labels = batch[0], batch[1]
@@ -98,6 +105,11 @@ class FaceRecognitionTask(nn.Module):
     def sharded_modules(self) -> dict[str, nn.Module]:
         """Submodules whose parameters are split by rows across ranks (kept out of DDP)."""
         return {"head": self.head}
+
+    def set_data_parallel(self, wrap: Callable[[nn.Module], nn.Module] | None) -> None:
+        """Route the encoder through `wrap(encoder)` (e.g. DDP) from now on; None goes back to the plain
+        encoder (and releases the wrapper). The head is never wrapped: its rows differ per rank."""
+        self._parallel = {} if wrap is None else {"encoder": wrap(self.encoder)}
 
     def after_optimizer_step(self, step: int, epoch: int, metrics: dict[str, float]) -> dict[str, float]:
         """Commit the step's PCO bank update, then advance the PCO stage from this step's cos^2 mean
