@@ -43,6 +43,7 @@ import io
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,7 @@ from lvface_mm.distributed import gather_rows, get_rank, get_world_size, is_dist
 
 FORMAT = "lvface_mm.training/1"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic_write_bytes leaves behind when killed
 CHECKSUM_SUFFIX = ".sha256"
 _HASH_CHUNK = 1 << 22
@@ -206,21 +208,40 @@ def verify_checksum(path: Path) -> bool:
 
 
 class CheckpointManager:
-    """`step_XXXXXXXX.pt` files and a `latest` pointer in one directory; keeps the newest `keep_last`."""
+    """Checkpoints of one run in one directory, a `latest` pointer, the newest `keep_last` kept.
 
-    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+    `layout="sharded"` writes `step_XXXXXXXX/` directories with torch.distributed.checkpoint
+    (`training.sharded_checkpoint`, every rank writes its rows); `"single_file"` writes
+    `step_XXXXXXXX.pt` from rank 0. Both are read, whichever the run writes.
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, layout: str = "single_file") -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if layout not in ("sharded", "single_file"):
+            raise ValueError(f"layout must be 'sharded' or 'single_file', got {layout!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.layout = layout
 
     def path_for(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
+        suffix = "" if self.layout == "sharded" else ".pt"
+        return self.directory / f"step_{step:08d}{suffix}"
 
-    def steps(self) -> list[int]:
+    def _entries(self) -> list[tuple[int, Path]]:
+        """(step, path) of every checkpoint present, files and directories, oldest first."""
         if not self.directory.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _STEP_FILE.match(p.name)))
+        out = []
+        for p in self.directory.iterdir():
+            # step_N.pt files (single-file layout) and step_N/ directories (sharded layout)
+            m = _STEP_FILE.match(p.name) if p.is_file() else _STEP_DIR.match(p.name) if p.is_dir() else None
+            if m:
+                out.append((int(m.group(1)), p))
+        return sorted(out, key=lambda e: (e[0], e[1].name))
+
+    def steps(self) -> list[int]:
+        return sorted({step for step, _ in self._entries()})
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: the `latest` pointer, or the highest step file."""
@@ -229,14 +250,14 @@ class CheckpointManager:
 
     def candidates(self) -> list[Path]:
         """Checkpoints to resume from, best first: the `latest` pointer's target, then steps newest first."""
-        out = [self.path_for(step) for step in reversed(self.steps())]
+        out = [path for _, path in reversed(self._entries())]
         pointer = self.directory / "latest"
         if pointer.is_file():
             try:
                 target = self.directory / pointer.read_text().strip()
             except (OSError, UnicodeDecodeError):
                 target = None
-            if target is not None and target.is_file():
+            if target is not None and target in out:
                 out = [target] + [p for p in out if p != target]
         return out
 
@@ -244,26 +265,40 @@ class CheckpointManager:
         """Delete temporary files a killed save left in the directory (rank 0, no save running)."""
         if not self.directory.is_dir():
             return []
-        stale = [p for p in self.directory.iterdir() if _TEMP_FILE.match(p.name) and p.is_file()]
+        stale = [p for p in self.directory.iterdir() if _TEMP_FILE.match(p.name)]
         # A sidecar is written just before its checkpoint is renamed into place: alone, it is a leftover.
         stale += [p for p in self.directory.glob(f"step_*.pt{CHECKSUM_SUFFIX}")
                   if not p.with_name(p.name.removesuffix(CHECKSUM_SUFFIX)).exists()]
         for path in stale:
-            path.unlink(missing_ok=True)
+            _remove(path)
         return stale
 
-    def load_newest(self, warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    def read(self, path: Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """Verify and read `path`: a single-file checkpoint's payload, or a sharded one's meta (this
+        rank checks its `share` of the files against the manifest)."""
+        if path.is_dir():
+            from .sharded_checkpoint import read_meta, verify_manifest
+
+            verify_manifest(path, share)
+            return read_meta(path)
+        return read_checkpoint(path)
+
+    def load_newest(
+        self, warn: Callable[[str], None] = print, read: Callable[[Path], dict[str, Any]] | None = None
+    ) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that reads and verifies, falling back past bad ones with a warning.
 
-        Returns None when the directory holds no checkpoint.
+        `read(path)` verifies and reads one checkpoint (default `self.read`; the training loop passes
+        one that agrees across ranks). Returns None when the directory holds no checkpoint.
 
         Raises:
             ValueError: checkpoints exist but none of them can be loaded (each reason is listed).
         """
         problems = []
+        read = self.read if read is None else read
         for path in self.candidates():
             try:
-                payload = read_checkpoint(path)
+                payload = read(path)
             except (ValueError, OSError) as exc:
                 problems.append(f"{path.name}: {exc}")
                 warn(f"warning: skipping checkpoint {path} ({exc}); trying the next older one")
@@ -298,21 +333,62 @@ class CheckpointManager:
             raise CheckpointWriteError(
                 exc.errno, f"{exc.strerror}; last good checkpoint: {last or 'none yet'} (nothing saved was changed)"
             ) from exc
-        for old in self.steps()[: -self.keep_last]:
-            if old != step:
-                self.path_for(old).unlink(missing_ok=True)
-                checksum_path(self.path_for(old)).unlink(missing_ok=True)
+        self._prune(step)
         return path
+
+    def save_sharded(
+        self, task: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], step: int
+    ) -> Path:
+        """Write the sharded checkpoint of `step` (collective: every rank calls it), then on rank 0
+        update `latest` and prune. Raises `CheckpointWriteError` on every rank if any write failed."""
+        from .sharded_checkpoint import save_sharded
+
+        path = self.path_for(step)
+        if get_rank() == 0:
+            self.remove_stale_temp_files()
+        try:
+            save_sharded(task, optimizer, path, meta)
+            if get_rank() == 0:
+                atomic_write_bytes(self.directory / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+        except CheckpointWriteError as exc:
+            last = next((p.name for p in self.candidates() if p != path), None)
+            raise CheckpointWriteError(
+                exc.errno, f"{exc.strerror}; last good checkpoint: {last or 'none yet'} (nothing saved was changed)"
+            ) from exc
+        if get_rank() == 0:
+            self._prune(step)
+        return path
+
+    def _prune(self, step: int) -> None:
+        keep = set(self.steps()[-self.keep_last :]) | {step}
+        for old, path in self._entries():
+            if old not in keep:
+                _remove(path)
+                checksum_path(path).unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a training checkpoint (plain data and tensors only: no code runs on load).
+
+    A sharded checkpoint (a `step_N/` directory) is assembled whole in this process, in the same
+    layout as a single file (full rows): for inspection and tests.
 
     Raises:
         CheckpointCorruptError: the bytes differ from the checksum recorded at save time.
         ValueError: not a readable training checkpoint (truncated, another format).
     """
     path = Path(path)
+    if path.is_dir():
+        from .sharded_checkpoint import read_sharded_checkpoint
+
+        return read_sharded_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     verify_checksum(path)
@@ -407,9 +483,14 @@ def optimizer_state(optimizer: torch.optim.Optimizer, task: nn.Module) -> dict[s
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, task: nn.Module, saved: dict[str, Any], source: str = "checkpoint"
+    optimizer: torch.optim.Optimizer,
+    task: nn.Module,
+    saved: dict[str, Any],
+    source: str = "checkpoint",
+    rows_are_local: bool = False,
 ) -> None:
-    """Load `optimizer_state` output saved on any world size; sharded rows are sliced for this rank."""
+    """Load `optimizer_state` output saved on any world size; sharded rows are sliced for this rank
+    (unless `rows_are_local`: they already are this rank's rows, as a sharded checkpoint loads them)."""
     sharded = sharded_modules(task)
     names = _param_names(task)
     params = _indexed_params(optimizer)
@@ -434,7 +515,7 @@ def load_optimizer_state(
         out = {}
         for key, value in per_param.items():
             per_row = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[1:] == param.shape[1:]
-            if owner is not None and per_row:
+            if owner is not None and per_row and not rows_are_local:
                 value = slice_rows(value, getattr(sharded[owner], "group", None)).clone()
             out[key] = value
         torch_state[index_of[name]] = out

@@ -135,13 +135,17 @@ class CheckpointConfig:
         keep_last: newest checkpoints kept; older ones are deleted after a newer one is safely written.
         resume: "auto" continues from the newest checkpoint in the run directory if there is one;
             "never" refuses to start in a directory that already holds checkpoints (nothing saved
-            is ever overwritten); any other value is the path of a checkpoint file to start from.
+            is ever overwritten); any other value is the path of a checkpoint to start from.
+        format: "sharded" (a `step_N/` directory written with torch.distributed.checkpoint, every
+            rank saving its own class-centre rows) or "single_file" (`step_N.pt` from rank 0, rows
+            gathered). Both resume on any number of processes; either format is read.
     """
 
     every_steps: int = 1000
     at_epoch_end: bool = True
     keep_last: int = 3
     resume: str = "auto"
+    format: Literal["sharded", "single_file"] = "sharded"
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from lvface_mm.distributed import all_reduce_max, all_reduce_mean, get_rank, get_world_size, is_distributed
 
 from .checkpoint import (
+    CheckpointCorruptError,
     CheckpointManager,
     CheckpointWriteError,
     atomic_write_bytes,
@@ -56,13 +57,14 @@ from .checkpoint import (
     load_optimizer_state,
     model_state,
     optimizer_state,
-    read_checkpoint,
     restore_rng,
     rng_for_this_rank,
     sharded_modules,
 )
 from .config import CheckpointConfig, LoopConfig, OptimConfig
 from .data import GlobalBatchSampler
+from .sharded_checkpoint import FORMAT as SHARDED_FORMAT
+from .sharded_checkpoint import load_sharded
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -330,7 +332,7 @@ class Trainer:
         self.clip_grad_norm = optim.clip_grad_norm
         self.autocast_dtype = _DTYPES[loop.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=loop.precision == "fp16")
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", checkpoint.keep_last, checkpoint.format)
         self.sharded = sharded_modules(task)
         sharded_ids = {id(p) for m in self.sharded.values() for p in m.parameters()}
         self.replicated_params = [p for p in task.parameters() if p.requires_grad and id(p) not in sharded_ids]
@@ -383,7 +385,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current state (collective; rank 0 writes). Returns its path on rank 0."""
+        """Write a checkpoint of the current state (collective). Returns its path on rank 0."""
+        if self.checkpoints.layout == "sharded":
+            return self._save_sharded()
         payload = {
             "format": "lvface_mm.training/1",
             "model": model_state(self.task),
@@ -413,12 +417,53 @@ class Trainer:
             self.logger.message(f"checkpoint: {path}")
         return path
 
+    def _save_sharded(self) -> Path | None:
+        """Every rank writes its own rows with torch.distributed.checkpoint (no gather)."""
+        meta = {
+            "format": SHARDED_FORMAT,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "progress": {**vars(self.progress), "samples_per_step": self.samples_per_step,
+                         "world_size": self.world_size},
+            "rng": gather_rng(),
+            "extra": self.extra_state,
+        }
+        path = self.checkpoints.save_sharded(self.task, self.optimizer, meta, self.progress.step)
+        self.last_saved_step = self.progress.step
+        if self.rank == 0:
+            self.logger.message(f"checkpoint: {path}")
+            return path
+        return None
+
+    def _read_agreed(self, path: Path) -> dict[str, Any]:
+        """Verify and read a checkpoint; ranks share the verification of a sharded one and agree on
+        the outcome (a damaged file seen by one rank makes every rank skip it)."""
+        error, payload = None, None
+        try:
+            payload = self.checkpoints.read(path, share=(self.rank, self.world_size))
+        except (ValueError, OSError) as exc:
+            error = exc
+        if is_distributed():
+            bad = all_reduce_max(torch.tensor([float(error is not None)], device=self.device))
+            if bad.item() > 0 and error is None:
+                error = CheckpointCorruptError(f"{path}: another rank found it damaged or unreadable")
+        if error is not None:
+            raise error
+        return payload
+
     def resume(self, path: str | Path, payload: dict[str, Any] | None = None) -> None:
         """Restore model, optimizer, schedule, scaler, data position and (same world size) RNG."""
-        payload = read_checkpoint(path) if payload is None else payload
+        path = Path(path)
+        if payload is None:
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint not found: {path}")
+            payload = self._read_agreed(path)
         source = str(path)
-        load_model_state(self.task, payload["model"], source)
-        load_optimizer_state(self.optimizer, self.task, payload["optimizer"], source)
+        if path.is_dir():  # sharded: each rank reads its own rows
+            load_sharded(self.task, self.optimizer, path, payload)
+        else:
+            load_model_state(self.task, payload["model"], source)
+            load_optimizer_state(self.optimizer, self.task, payload["optimizer"], source)
         if payload.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(payload["scaler"])
         saved = payload["progress"]
@@ -459,7 +504,7 @@ class Trainer:
             return
         if mode == "auto":
             # Newest checkpoint that loads and verifies; a truncated or corrupt one is skipped with a warning.
-            found = self.checkpoints.load_newest(warn=self.logger.message)
+            found = self.checkpoints.load_newest(warn=self.logger.message, read=self._read_agreed)
             if found is not None:
                 self.resume(*found)
             return

@@ -384,6 +384,26 @@ class PartialFC(nn.Module):
         self._check_full_state(state, {"weight"}, strict)
         self._load_rows(self.weight, state["weight"], "weight")
 
+    def local_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(rows, other): this rank's rows [class_start, class_start + num_local) of every row-sharded
+        tensor (aliases, no copy, no communication) and the small replicated entries. Together over all
+        ranks they are `full_state_dict()`; sharded checkpoints save them without gathering."""
+        return {"weight": self.weight.detach()}, {}
+
+    def load_local_state(self, rows: dict[str, Tensor], other: dict[str, Tensor]) -> None:
+        """Load this rank's rows (already sliced for its shard) and the replicated entries."""
+        self._check_full_state({**rows, **other}, {"weight"}, strict=True)
+        self._load_local_rows(self.weight, rows["weight"], "weight")
+
+    def _load_local_rows(self, target: Tensor, rows: Tensor, key: str) -> None:
+        shape = (self.num_local, self.feature_dim)
+        if not isinstance(rows, Tensor) or tuple(rows.shape) != shape:
+            got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"{type(self).__name__}.load_local_state: {key!r} must be this rank's {shape} rows, "
+                             f"got {got}")
+        with torch.no_grad():
+            target.copy_(rows)
+
     def _check_full_state(self, state: dict[str, Tensor], expected: set[str], strict: bool) -> None:
         who = type(self).__name__
         if not isinstance(state, dict):

@@ -282,6 +282,20 @@ class PCOHead(PartialFC):
         state["stage"] = torch.tensor(self.stage, dtype=torch.int64)
         return state
 
+    def local_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """This rank's rows of the centres and the bank, plus bank flag and stage (see `PartialFC`)."""
+        rows = {"weight": self.weight.detach(), "bank": self.bank.expectation}
+        other = {"bank_initialized": self.bank.initialized.detach(), "stage": torch.tensor(self.stage)}
+        return rows, other
+
+    def load_local_state(self, rows: dict[str, Tensor], other: dict[str, Tensor]) -> None:
+        """Load this rank's rows of centres and bank, and the bank flag and stage."""
+        self._check_full_state({**rows, **other}, {"weight", "bank", "bank_initialized", "stage"}, strict=True)
+        self._load_local_rows(self.weight, rows["weight"], "weight")
+        self._load_local_rows(self.bank.expectation, rows["bank"], "bank")
+        self.bank.initialized.fill_(bool(other["bank_initialized"]))
+        self.stage = int(other["stage"])
+
     def load_full_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
         """Load a `full_state_dict` saved on any number of ranks (centres, bank, stage)."""
         self._check_full_state(state, {"weight", "bank", "bank_initialized", "stage"}, strict)
