@@ -51,7 +51,7 @@ def test_lora_run_freezes_the_base_and_round_trips(tmp_path: Path) -> None:
           "--lora.rank=4", "--optim.lr=1e-2", f"--output_dir={tmp_path / 'run'}"])
 
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tb").iterdir())
-    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006.pt")
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006")
     optimized = set(ckpt["optimizer"]["state"])
     assert "head.weight" in optimized and all(n == "head.weight" or ".lora_" in n for n in optimized)
     assert len(optimized) == 17  # 16 adapter matrices + the Partial FC centres

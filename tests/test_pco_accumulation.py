@@ -63,8 +63,8 @@ def _two_processes(rank: int, port: int, out: str) -> None:
 def test_bank_updates_once_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
     main(ARGS + ["--loop.grad_accum_steps=2", f"--output_dir={tmp_path / 'accum'}"])
     mp.start_processes(_two_processes, args=(_free_port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
-    accum = read_checkpoint(tmp_path / "accum" / "checkpoints" / "step_00000007.pt")
-    two = read_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000007.pt")
+    accum = read_checkpoint(tmp_path / "accum" / "checkpoints" / "step_00000007")
+    two = read_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000007")
     assert accum["progress"]["samples_per_step"] == two["progress"]["samples_per_step"] == 16
     head_a, head_b = accum["model"]["sharded"]["head"], two["model"]["sharded"]["head"]
     assert int(head_a["stage"]) == int(head_b["stage"]) == 3

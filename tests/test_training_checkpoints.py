@@ -226,11 +226,11 @@ def test_flipped_byte_is_refused_by_the_checksum(tmp_path: Path, capsys, layout:
 
 
 def test_resumed_run_does_not_repeat_log_lines(tmp_path: Path) -> None:
-    make_trainer(tmp_path, max_steps=6, every_steps=3).fit()
+    make_trainer(tmp_path, max_steps=6, every_steps=3, format="sharded").fit()
     # A crash after step 5 was logged but before its checkpoint: only step 3 is on disk.
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
     (tmp_path / "checkpoints" / "latest").write_text("step_00000003\n")
-    make_trainer(tmp_path, max_steps=6, every_steps=3).fit()
+    make_trainer(tmp_path, max_steps=6, every_steps=3, format="sharded").fit()
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [line["step"] for line in lines if line["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -195,7 +195,7 @@ def test_recordio_and_image_folder_sources_with_bin_verification(tmp_path: Path)
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         (evaluation,) = [r for r in records if r["kind"] == "eval"]
         assert 0.0 <= evaluation["val/acc"] <= 1.0 and "synthetic_heldout/acc" not in evaluation
-        final = read_checkpoint(out / "checkpoints" / "step_00000003.pt")
+        final = read_checkpoint(out / "checkpoints" / "step_00000003")
         assert final["model"]["sharded"]["head"]["weight"].shape == (8, 512)
         assert math.isfinite(records[-2]["loss"])
     with pytest.raises(ConfigError, match="data.num_classes is 9 but recordio data .* has 8 identities"):

@@ -137,15 +137,17 @@ class CheckpointConfig:
             "never" refuses to start in a directory that already holds checkpoints (nothing saved
             is ever overwritten); any other value is the path of a checkpoint to start from.
         format: "sharded" (a `step_N/` directory written with torch.distributed.checkpoint, every
-            rank saving its own class-centre rows) or "single_file" (`step_N.pt` from rank 0, rows
-            gathered). Both resume on any number of processes; either format is read.
+            rank saving its own class-centre rows), "single_file" (`step_N.pt` from rank 0, rows
+            gathered) or "auto": sharded for tasks with row-sharded modules (encoder training),
+            single file otherwise (adapter training). Both resume on any number of processes;
+            either format is read.
     """
 
     every_steps: int = 1000
     at_epoch_end: bool = True
     keep_last: int = 3
     resume: str = "auto"
-    format: Literal["sharded", "single_file"] = "sharded"
+    format: Literal["auto", "sharded", "single_file"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")

@@ -332,8 +332,9 @@ class Trainer:
         self.clip_grad_norm = optim.clip_grad_norm
         self.autocast_dtype = _DTYPES[loop.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=loop.precision == "fp16")
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", checkpoint.keep_last, checkpoint.format)
         self.sharded = sharded_modules(task)
+        layout = checkpoint.format if checkpoint.format != "auto" else "sharded" if self.sharded else "single_file"
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", checkpoint.keep_last, layout)
         sharded_ids = {id(p) for m in self.sharded.values() for p in m.parameters()}
         self.replicated_params = [p for p in task.parameters() if p.requires_grad and id(p) not in sharded_ids]
         self.sharded_params = [p for p in task.parameters() if p.requires_grad and id(p) in sharded_ids]
