@@ -104,12 +104,7 @@ def test_each_rank_writes_its_rows_and_another_world_size_reads_them(tmp_path: P
     assert torch.equal(whole["model"]["sharded"]["head"]["weight"], global_rows(1))
     assert torch.equal(whole["optimizer"]["state"]["head.weight"]["exp_avg_sq"], global_rows(4))
     assert int(whole["model"]["sharded"]["head"]["stage"]) == 2
-
-
-@pytest.mark.multiproc
-def test_incompatible_checkpoint_names_the_directory_and_loads_nothing(tmp_path: Path) -> None:
-    directory = tmp_path / "step_00000001"
-    run_workers(_save, 2, tmp_path, str(directory))
+    # A genuinely incompatible checkpoint (another number of classes) names the directory; nothing loads.
     result = _load(0, 1, str(directory), num_classes=24)
     assert f"{directory}: sharded module 'head' was saved with 23 classes, this run has 24" in result["error"]
     assert result["unchanged"]
