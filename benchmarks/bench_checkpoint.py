@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         f"For scale: one 100k x {D} fp32 tensor is {per_tensor:.0f} MB; the head's row-sharded state is 4 of them "
         "(centres, bank, two AdamW moments), half of it on each rank. The single-file save holds all 4 gathered on "
         "every rank (plus torch.save's buffers on rank 0); the sharded save writes each rank's own rows from where "
-        "they are. Timings are wall-clock on a shared, loaded machine: compare within a row only.",
+        "they are. Timings are wall-clock on a shared, loaded machine: compare the two formats of one class "
+        "count only.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -236,3 +236,21 @@ def test_resumed_run_does_not_repeat_log_lines(tmp_path: Path) -> None:
     assert steps == [1, 2, 3, 4, 5, 6]
     superseded = [json.loads(line)["step"] for line in (tmp_path / "log.superseded.jsonl").read_text().splitlines()]
     assert superseded == [4, 5, 6]  # the first run's later lines are kept aside, not lost
+
+
+def test_single_file_checkpoints_resume_into_a_sharded_run(tmp_path: Path) -> None:
+    """Backward compatible: a run saved in the old single-file format continues with sharded checkpoints."""
+    make_trainer(tmp_path / "straight", max_steps=4, format="single_file").fit()
+    make_trainer(tmp_path / "mixed", max_steps=2, format="single_file").fit()
+    trainer = make_trainer(tmp_path / "mixed", max_steps=4, format="sharded")
+    trainer.fit()
+    assert CheckpointManager(tmp_path / "mixed" / "checkpoints").steps() == [1, 2, 3, 4]
+    assert (tmp_path / "mixed" / "checkpoints" / "step_00000002.pt").is_file()
+    assert (tmp_path / "mixed" / "checkpoints" / "step_00000004").is_dir()
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000004.pt")
+    mixed = read_checkpoint(tmp_path / "mixed" / "checkpoints" / "step_00000004")
+    for key in ("linear.weight", "linear.bias"):
+        assert torch.equal(straight["model"]["replicated"][key], mixed["model"]["replicated"][key])
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(straight["optimizer"]["state"][key][moment], mixed["optimizer"]["state"][key][moment])
+    assert mixed["progress"]["step"] == 4

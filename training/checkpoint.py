@@ -443,7 +443,10 @@ def load_model_state(task: nn.Module, state: dict[str, Any], source: str = "chec
     if set(saved) != set(sharded):
         raise ValueError(f"{source}: checkpoint has sharded modules {sorted(saved)}, the task has {sorted(sharded)}")
     for name, module in sharded.items():
-        module.load_full_state_dict(saved[name])
+        try:
+            module.load_full_state_dict(saved[name])
+        except ValueError as exc:  # e.g. another number of classes: name the file
+            raise ValueError(f"{source}: sharded module {name!r} does not fit the checkpoint: {exc}") from exc
 
 
 # -- optimizer ---------------------------------------------------------------------------------------
