@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
-from lvface_mm.distributed import all_reduce_max, get_rank, get_world_size, is_distributed
+from lvface_mm.distributed import all_reduce_max, collective_device, get_rank, get_world_size, is_distributed
 
 from .checkpoint import (
     CheckpointCorruptError,
@@ -222,7 +222,7 @@ def save_sharded(
         except OSError as exc:
             error = exc if isinstance(exc, CheckpointWriteError) else _write_error(tmp, exc)
     if is_distributed():
-        failed = all_reduce_max(torch.tensor([float(error is not None)]))
+        failed = all_reduce_max(torch.tensor([float(error is not None)], device=collective_device()))
         if failed.item() > 0 and error is None:
             error = CheckpointWriteError(f"rank 0 could not finish the checkpoint {final}")
     if error is not None:
