@@ -361,6 +361,12 @@ def load_sharded(task: nn.Module, optimizer: torch.optim.Optimizer, directory: P
         optim_tensors.setdefault(name, {})[item] = value
         tensors[key] = value
     _check_against_saved(tensors, saved, source)
+    saved_names = sorted(n for g in meta["optimizer"]["param_groups"] for n in g["params"])
+    if saved_names != sorted(by_name):
+        only_saved = sorted(set(saved_names) - set(by_name))[:5]
+        only_here = sorted(set(by_name) - set(saved_names))[:5]
+        raise ValueError(f"{source}: optimizer parameters differ from the checkpoint (only in checkpoint: "
+                         f"{only_saved}, only here: {only_here}); nothing was loaded")
     _dcp_load(tensors, directory, single_process=not is_distributed())
     result = task.load_state_dict({**{k: tensors[f"model/{k}"] for k in replicated if f"model/{k}" in tensors},
                                    **meta["model_other"]}, strict=False)
