@@ -24,10 +24,12 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Encoder and detector options shared by `embed` and `verify`."""
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = "lvface_b") -> None:
+    """Encoder and detector options shared by `embed`, `verify` and `gallery` (which passes
+    ``default_model=None``: a gallery's own encoder is the default there)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="lvface_b", help="registered model name (default: lvface_b)")
+    g.add_argument("--model", default=default_model, help="registered model name (default: "
+                   + (f"{default_model})" if default_model else "the gallery's own, else lvface_b)"))
     g.add_argument("--checkpoint", type=Path, help="local checkpoint for --model instead of the official weights")
     g.add_argument("--tiny", action="store_true", help="use lvface_tiny with random weights (tests, demos)")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights (--tiny / models without weights)")
@@ -47,6 +49,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--detector-weights", type=Path, help="the .onnx file of an scrfd/retinaface detector")
     d.add_argument("--min-face-size", type=float, default=20.0, help="ignore faces smaller than this (px)")
     d.add_argument("--max-faces", type=int, default=None, help="keep at most this many faces per image")
+    d.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="largest image accepted, in pixels (default 50000000); bigger JPEGs are decoded reduced")
     d.add_argument(
         "--assume-aligned",
         choices=("auto", "yes", "no"),
@@ -67,6 +71,12 @@ def build_embedder(args: argparse.Namespace):
         max_faces=args.max_faces,
         min_face_size=args.min_face_size,
     )
+    if args.max_pixels is not None:
+        if args.max_pixels < 1:
+            raise ValueError(f"--max-pixels {args.max_pixels}: expected a positive number of pixels")
+        common["max_image_pixels"] = args.max_pixels
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a folder; give the .pt or .safetensors file inside it")
     if args.detector_weights and args.detector not in ("scrfd", "retinaface"):
         raise ValueError(f"--detector-weights is for the ONNX detectors (scrfd, retinaface), not {args.detector!r}")
     if args.detector in ("scrfd", "retinaface") and not args.detector_weights:

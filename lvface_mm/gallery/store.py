@@ -31,7 +31,7 @@ import numpy as np
 from .calibration import default_threshold
 from .index import IndexConfig, VectorIndex, create_index
 
-__all__ = ["Gallery", "GalleryConfig", "Identification", "Identity"]
+__all__ = ["Gallery", "GalleryConfig", "Identification", "Identity", "NameConflictError"]
 
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "lvface-mm-gallery"
@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_by_identity ON samples(identity_id);
 """
+
+
+class NameConflictError(ValueError):
+    """``import_`` found names that are already enrolled (``names``); nothing was imported."""
+
+    def __init__(self, path: str | Path, names: list[str]) -> None:
+        super().__init__(f"import {path}: already enrolled: {names}; nothing imported. Pass on_conflict='skip', "
+                         "'merge' or 'replace'")
+        self.path, self.names = str(path), list(names)
 
 
 @dataclass(frozen=True)
@@ -637,7 +646,7 @@ class Gallery:
             samples = self._conn.execute("SELECT identity_id, embedding, quality FROM samples ORDER BY id").fetchall()
         position = {int(r[0]): n for n, r in enumerate(identities)}
         header = {"format": EXPORT_FORMAT, "version": SCHEMA_VERSION, "feature_dim": self.feature_dim,
-                  "model_name": self.model_name, "names": [r[1] for r in identities],
+                  "model_name": self.model_name, "encoder": self.encoder, "names": [r[1] for r in identities],
                   "metadata": [json.loads(r[2]) for r in identities]}
         embeddings = np.stack([_from_blob(s[1], self.feature_dim, "sample") for s in samples]) if samples else \
             np.zeros((0, self.feature_dim), np.float32)
@@ -658,25 +667,32 @@ class Gallery:
         """
         if on_conflict not in ("error", "skip", "merge", "replace"):
             raise ValueError(f"on_conflict={on_conflict!r}: expected error, skip, merge or replace")
-        names, metadata, groups = self._read_export(Path(path))
+        names, metadata, groups, model_name = self._read_export(Path(path))
+        with np.load(path, allow_pickle=False) as data:  # already validated by _read_export
+            encoder = json.loads(str(data["header"])).get("encoder")
         existing = {i.name.casefold() for i in self.list_identities()}
         clashes = [n for n in names if n.casefold() in existing]
         if clashes and on_conflict == "error":
-            raise ValueError(f"import {path}: already enrolled: {clashes}; pass on_conflict='skip', 'merge' "
-                             "or 'replace'")
+            raise NameConflictError(path, clashes)
         ids: list[int] = []
         try:
             with self._transaction() as c:  # one transaction: a failure or a kill imports nothing
+                if self.model_name is None and model_name:  # a new gallery takes the file's encoder
+                    c.execute("INSERT OR IGNORE INTO meta VALUES ('model_name', ?)", (model_name,))
+                if encoder and self.encoder is None:  # ... and how it was made, when known
+                    c.execute("INSERT OR IGNORE INTO meta VALUES ('encoder', ?)", (json.dumps(encoder, sort_keys=True),))
                 for name, meta, (x, q) in zip(names, metadata, groups):
                     if name.casefold() in existing and on_conflict == "skip":
                         continue
                     ids.append(self._write_identity(c, name, x, q, dict(meta), [None] * len(x),
                                                     replace=on_conflict == "replace")[0])
+            if model_name:
+                self._stored_meta.setdefault("model_name", model_name)
         finally:
             self._reload()
         return ids
 
-    def _read_export(self, path: Path) -> tuple[list[str], list[dict], list[tuple[np.ndarray, np.ndarray]]]:
+    def _read_export(self, path: Path) -> tuple[list[str], list[dict], list[tuple[np.ndarray, np.ndarray]], str | None]:
         """Load and fully validate an export before anything is written."""
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -702,7 +718,7 @@ class Gallery:
                 raise ValueError(f"import {path}: identity {name!r} has no samples")
             x = self._embeddings(embeddings[rows], f"import {path}: embeddings of {name!r}")
             groups.append((x, self._qualities(quality[rows], int(rows.sum()))))
-        return names, list(header["metadata"]), groups
+        return names, list(header["metadata"]), groups, theirs
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
