@@ -680,7 +680,8 @@ class Gallery:
                 if self.model_name is None and model_name:  # a new gallery takes the file's encoder
                     c.execute("INSERT OR IGNORE INTO meta VALUES ('model_name', ?)", (model_name,))
                 if encoder and self.encoder is None:  # ... and how it was made, when known
-                    c.execute("INSERT OR IGNORE INTO meta VALUES ('encoder', ?)", (json.dumps(encoder, sort_keys=True),))
+                    c.execute("INSERT OR IGNORE INTO meta VALUES ('encoder', ?)",
+                              (json.dumps(encoder, sort_keys=True),))
                 for name, meta, (x, q) in zip(names, metadata, groups):
                     if name.casefold() in existing and on_conflict == "skip":
                         continue
