@@ -6,13 +6,17 @@
 
 Writes train.json / eval.json (LLaVA-style samples), manifest.json, and embeddings.safetensors
 (when the source has embeddings or `--embed` computes them), split so that evaluation photos and
-evaluation-only people never appear in training.
+evaluation-only people never appear in training. When a run fails, whatever it wrote is removed
+(a folder it created goes entirely; in an existing folder only the new files go).
+
+Exit status: 0 written, 2 bad arguments or the build failed (nothing left behind).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,9 +72,9 @@ def _read_json(path: str | None, what: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"--{what}: cannot read {path}: {exc}") from None
+        raise ValueError(f"--{what}: cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"--{what}: {path} must hold a JSON object")
+        raise ValueError(f"--{what}: {path} must hold a JSON object")
     return data
 
 
@@ -78,7 +82,7 @@ def _photos(args: argparse.Namespace) -> list:
     from ..vqa import sources
 
     if args.source in ("folder", "recordio", "embeddings") and not args.path:
-        raise SystemExit(f"--source {args.source} needs --path")
+        raise ValueError(f"--source {args.source} needs --path")
     if args.source == "folder":
         return sources.folder_photos(args.path)
     if args.source == "recordio":
@@ -90,13 +94,38 @@ def _photos(args: argparse.Namespace) -> list:
     return sources.embedding_cluster_photos(args.num_identities, args.photos_per_identity, args.dim, seed=args.seed)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..vqa.builder import VQABuildConfig, build_vqa
+def _remove_new(out: Path, existed: bool, before: set[Path]) -> None:
+    """Undo a failed run: drop the folder it created, or the files it added to an existing one."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "manifest.json").exists() and not args.overwrite:
-        print(f"{out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
-        return 1
+        print(f"error: {out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    existed = out.exists()
+    before = set(out.rglob("*")) if existed else set()
+    done = False
+    try:
+        code = _build(args, out)
+        done = code == 0
+        return code
+    finally:
+        if not done:  # an error, an exception or Ctrl-C: leave nothing half-written behind
+            _remove_new(out, existed, before)
+
+
+def _build(args: argparse.Namespace, out: Path) -> int:
+    from ..vqa.builder import VQABuildConfig, build_vqa
+
     try:
         config = VQABuildConfig(
             seed=args.seed,
@@ -122,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
             )
         manifest = build_vqa(photos, out, config, scenes=args.scenes, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"build-vqa: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     n = manifest["num_samples"]
     print(
         f"{out}: {n['train']} training and {n['eval']} evaluation samples; {len(manifest['enrolled'])} enrolled, "
