@@ -111,3 +111,36 @@ def test_import_conflicts_and_bad_checkpoints_are_explained_in_flags(tmp_path, c
     assert main(["embed", crops[2], "--checkpoint", str(folder), "-o", str(tmp_path / "e.npz")]) == 2
     err = capsys.readouterr().err
     assert "is a folder" in err and len(_lines(err)) == 1
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, so tqdm draws its bar into it."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.buffer = io.StringIO()
+
+    def write(self, text: str) -> int:
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_quiet(tmp_path, crops, monkeypatch, capsys):
+    db = str(tmp_path / "g.db")
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(["gallery", "enrol", "Ann", *crops, "--db", db, "--tiny"]) == 0
+    assert "enrol Ann:" in terminal.buffer.getvalue() and "/3 [" in terminal.buffer.getvalue()
+    quiet = _Terminal()
+    monkeypatch.setattr("sys.stderr", quiet)
+    assert main(["gallery", "enrol", "Bo", *crops, "--db", db, "-q"]) == 0
+    assert "enrol Bo" not in quiet.buffer.getvalue()
+    monkeypatch.undo()
+    assert main(["gallery", "identify", *crops, "--db", db]) == 0  # stderr is not a terminal under pytest
+    assert "identify" not in capsys.readouterr().err
