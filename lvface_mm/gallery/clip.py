@@ -139,7 +139,17 @@ class ClipEncoder:
         except Exception as exc:  # torch/safetensors/open_clip raise many types for a junk or mismatched file
             if weights is None:
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            import pickle
+
+            from ..models.checkpoint import pickled_code
+
+            code = pickled_code(weights, str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+            if code is not None:  # never pass on torch's advice to load it with weights_only=False
+                raise ValueError(f"CLIP weights {weights}: refused: it contains code ({code}), which loading would "
+                                 "run; give an open_clip .safetensors/.bin file of weights only") from None
+            first = str(exc).strip("'\" ").splitlines()[0] if str(exc).strip() else ""
+            if isinstance(exc, KeyError) or first.isdigit() or not first:  # torch's unpickler says only "KeyError: 101"
+                first = "unrecognised content"
             raise ValueError(f"CLIP weights {weights}: not a usable {config.model_name} checkpoint ({first[:200]}); "
                              "give an open_clip .safetensors/.bin file of that architecture") from exc
         size = model.visual.image_size

@@ -38,7 +38,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        code = _pickled_code(path, str(exc))
+        code = pickled_code(path, str(exc))
         if code is not None:
             # Not a damaged file: a pickle that would import and run Python code. Never suggest
             # weights_only=False here: that is exactly how such a file runs its code.
@@ -56,7 +56,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, source=str(path))
 
 
-def _pickled_code(path: Path, error: str) -> str | None:
+def pickled_code(path: Path, error: str) -> str | None:
     """What code a checkpoint refused by torch's weights-only loader would import, or None when the
     file is simply not a (readable) pickle. torch names the global for zip checkpoints; a bare
     pickle is scanned for the opcodes that import (GLOBAL, STACK_GLOBAL) without running it."""
