@@ -28,19 +28,20 @@ _CREATES = ("enrol", "import", "calibrate")  # the actions that may start a new 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=_ACTIONS, help="what to do")
-    parser.add_argument("items", nargs="*", help="enrol: NAME PHOTO...; rename: OLD NEW; delete: NAME; "
-                        "identify: PHOTO...; export/import: FILE.npz")
-    parser.add_argument("--db", required=True, help="gallery database file (enrol/import create it; other actions "
-                        "need an existing gallery)")
+    parser.add_argument("action", choices=_ACTIONS, metavar="ACTION",
+                        help="enrol NAME PHOTO... | identify PHOTO... | list | rename OLD NEW | delete NAME | "
+                        "export FILE.npz | import FILE.npz | calibrate (--folder DIR or --npz FILE)")
+    parser.add_argument("items", nargs="*", default=[], metavar="ARG", help="the action's names, photos or file")
+    parser.add_argument("--db", required=True, metavar="FILE", help="gallery database file (enrol, import and "
+                        "calibrate --save create it; other actions need an existing gallery)")
     parser.add_argument("--threshold", type=float, help="acceptance threshold (cosine) for identify")
     parser.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="enrol: metadata")
     parser.add_argument("--replace", action="store_true", help="enrol: drop the person's earlier samples")
     parser.add_argument("--store-faces", action="store_true", help="enrol: also keep the aligned face crops")
     parser.add_argument("--on-conflict", choices=("error", "skip", "merge", "replace"), default="error",
                         help="import: what to do with names already enrolled")
-    parser.add_argument("--folder", type=Path, help="calibrate: one sub-folder of photos per person")
-    parser.add_argument("--npz", type=Path, help="calibrate: a file with arrays `embeddings` and `labels`")
+    parser.add_argument("--folder", type=Path, metavar="DIR", help="calibrate: one sub-folder of photos per person")
+    parser.add_argument("--npz", type=Path, metavar="FILE", help="calibrate: a .npz with arrays embeddings and labels")
     parser.add_argument("--far", type=float, default=1e-3, help="calibrate: target false-accept rate")
     parser.add_argument("--save", action="store_true", help="calibrate: store the threshold in the gallery")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
