@@ -73,3 +73,20 @@ def test_unreachable_hub_fails_fast_naming_files_and_offline_switch(tmp_path: Pa
     assert "HF_HUB_OFFLINE=1" in err and "LVFace-T_Glint360K.pt" in err and "--checkpoint" in err
     assert "Retrying" not in done.stderr + err and "Traceback" not in err
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_hub_reachable_checks_a_connection_and_ensure_names_the_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lvface_mm.models import pretrained
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert pretrained.hub_reachable(1.0, endpoint=f"http://127.0.0.1:{server.getsockname()[1]}")
+    assert not pretrained.hub_reachable(1.0, endpoint=f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(pretrained, "hub_offline", lambda: False)
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(pretrained.WeightsNotAvailableError, match=r"not in the local cache: a/b\.bin, c\.bin.*"
+                                                                  r"HF_HUB_OFFLINE=1"):
+        pretrained.ensure_hub_reachable(["a/b.bin", "c.bin"])
+    monkeypatch.setattr(pretrained, "hub_offline", lambda: True)  # offline mode: the libraries fail fast alone
+    pretrained.ensure_hub_reachable(["a/b.bin"])

@@ -217,7 +217,7 @@ def hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
     url = urlsplit(endpoint or hub_endpoint())
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
     proxy = getproxies().get(url.scheme)
-    if proxy and not proxy_bypass(host):
+    if proxy and host not in ("localhost", "127.0.0.1", "::1") and not proxy_bypass(host):
         proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         host, port = proxy_url.hostname or host, proxy_url.port or 80
     if not host:
