@@ -285,7 +285,7 @@ def _import(args: argparse.Namespace, gallery: Any) -> None:
         raise ValueError(f"{args.items[0]}: {len(exc.names)} name(s) already in {args.db}: {', '.join(exc.names)}. "
                          "Nothing was imported. Rerun with --on-conflict skip (keep the enrolled ones), merge (add "
                          "the file's samples to them) or replace (use the file's samples instead)") from None
-    print(f"imported {len(ids)} people")
+    print(f"imported {len(ids)} {'person' if len(ids) == 1 else 'people'}")
 
 
 def _manage(args: argparse.Namespace) -> int:
