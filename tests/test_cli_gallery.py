@@ -144,3 +144,23 @@ def test_progress_bars_only_on_a_terminal_and_never_with_quiet(tmp_path, crops, 
     monkeypatch.undo()
     assert main(["gallery", "identify", *crops, "--db", db]) == 0  # stderr is not a terminal under pytest
     assert "identify" not in capsys.readouterr().err
+
+
+def test_calibrate_from_a_folder_saves_the_threshold_with_its_encoder(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for person in ("ann", "bo", "cy"):
+        (tmp_path / "people" / person).mkdir(parents=True)
+        base = rng.integers(0, 256, (112, 112, 3))
+        for i in range(2):  # two noisy copies of one random "face" per person
+            noisy = np.clip(base + rng.integers(-10, 11, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(tmp_path / "people" / person / f"{i}.png")
+    db = str(tmp_path / "g.db")
+    assert main(["gallery", "calibrate", "--folder", str(tmp_path / "people"), "--far", "0.5", "--save",
+                 "--db", db, "--tiny", "--seed", "2", "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["num_genuine"] == 3 and result["num_impostor"] == 12
+    from lvface_mm.gallery import Gallery
+
+    with Gallery(db, create=False) as g:
+        assert g.threshold == pytest.approx(result["threshold"])
+        assert g.encoder == {"model": "lvface_tiny", "tiny": True, "seed": 2}

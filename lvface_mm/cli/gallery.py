@@ -244,7 +244,6 @@ def _calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
     people = sorted(p for p in args.folder.iterdir() if p.is_dir())
     if len(people) < 2:
         raise ValueError(f"{args.folder}: need at least two sub-folders (one per person)")
-    _resolve_encoder(args)
     files = [(person.name, str(path)) for person in people for path in find_images([person])]
     x_list, y_list = [], []
     for (label, _), result in zip(files, _embed_all(args, [f for _, f in files], "calibrate")):
@@ -263,6 +262,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if (args.folder is None) == (args.npz is None):
         raise ValueError("calibrate needs exactly one of --folder (a sub-folder per person) or --npz")
+    encoder = _resolve_encoder(args) if args.folder is not None else None
     x, y = _calibration_data(args)
     cal = calibrate(x, y, far=args.far)
     print(json.dumps(cal.__dict__) if args.json else
@@ -271,6 +271,8 @@ def _calibrate(args: argparse.Namespace) -> int:
           + (f", TAR {cal.tar:.4f}" if cal.tar is not None else ""))
     if args.save:
         with _open(args) as gallery:
+            if encoder is not None:  # the threshold belongs to this encoder's scores
+                gallery.remember_encoder(encoder)
             gallery.save_threshold(cal.threshold, far=cal.far, source=f"calibrated on {args.folder or args.npz}")
         print(f"saved in {args.db}", file=sys.stderr if args.json else sys.stdout)
     return 0
