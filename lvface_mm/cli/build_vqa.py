@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -94,38 +93,13 @@ def _photos(args: argparse.Namespace) -> list:
     return sources.embedding_cluster_photos(args.num_identities, args.photos_per_identity, args.dim, seed=args.seed)
 
 
-def _remove_new(out: Path, existed: bool, before: set[Path]) -> None:
-    """Undo a failed run: drop the folder it created, or the files it added to an existing one."""
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for path in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if (out / "manifest.json").exists() and not args.overwrite:
-        print(f"error: {out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    existed = out.exists()
-    before = set(out.rglob("*")) if existed else set()
-    done = False
-    try:
-        code = _build(args, out)
-        done = code == 0
-        return code
-    finally:
-        if not done:  # an error, an exception or Ctrl-C: leave nothing half-written behind
-            _remove_new(out, existed, before)
-
-
-def _build(args: argparse.Namespace, out: Path) -> int:
     from ..vqa.builder import VQABuildConfig, build_vqa
 
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.overwrite:
+        print(f"{out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
+        return 1
     try:
         config = VQABuildConfig(
             seed=args.seed,
@@ -151,11 +125,45 @@ def _build(args: argparse.Namespace, out: Path) -> int:
             )
         manifest = build_vqa(photos, out, config, scenes=args.scenes, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"build-vqa: {exc}", file=sys.stderr)
+        return 1
     n = manifest["num_samples"]
     print(
         f"{out}: {n['train']} training and {n['eval']} evaluation samples; {len(manifest['enrolled'])} enrolled, "
         f"{len(manifest['train_unknown'])} + {len(manifest['eval_unknown'])} unknown identities"
     )
     return 0
+
+
+_build = run  # the build itself; `run` below adds the exit statuses and the clean-up
+
+
+def run(args: argparse.Namespace) -> int:  # noqa: F811 - wraps the build above
+    """Build, and on any failure (an error, an exception, Ctrl-C) remove what this run wrote."""
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.overwrite:
+        print(f"error: {out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    existed = out.exists()
+    before = set(out.rglob("*")) if existed else set()
+    done = False
+    try:
+        done = _build(args) == 0
+    finally:
+        if not done:
+            _remove_new(out, existed, before)
+    return 0 if done else 2  # the build has no partial success: a failure means nothing was made
+
+
+def _remove_new(out: Path, existed: bool, before: set[Path]) -> None:
+    """Undo a failed run: drop the folder it created, or the files it added to an existing one."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
