@@ -190,8 +190,8 @@ def test_build_vqa_command_from_a_folder_with_embeddings(tmp_path):
     samples = load_samples(out / "train.json")
     assert {s.task for s in samples} == {"naming", "counting"}
     check_files(samples, out, num_embeddings=18)
-    assert main(argv) == 1  # an existing dataset is never overwritten without --overwrite
-    assert main(["build-vqa", "--source", "clusters", "--num-identities", "3", "--out", str(tmp_path / "few")]) == 1
+    assert main(argv) == 2  # an existing dataset is never overwritten without --overwrite
+    assert main(["build-vqa", "--source", "clusters", "--num-identities", "3", "--out", str(tmp_path / "few")]) == 2
     assert not (tmp_path / "few").exists()
 
 

@@ -6,7 +6,10 @@
 
 Writes train.json / eval.json (LLaVA-style samples), manifest.json, and embeddings.safetensors
 (when the source has embeddings or `--embed` computes them), split so that evaluation photos and
-evaluation-only people never appear in training.
+evaluation-only people never appear in training. When a run fails, whatever it wrote is removed
+(a folder it created goes entirely; in an existing folder only the new files go).
+
+Exit status: 0 written, 2 bad arguments or the build failed (nothing left behind).
 """
 
 from __future__ import annotations
@@ -68,9 +71,9 @@ def _read_json(path: str | None, what: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"--{what}: cannot read {path}: {exc}") from None
+        raise ValueError(f"--{what}: cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"--{what}: {path} must hold a JSON object")
+        raise ValueError(f"--{what}: {path} must hold a JSON object")
     return data
 
 
@@ -78,7 +81,7 @@ def _photos(args: argparse.Namespace) -> list:
     from ..vqa import sources
 
     if args.source in ("folder", "recordio", "embeddings") and not args.path:
-        raise SystemExit(f"--source {args.source} needs --path")
+        raise ValueError(f"--source {args.source} needs --path")
     if args.source == "folder":
         return sources.folder_photos(args.path)
     if args.source == "recordio":
@@ -130,3 +133,37 @@ def run(args: argparse.Namespace) -> int:
         f"{len(manifest['train_unknown'])} + {len(manifest['eval_unknown'])} unknown identities"
     )
     return 0
+
+
+_build = run  # the build itself; `run` below adds the exit statuses and the clean-up
+
+
+def run(args: argparse.Namespace) -> int:  # noqa: F811 - wraps the build above
+    """Build, and on any failure (an error, an exception, Ctrl-C) remove what this run wrote."""
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.overwrite:
+        print(f"error: {out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    existed = out.exists()
+    before = set(out.rglob("*")) if existed else set()
+    done = False
+    try:
+        done = _build(args) == 0
+    finally:
+        if not done:
+            _remove_new(out, existed, before)
+    return 0 if done else 2  # the build has no partial success: a failure means nothing was made
+
+
+def _remove_new(out: Path, existed: bool, before: set[Path]) -> None:
+    """Undo a failed run: drop the folder it created, or the files it added to an existing one."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -6,7 +6,11 @@ x1y1x2y2, `landmarks` (F, 5, 2), `scores` (F,), `sources` (F,) the file of each 
 `files` with its `file_errors` ("" when fine) and `file_num_faces`, and the run settings as JSON in
 `meta`. Files that fail are reported and skipped; the output is written atomically.
 
-Exit status: 0 all inputs read, 1 some inputs failed (the others are saved), 2 nothing to do.
+    lvface-mm embed photos/ -o faces.npz
+    lvface-mm embed photos/ --model lvface_l -o faces.parquet
+
+Exit status: 0 all inputs read, 1 some inputs failed (the others are saved), 2 nothing to do or every
+input failed (nothing written).
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ._common import cli_terms
+
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Encoder and detector options shared by `embed` and `verify`."""
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = "lvface_b") -> None:
+    """Encoder and detector options shared by `embed`, `verify` and `gallery` (which passes
+    ``default_model=None``: a gallery's own encoder is the default there)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="lvface_b", help="registered model name (default: lvface_b)")
+    g.add_argument("--model", default=default_model, help="registered model name (default: "
+                   + (f"{default_model})" if default_model else "the gallery's own, else lvface_b)"))
     g.add_argument("--checkpoint", type=Path, help="local checkpoint for --model instead of the official weights")
     g.add_argument("--tiny", action="store_true", help="use lvface_tiny with random weights (tests, demos)")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights (--tiny / models without weights)")
@@ -47,6 +55,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--detector-weights", type=Path, help="the .onnx file of an scrfd/retinaface detector")
     d.add_argument("--min-face-size", type=float, default=20.0, help="ignore faces smaller than this (px)")
     d.add_argument("--max-faces", type=int, default=None, help="keep at most this many faces per image")
+    d.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="largest image accepted, in pixels (default 50000000); bigger JPEGs are decoded reduced")
     d.add_argument(
         "--assume-aligned",
         choices=("auto", "yes", "no"),
@@ -67,6 +77,12 @@ def build_embedder(args: argparse.Namespace):
         max_faces=args.max_faces,
         min_face_size=args.min_face_size,
     )
+    if args.max_pixels is not None:
+        if args.max_pixels < 1:
+            raise ValueError(f"--max-pixels {args.max_pixels}: expected a positive number of pixels")
+        common["max_image_pixels"] = args.max_pixels
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a folder; give the .pt or .safetensors file inside it")
     if args.detector_weights and args.detector not in ("scrfd", "retinaface"):
         raise ValueError(f"--detector-weights is for the ONNX detectors (scrfd, retinaface), not {args.detector!r}")
     if args.detector in ("scrfd", "retinaface") and not args.detector_weights:
@@ -110,8 +126,10 @@ def assume_aligned_flag(value: str) -> bool | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
-    parser.add_argument("--output", "-o", type=Path, default=Path("embeddings.npz"), help="out.npz or out.parquet")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--output", "-o", type=Path, default=None,
+                        help="out.npz or out.parquet (default: embeddings.npz in the current folder)")
+    parser.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                        help="no progress bar")
     add_model_arguments(parser)
 
 
@@ -223,6 +241,9 @@ class FaceTable:
 
 
 def run(args: argparse.Namespace) -> int:
+    implicit_output = args.output is None
+    if implicit_output:
+        args.output = Path("embeddings.npz")
     suffix = args.output.suffix.lower()
     if suffix not in (".npz", ".parquet"):
         print(f"error: --output must end in .npz or .parquet, got {args.output}", file=sys.stderr)
@@ -245,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         embedder = build_embedder(args)
     except (ValueError, ImportError, FileNotFoundError, WeightsNotAvailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_terms(str(exc))}", file=sys.stderr)
         return 2
 
     table = FaceTable()
@@ -255,11 +276,15 @@ def run(args: argparse.Namespace) -> int:
         for result in bar:
             table.add(result)
             if result.error:
-                tqdm.write(f"skipped {result.source}: {result.error}", file=sys.stderr)
+                tqdm.write(f"skipped {result.source}: {cli_terms(result.error)}", file=sys.stderr)
             elif not result.faces:
                 tqdm.write(f"no face in {result.source}", file=sys.stderr)
     except (ImportError, FileNotFoundError) as exc:  # e.g. the detector's extra is not installed
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_terms(str(exc))}", file=sys.stderr)
+        return 2
+    failed = sum(1 for e in table.file_errors if e)
+    if failed == len(files):  # nothing usable: write nothing rather than an empty table
+        print(f"error: none of the {len(files)} input(s) could be read; nothing written", file=sys.stderr)
         return 2
 
     meta = {
@@ -272,10 +297,12 @@ def run(args: argparse.Namespace) -> int:
     }
     arrays = table.arrays(meta)
     (write_parquet if suffix == ".parquet" else write_npz)(args.output, arrays)
-    failed = sum(1 for e in table.file_errors if e)
     no_face = sum(1 for e, n in zip(table.file_errors, table.file_num_faces) if not e and not n)
     print(
         f"{len(arrays['embeddings'])} faces from {len(files) - failed} images "
         f"({no_face} without a face, {failed} failed) -> {args.output}"
     )
+    if implicit_output:
+        print(f"wrote {args.output.resolve()} (no -o given; choose the file with -o out.npz or out.parquet)",
+              file=sys.stderr)
     return 1 if failed else 0

@@ -58,6 +58,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneAtATime:
+    """A detector that several worker threads may share: calls go through one at a time. dlib's
+    detectors are not thread-safe (four workers calling one crash the process with a segfault);
+    reading, aligning and JPEG encoding stay parallel."""
+
+    def __init__(self, detector: object) -> None:
+        import threading
+
+        self._detector, self._lock = detector, threading.Lock()
+
+    def detect(self, image: object) -> object:
+        with self._lock:
+            return self._detector.detect(image)
+
+
 def _detector(name: str) -> object:
     try:
         from ..faces.detection import create_detector
@@ -66,7 +81,7 @@ def _detector(name: str) -> object:
             f"aligning images needs lvface_mm.faces detection ({exc}); pack already aligned crops with --aligned"
         ) from exc
     try:
-        return create_detector(name)
+        return _OneAtATime(create_detector(name))
     except ImportError as exc:
         raise RuntimeError(
             f"detector {name!r} is not available ({exc}); install the [detect] extra, choose another --detector, "

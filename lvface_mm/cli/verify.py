@@ -1,6 +1,9 @@
 """`lvface-mm verify A B`: cosine similarity of the main (largest) face of two images, and a
 same / different decision at a threshold.
 
+    lvface-mm verify alice1.jpg alice2.jpg
+    lvface-mm verify a.jpg b.jpg --threshold 0.5 --json
+
 The default threshold, 0.35, is not an LVFace number: the LVFace release publishes none. It is the
 low end of the 0.35-0.6 cosine range that downstream projects pick ad hoc for LVFace (see
 docs/faces.md), so it errs towards calling two faces the same. It has not been calibrated here
@@ -18,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._common import cli_terms
 from .embed import add_model_arguments, assume_aligned_flag, build_embedder
 
 DEFAULT_THRESHOLD = 0.35
@@ -37,29 +41,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
 
 
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report an error; with --json also on stdout as a JSON object, so a script always gets one."""
+    message = cli_terms(message)
+    print(f"error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"a": str(args.image_a), "b": str(args.image_b), "error": message, "exit_status": code}))
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lvface_mm.models import WeightsNotAvailableError
 
     if not -1.0 <= args.threshold <= 1.0:
-        print(f"error: --threshold is a cosine similarity in [-1, 1], got {args.threshold}", file=sys.stderr)
-        return 2
+        return _fail(args, f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}", 2)
     try:
         embedder = build_embedder(args)
         results = embedder.embed(
             [str(args.image_a), str(args.image_b)], assume_aligned=assume_aligned_flag(args.assume_aligned)
         )
-    except (ValueError, ImportError, FileNotFoundError, WeightsNotAvailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, ImportError, OSError, WeightsNotAvailableError) as exc:
+        return _fail(args, str(exc), 2)
     faces = []
     for result in results:
         try:
             faces.append(result.main_face())
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _fail(args, str(exc), 1)
     similarity = float(np.dot(faces[0].embedding, faces[1].embedding))
     same = similarity >= args.threshold
     random_weights = args.tiny or (args.checkpoint is None and args.model == "lvface_tiny")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.pretrained import WeightsNotAvailableError
+from ..models.pretrained import WeightsNotAvailableError, hub_endpoint, hub_offline, hub_reachable
 
 __all__ = ["ClipConfig", "ClipEncoder"]
 
@@ -79,12 +79,37 @@ def _resolve_weights(config: ClipConfig, cache_dir: str | None) -> str | None:
         tags = list_pretrained_tags_by_model(config.model_name)
         raise FileNotFoundError(f"CLIP weights {config.pretrained!r}: neither a file nor a known tag of "
                                 f"{config.model_name} (known tags: {', '.join(tags) or 'none'})")
+    cached = _cached_hub_file(cfg, cache_dir)
+    if cached is not None:
+        return cached
+    missing = f"CLIP weights {config.model_name} / {config.pretrained} are not in the local cache and cannot be " \
+        f"downloaded here"
+    if cfg.get("hf_hub") and not hub_offline() and not hub_reachable():
+        # Fail in seconds: unreachable, the hub client retries for about a minute before giving up.
+        raise WeightsNotAvailableError(
+            f"{missing}: the Hugging Face Hub ({hub_endpoint()}) cannot be reached (set HF_HUB_OFFLINE=1 to use only "
+            f"the local cache without trying the network). {_fetch_hint(config.model_name, config.pretrained)}")
     try:
         return download_pretrained(cfg, cache_dir=cache_dir)
     except (FileNotFoundError, OSError, RuntimeError) as exc:
-        raise WeightsNotAvailableError(
-            f"CLIP weights {config.model_name} / {config.pretrained} are not in the local cache and cannot be "
-            f"downloaded here. {_fetch_hint(config.model_name, config.pretrained)}") from exc
+        raise WeightsNotAvailableError(f"{missing}. {_fetch_hint(config.model_name, config.pretrained)}") from exc
+
+
+def _cached_hub_file(cfg: dict, cache_dir: str | None) -> str | None:
+    """The Hub file open_clip would download for ``cfg`` if it is already cached (safetensors twin
+    first, as open_clip prefers it), without any network access; else None."""
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = filename or "open_clip_pytorch_model.bin"
+    safe = filename.rsplit(".", 1)[0].replace("pytorch_model", "model") + ".safetensors"
+    for name in (safe, filename):
+        found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
 
 
 class ClipEncoder:
@@ -109,7 +134,24 @@ class ClipEncoder:
 
         config = config or ClipConfig()
         weights = _resolve_weights(config, cache_dir)
-        model = open_clip.create_model(config.model_name, pretrained=weights, device=device)
+        try:
+            model = open_clip.create_model(config.model_name, pretrained=weights, device=device)
+        except Exception as exc:  # torch/safetensors/open_clip raise many types for a junk or mismatched file
+            if weights is None:
+                raise
+            import pickle
+
+            from ..models.checkpoint import pickled_code
+
+            code = pickled_code(weights, str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+            if code is not None:  # never pass on torch's advice to load it with weights_only=False
+                raise ValueError(f"CLIP weights {weights}: refused: it contains code ({code}), which loading would "
+                                 "run; give an open_clip .safetensors/.bin file of weights only") from None
+            first = str(exc).strip("'\" ").splitlines()[0] if str(exc).strip() else ""
+            if isinstance(exc, KeyError) or first.isdigit() or not first:  # torch's unpickler says only "KeyError: 101"
+                first = "unrecognised content"
+            raise ValueError(f"CLIP weights {weights}: not a usable {config.model_name} checkpoint ({first[:200]}); "
+                             "give an open_clip .safetensors/.bin file of that architecture") from exc
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else int(size)
         pp = getattr(model.visual, "preprocess_cfg", None) or {}

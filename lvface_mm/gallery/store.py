@@ -31,11 +31,15 @@ import numpy as np
 from .calibration import default_threshold
 from .index import IndexConfig, VectorIndex, create_index
 
-__all__ = ["Gallery", "GalleryConfig", "Identification", "Identity"]
+__all__ = ["Gallery", "GalleryConfig", "Identification", "Identity", "NameConflictError"]
 
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "lvface-mm-gallery"
 MAX_NAME_LENGTH = 128
+GALLERY_TABLES = frozenset({"meta", "identities", "samples"})
+# Other lvface-mm parts that may share the file (the photo index keeps photos / photo_* tables);
+# sqlite_* are SQLite's own. Any other table means the file belongs to another application.
+SHARED_TABLE_PREFIXES = ("photo", "sqlite_")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,6 +63,15 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_by_identity ON samples(identity_id);
 """
+
+
+class NameConflictError(ValueError):
+    """``import_`` found names that are already enrolled (``names``); nothing was imported."""
+
+    def __init__(self, path: str | Path, names: list[str]) -> None:
+        super().__init__(f"import {path}: already enrolled: {names}; nothing imported. Pass on_conflict='skip', "
+                         "'merge' or 'replace'")
+        self.path, self.names = str(path), list(names)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,35 @@ class GalleryConfig:
             raise ValueError(f"GalleryConfig.threshold={self.threshold!r}: expected a cosine in [-1, 1] or None")
         if self.synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"GalleryConfig.synchronous={self.synchronous!r}: expected FULL, NORMAL or EXTRA")
+
+
+_BUSY_SECONDS = 30.0  # how long to wait for another process's lock before giving up
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+def _retry_when_busy(step: Any, seconds: float = _BUSY_SECONDS) -> None:
+    """Run ``step`` again while SQLite says another connection holds the lock. The busy timeout
+    covers most waits, but not all: SQLite returns "database is locked" at once where waiting
+    could deadlock (e.g. the exclusive moment of switching to WAL while others open the file)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def _has_columns(c: sqlite3.Connection, table: str, *columns: str) -> bool:
+    names = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+    return set(columns) <= names
 
 
 def _check_name(name: object) -> str:
@@ -158,7 +200,9 @@ class Gallery:
 
     def __init__(self, path: str | Path = ":memory:", feature_dim: int = 512, threshold: float | None = None, *,
                  model_name: str | None = None, store_face_images: bool = False,
-                 index: IndexConfig | str = "auto", config: GalleryConfig | None = None) -> None:
+                 index: IndexConfig | str = "auto", config: GalleryConfig | None = None, create: bool = True) -> None:
+        """``create=False`` opens an existing gallery only: a missing file raises ``FileNotFoundError``
+        instead of silently starting an empty gallery (what a mistyped path should do for a read)."""
         if config is None:
             config = GalleryConfig(
                 feature_dim=feature_dim, threshold=threshold, model_name=model_name,
@@ -172,11 +216,21 @@ class Gallery:
             parent = Path(self.path).expanduser().resolve().parent
             if not parent.is_dir():
                 raise FileNotFoundError(f"gallery {self.path}: folder {parent} does not exist")
+            if not create and not Path(self.path).expanduser().is_file():
+                raise FileNotFoundError(f"no gallery at {self.path}: the file does not exist")
+        self._create = create
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_SECONDS)
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            self._setup()
+            _retry_when_busy(self._setup)
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"gallery {self.path}: not a readable gallery database ({exc})") from exc
+            self._conn.close()
+            busy = _is_busy(exc)
+            raise ValueError(f"gallery {self.path}: " + (
+                f"still locked by another process after {_BUSY_SECONDS:.0f} s ({exc})" if busy
+                else f"not a readable gallery database ({exc})")) from exc
+        except BaseException:
+            self._conn.close()
+            raise
         self._index: VectorIndex = create_index(config.feature_dim, config.index)
         self._names: dict[int, str] = {}
         self._data_version = -1
@@ -185,14 +239,35 @@ class Gallery:
     # ---------------------------------------------------------------- setup and bookkeeping
     def _setup(self) -> None:
         c = self._conn
-        c.execute("PRAGMA journal_mode=WAL")  # ':memory:' silently keeps its own mode
+        self._check_tables(c)  # before any PRAGMA that would change a file that is not ours
+        # Switching to WAL needs a moment of exclusive access, so only ask when the file is not WAL
+        # yet (several processes opening one gallery then never contend for it).
+        if str(c.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            c.execute("PRAGMA journal_mode=WAL")  # ':memory:' silently keeps its own mode
         c.execute(f"PRAGMA synchronous={self.config.synchronous}")
         c.execute("PRAGMA foreign_keys=ON")
         c.execute("PRAGMA secure_delete=ON")
         self._create_schema()
 
+    def _check_tables(self, c: sqlite3.Connection) -> None:
+        """Refuse another application's SQLite file rather than adding tables to it, and refuse to
+        start a gallery in an existing file when only opening was asked for."""
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        foreign = sorted(t for t in tables - GALLERY_TABLES if not t.startswith(SHARED_TABLE_PREFIXES))
+        if "meta" in tables and not foreign:
+            keys = {r[0] for r in c.execute("SELECT key FROM meta")} if _has_columns(c, "meta", "key", "value") \
+                else {None}
+            if keys and "schema_version" not in keys:
+                foreign = ["meta"]
+        if foreign:
+            raise ValueError(f"gallery {self.path}: this SQLite file belongs to something else (tables "
+                             f"{', '.join(foreign[:6])}); refusing to add gallery tables to it. Use a new file")
+        if not self._create and not tables >= GALLERY_TABLES:
+            raise FileNotFoundError(f"no gallery in {self.path}: the file holds no enrolled identities")
+
     def _create_schema(self) -> None:
         with self._transaction() as c:
+            self._check_tables(c)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     c.execute(statement)
@@ -247,16 +322,28 @@ class Gallery:
                     update()
 
     def _reload(self) -> None:
-        """Rebuild the template cache from the database."""
+        """Rebuild the template cache from the database.
+
+        The version is read *before* the rows, inside one read transaction (one WAL snapshot): a
+        commit landing in between then shows up as a newer version at the next ``_sync`` and is
+        loaded. Read after the rows, it would be recorded as seen while its rows were missed."""
         with self._lock:
-            rows = self._conn.execute("SELECT id, name, template FROM identities ORDER BY id").fetchall()
+            own = not self._conn.in_transaction
+            if own:
+                self._conn.execute("BEGIN")
+            try:
+                version = self._current_data_version()
+                rows = self._conn.execute("SELECT id, name, template FROM identities ORDER BY id").fetchall()
+            finally:
+                if own:
+                    self._conn.execute("COMMIT")
             self._index = create_index(self.config.feature_dim, self.config.index)
             self._names = {int(i): n for i, n, _ in rows}
             if rows:
                 ids = np.array([r[0] for r in rows], np.int64)
                 templates = np.stack([_from_blob(r[2], self.config.feature_dim, f"template of {r[1]!r}") for r in rows])
                 self._index.add(ids, templates)
-            self._data_version = self._current_data_version()
+            self._data_version = version
 
     def _current_data_version(self) -> int:
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
@@ -300,6 +387,26 @@ class Gallery:
 
             warnings.warn(f"threshold saved, but this Gallery was opened with threshold={self.config.threshold}",
                           stacklevel=2)
+
+    @property
+    def encoder(self) -> dict[str, Any] | None:
+        """How this gallery's embeddings were made, as saved by ``remember_encoder`` (the CLI keeps
+        the model name, checkpoint file and its sha256, and the seed of random weights), so later
+        commands need no model flags. None when nothing was saved."""
+        raw = self._meta("encoder")
+        return None if raw is None else dict(json.loads(raw))
+
+    def remember_encoder(self, info: Mapping[str, Any]) -> None:
+        """Save ``info`` (a JSON-serialisable dict) as the gallery's encoder, once: a different
+        encoder later is refused, because embeddings of different encoders are not comparable."""
+        text = json.dumps(dict(info), sort_keys=True)
+        with self._transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'encoder'").fetchone()
+            if row is not None and json.loads(row[0]) != json.loads(text):
+                raise ValueError(f"gallery {self.path}: made with encoder {row[0]}, not {text}; "
+                                 "embeddings of different encoders are not comparable")
+            if row is None:
+                c.execute("INSERT INTO meta VALUES ('encoder', ?)", (text,))
 
     def _meta(self, key: str) -> str | None:
         with self._lock:
@@ -539,7 +646,7 @@ class Gallery:
             samples = self._conn.execute("SELECT identity_id, embedding, quality FROM samples ORDER BY id").fetchall()
         position = {int(r[0]): n for n, r in enumerate(identities)}
         header = {"format": EXPORT_FORMAT, "version": SCHEMA_VERSION, "feature_dim": self.feature_dim,
-                  "model_name": self.model_name, "names": [r[1] for r in identities],
+                  "model_name": self.model_name, "encoder": self.encoder, "names": [r[1] for r in identities],
                   "metadata": [json.loads(r[2]) for r in identities]}
         embeddings = np.stack([_from_blob(s[1], self.feature_dim, "sample") for s in samples]) if samples else \
             np.zeros((0, self.feature_dim), np.float32)
@@ -560,25 +667,33 @@ class Gallery:
         """
         if on_conflict not in ("error", "skip", "merge", "replace"):
             raise ValueError(f"on_conflict={on_conflict!r}: expected error, skip, merge or replace")
-        names, metadata, groups = self._read_export(Path(path))
+        names, metadata, groups, model_name = self._read_export(Path(path))
+        with np.load(path, allow_pickle=False) as data:  # already validated by _read_export
+            encoder = json.loads(str(data["header"])).get("encoder")
         existing = {i.name.casefold() for i in self.list_identities()}
         clashes = [n for n in names if n.casefold() in existing]
         if clashes and on_conflict == "error":
-            raise ValueError(f"import {path}: already enrolled: {clashes}; pass on_conflict='skip', 'merge' "
-                             "or 'replace'")
+            raise NameConflictError(path, clashes)
         ids: list[int] = []
         try:
             with self._transaction() as c:  # one transaction: a failure or a kill imports nothing
+                if self.model_name is None and model_name:  # a new gallery takes the file's encoder
+                    c.execute("INSERT OR IGNORE INTO meta VALUES ('model_name', ?)", (model_name,))
+                if encoder and self.encoder is None:  # ... and how it was made, when known
+                    c.execute("INSERT OR IGNORE INTO meta VALUES ('encoder', ?)",
+                              (json.dumps(encoder, sort_keys=True),))
                 for name, meta, (x, q) in zip(names, metadata, groups):
                     if name.casefold() in existing and on_conflict == "skip":
                         continue
                     ids.append(self._write_identity(c, name, x, q, dict(meta), [None] * len(x),
                                                     replace=on_conflict == "replace")[0])
+            if model_name:
+                self._stored_meta.setdefault("model_name", model_name)
         finally:
             self._reload()
         return ids
 
-    def _read_export(self, path: Path) -> tuple[list[str], list[dict], list[tuple[np.ndarray, np.ndarray]]]:
+    def _read_export(self, path: Path) -> tuple[list[str], list[dict], list[tuple[np.ndarray, np.ndarray]], str | None]:
         """Load and fully validate an export before anything is written."""
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -604,7 +719,7 @@ class Gallery:
                 raise ValueError(f"import {path}: identity {name!r} has no samples")
             x = self._embeddings(embeddings[rows], f"import {path}: embeddings of {name!r}")
             groups.append((x, self._qualities(quality[rows], int(rows.sum()))))
-        return names, list(header["metadata"]), groups
+        return names, list(header["metadata"]), groups, theirs
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:

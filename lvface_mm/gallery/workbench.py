@@ -183,7 +183,7 @@ class Workbench:
             raise PartUnavailable(self._errors[part])
         try:
             return make()
-        except (WeightsNotAvailableError, ImportError, FileNotFoundError) as exc:
+        except (WeightsNotAvailableError, ImportError, OSError, ValueError) as exc:  # missing, junk or wrong file
             self._errors[part] = f"{part} unavailable: {exc}"
             raise PartUnavailable(self._errors[part]) from exc
 

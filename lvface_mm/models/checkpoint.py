@@ -5,6 +5,8 @@ is named by the variant it looks like instead of failing with a wall of missing 
 from __future__ import annotations
 
 import hashlib
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,15 +32,46 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         except Exception as exc:
             raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from exc
+    expected = "Expected a state dict saved with torch.save (official LVFace .pt files are) or a .safetensors file."
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        with warnings.catch_warnings():  # torch warns about pickle protocols just before it fails; the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        code = pickled_code(path, str(exc))
+        if code is not None:
+            # Not a damaged file: a pickle that would import and run Python code. Never suggest
+            # weights_only=False here: that is exactly how such a file runs its code.
+            raise ValueError(
+                f"{path}: refused: it contains code ({code}), which loading would run. Re-save the weights alone "
+                f"(torch.save(model.state_dict(), ...)) or as .safetensors. {expected}"
+            ) from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? {expected}") from None
+    except Exception as exc:  # zip reader, unpickler and storage errors; KeyError says only "101" here
+        readable = isinstance(exc, RuntimeError) and str(exc)
+        detail = str(exc).splitlines()[0][:120] if readable else "unrecognised content"
         raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Expected a state dict saved with torch.save "
-            "(official LVFace .pt files are) or a .safetensors file."
-        ) from exc
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({detail}). {expected}"
+        ) from None
     return unwrap_state_dict(obj, source=str(path))
+
+
+def pickled_code(path: Path, error: str) -> str | None:
+    """What code a checkpoint refused by torch's weights-only loader would import, or None when the
+    file is simply not a (readable) pickle. torch names the global for zip checkpoints; a bare
+    pickle is scanned for the opcodes that import (GLOBAL, STACK_GLOBAL) without running it."""
+    import pickletools
+    import re
+
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", error)
+    if named:
+        return f"a reference to {named.group(1)}"
+    try:
+        with open(path, "rb") as f:
+            imports = [arg for op, arg, _ in pickletools.genops(f) if op.name in ("GLOBAL", "STACK_GLOBAL")]
+    except Exception:  # noqa: BLE001 - not a well-formed pickle: corrupt, not code
+        return None
+    return "pickled Python objects besides tensors" if imports or "GLOBAL" in error else None
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -171,25 +171,92 @@ def fetch_weights(weights: PretrainedWeights, cache_dir: str | Path | None = Non
     filename, sha, size = _file_and_checks(weights, onnx)
     from huggingface_hub import hf_hub_download
 
+    cached = cached_weights_path(weights, cache_dir=cache_dir, onnx=onnx)
+    if cached is None and not hub_offline() and not hub_reachable():
+        # Without this check the hub client retries for half a minute, printing "Retrying" pages.
+        reason = f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached and the file is not cached; " \
+                 "set HF_HUB_OFFLINE=1 to use only the local cache without trying the network"
+        raise WeightsNotAvailableError(_not_available_message(weights, filename, cache_dir, reason))
     try:
-        path = Path(hf_hub_download(weights.repo_id, filename, revision=weights.revision, cache_dir=cache_dir))
+        path = cached or Path(hf_hub_download(weights.repo_id, filename, revision=weights.revision,
+                                              cache_dir=cache_dir))
     except Exception as exc:  # offline the hub raises several types (LocalEntryNotFoundError, HTTP, OS errors)
-        raise WeightsNotAvailableError(_not_available_message(weights, filename, cache_dir, exc)) from exc
+        reason = "HF_HUB_OFFLINE is set and the file is not cached" if hub_offline() else \
+            f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise WeightsNotAvailableError(_not_available_message(weights, filename, cache_dir, reason)) from exc
     verify_file(path, sha, size)
     return path
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks the Hugging Face libraries never to touch the network."""
+    from huggingface_hub import constants
+
+    flag = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
+    return bool(flag) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    """The Hub URL in use (``HF_ENDPOINT`` when set, else https://huggingface.co)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
+    """Whether a connection to the Hub (or to the HTTPS proxy set in the environment) opens within
+    ``timeout`` seconds. Never raises. Call it before a download that is not cached: unreachable, the
+    Hugging Face clients retry for 30-90 s before failing, which on an offline machine only delays
+    the message saying which files to fetch. (Name resolution runs in a thread, so a dead DNS server
+    cannot stretch the wait past ``timeout`` either.)"""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    url = urlsplit(endpoint or hub_endpoint())
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = getproxies().get(url.scheme)
+    if proxy and host not in ("localhost", "127.0.0.1", "::1") and not proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or host, proxy_url.port or 80
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True, name="hub-reachable")
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def ensure_hub_reachable(files: list[str] | tuple[str, ...], timeout: float = 3.0) -> None:
+    """Raise ``WeightsNotAvailableError`` at once, naming ``files`` and HF_HUB_OFFLINE=1, when the Hub
+    cannot be reached; do nothing when it can, or when HF_HUB_OFFLINE is set (the libraries then
+    fail fast on their own). For callers about to fetch files that are not cached."""
+    if hub_offline() or hub_reachable(timeout):
+        return
+    raise WeightsNotAvailableError(
+        f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached within {timeout:g} s, and these files are not "
+        f"in the local cache: {', '.join(files)}. Fetch them on a machine with internet access and copy its "
+        "Hugging Face cache (HF_HOME) here; set HF_HUB_OFFLINE=1 to use only the local cache without trying the "
+        "network.")
+
+
 def _not_available_message(
-    weights: PretrainedWeights, filename: str, cache_dir: str | Path | None, exc: Exception
+    weights: PretrainedWeights, filename: str, cache_dir: str | Path | None, reason: str
 ) -> str:
     from huggingface_hub import constants
 
-    offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)() or os.environ.get(
-        "HF_HUB_OFFLINE", "0"
-    ).lower() in ("1", "true", "yes", "on")
     cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     target = cache / f"models--{weights.repo_id.replace('/', '--')}" / "snapshots" / weights.revision / filename
-    reason = "HF_HUB_OFFLINE is set and the file is not cached" if offline else f"{exc.__class__.__name__}: {exc}"
     return (
         f"LVFace weights {filename} are not available ({reason}).\n"
         f"Fetch them on a machine with internet access:\n"
