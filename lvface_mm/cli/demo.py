@@ -159,7 +159,8 @@ def build_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.photos and state.workbench is not None:
         _index_with_progress(state.workbench, args.photos)
     for line in state.status_lines():
-        print(line, file=sys.stderr)
+        if "is not on this machine" not in line:  # said once already, in the offline message
+            print(line, file=sys.stderr)
 
     from lvface_mm.demo.app import build_demo
 

@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["MissingFile", "go_offline", "hub_offline", "missing_files", "network_reachable", "offline_message"]
 
-HUB_HOST = "huggingface.co"
+HUB_HOST, HUB_PORT = "huggingface.co", 443  # read at call time (tests point them at a closed local port)
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -38,10 +38,11 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def network_reachable(host: str = HUB_HOST, port: int = 443, timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included).
-
-    The probe runs in a daemon thread because a stuck DNS lookup ignores socket timeouts."""
+def network_reachable(host: str | None = None, port: int | None = None, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to host:port (default: the Hub) opens within `timeout` seconds, DNS
+    included. The probe runs in a daemon thread because a stuck DNS lookup ignores socket timeouts."""
+    host = HUB_HOST if host is None else host
+    port = HUB_PORT if port is None else port
     result: list[bool] = []
 
     def probe() -> None:

@@ -97,7 +97,7 @@ class DemoWorkbench(Workbench):
         except PartUnavailable:
             raise
         except Exception as exc:  # corrupt file, wrong architecture, unpickling error: a message, not a crash
-            log.warning("%s failed to load", part, exc_info=True)
+            log.debug("%s failed to load", part, exc_info=True)  # the details, for --debug logging only
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self._errors[part] = f"{part} unavailable: {first[:400]}"
             raise PartUnavailable(self._errors[part]) from exc
