@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-concurrency", type=int, default=4,
                         help="searches and face look-ups served at once (default 4); writes and answers: one at a time")
     parser.add_argument("--max-queue", type=int, default=512, help="requests that may wait (default 512)")
-    parser.add_argument("--keep-minutes", type=int, default=30,
+    parser.add_argument("--keep-minutes", type=float, default=30,
                         help="uploads and result images are deleted after this many minutes (default 30)")
     parser.add_argument("--keep-uploads", action="store_true",
                         help="tick 'keep copies of indexed photos' by default (off: only embeddings are kept)")
@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Any:
     from lvface_mm.demo.state import DemoSettings
 
-    age = max(1, args.keep_minutes) * 60
+    age = max(1, round(args.keep_minutes * 60))
     return DemoSettings(read_concurrency=args.read_concurrency, max_queue=args.max_queue, cache_age_s=age,
-                        cache_every_s=max(60, min(300, age // 6)), keep_uploads=args.keep_uploads)
+                        cache_every_s=max(1, min(300, age // 6)), keep_uploads=args.keep_uploads)
 
 
 def _offline_parts(config: Any) -> dict[str, str]:
