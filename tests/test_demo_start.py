@@ -178,3 +178,15 @@ def test_a_database_of_another_encoder_starts_with_a_notice(tmp_path, capsys):
         state.close()
     with Gallery(str(tmp_path / "demo.db"), model_name="lvface_t") as g:  # and nothing was lost
         assert [p.name for p in g.list_identities()] == ["Ann"]
+
+
+def test_photos_given_at_start_are_indexed_with_a_progress_bar(tmp_path, capsys):
+    portraits = Path(__file__).parent / "data" / "portraits"
+    demo, state = start(tmp_path, "--tiny", "--photos", str(portraits))
+    try:
+        err = capsys.readouterr().err
+        assert "indexing: 100%" in err and "4/4" in err  # tqdm's bar on stderr
+        assert "indexed 4 photos (4 faces), skipped 0, failed 0" in err
+        assert len(state.workbench.photos) == 4
+    finally:
+        state.close()
