@@ -109,13 +109,16 @@ def test_installed_wheel_finds_cards_and_builds_the_demo(installed):
     assert helped.returncode == 0 and "--tiny" in helped.stdout and "--keep-minutes" in helped.stdout
 
 
+@pytest.mark.slow  # about 60 s more on a loaded 2-core machine; the default run keeps the suite short
 def test_installed_entry_point_serves_the_tiny_demo(installed):
     target, env, cwd = installed
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    tmp = cwd / "tmp"  # the demo's private upload cache is made here
+    tmp.mkdir()
     proc = subprocess.Popen([str(target / "bin" / "lvface-mm"), "demo", "--tiny", "--db", "demo.db",
-                             "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             "--port", str(port)], cwd=cwd, env={**env, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -129,8 +132,10 @@ def test_installed_entry_point_serves_the_tiny_demo(installed):
                 assert time.monotonic() < deadline, "the demo did not answer within 180 s"
                 time.sleep(0.5)
         assert "LVFace-MM" in page
+        assert len(list(tmp.glob("lvface-demo-*"))) == 1
     finally:
         proc.terminate()
         output = proc.communicate(timeout=60)[0]
     assert "share=True" not in output and "Traceback" not in output
     assert f"demo on http://127.0.0.1:{port}/" in output
+    assert proc.returncode == 0 and not list(tmp.glob("lvface-demo-*"))  # SIGTERM: a clean stop, cache removed

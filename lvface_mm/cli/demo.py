@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     demo, launch = build_from_args(args)
     print(f"demo on http://{args.host}:{args.port}/ (Ctrl+C stops it)", file=sys.stderr)
+    # A service manager stops us with SIGTERM: exit through `finally`, so the upload cache goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         demo.launch(**launch)
     finally:
