@@ -298,16 +298,13 @@ TINY_CARD_PREFIX = "tiny-"
 
 
 def _tiny_card(name: str) -> IdentityAdapterConfig | None:
-    """`tiny-<build>` cards are made in code (not shipped as files): a tiny random build with small LoRA."""
+    """`tiny-<build>` cards are made in code by `testing.tiny_card`, not shipped as files."""
     if not name.startswith(TINY_CARD_PREFIX):
         return None
     from .testing import TINY_FAMILY, tiny_card
 
     build = name.removeprefix(TINY_CARD_PREFIX)
-    if build not in TINY_FAMILY:
-        return None
-    return tiny_card(build, lora=LoraSpec(r=4, alpha=8, dropout=0.0),
-                     description=f"random tiny {build} built from a config (tests, benchmarks); no download")
+    return tiny_card(build) if build in TINY_FAMILY else None
 
 
 def _tiny_card_names() -> list[str]:
