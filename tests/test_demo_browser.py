@@ -76,14 +76,14 @@ def demo_url(tmp_path: Path):
     args = build_parser().parse_args(["demo", "--tiny", "--db", str(tmp_path / "demo.db"), "--port", str(port),
                                       "--max-new-tokens", "12"])
     demo, launch = build_from_args(args)
-    demo.launch(**launch, prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch, prevent_thread_lock=True)  # launch holds quiet=True already
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_http(url, 60)
         yield url
     finally:
         demo.close()
-        demo.workbench_state.workbench.close()
+        demo.workbench_state.close()  # also removes the demo's private upload cache
 
 
 def refused(url: str) -> bool:
@@ -115,6 +115,18 @@ def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
             page.locator("#enrol-btn").click()
             expect(page.locator("#enrol-out")).to_contain_text("Enrolled Grace from 1 photo", timeout=long)
             expect(page.locator("#people")).to_contain_text("Grace", timeout=long)
+            expect(page.locator("#enrol-files")).not_to_contain_text("grace", timeout=long)  # the upload is gone
+            page.get_by_role("button", name="Models").click()
+            expect(page.locator("#status")).to_contain_text("gallery: 1 people", timeout=long)  # Models box refreshed
+
+            # 1b. delete asks first: Cancel keeps her
+            page.get_by_role("button", name="Rename or delete").click()
+            page.locator("#manage-name textarea, #manage-name input").first.fill("Grace")
+            page.locator("#delete-btn").click()
+            expect(page.locator("#manage-out")).to_contain_text("cannot be undone", timeout=long)
+            page.locator("#delete-cancel-btn").click()
+            expect(page.locator("#manage-out")).to_contain_text("Nothing deleted", timeout=long)
+            expect(page.locator("#people")).to_contain_text("Grace", timeout=long)
 
             # 2. her photo: the face is boxed and labelled with her name, the answer streams in
             page.get_by_role("tab", name="Caption & ask").click()
@@ -123,6 +135,8 @@ def test_enrol_caption_and_search_in_chromium(demo_url, photos, tmp_path):
             page.locator("#caption-btn").click()
             expect(page.locator("#ask-info")).to_contain_text("prompt grounding", timeout=long)
             assert page.locator("#ask-answer textarea").input_value().strip() != ""
+            info = page.locator("#ask-info").inner_text()
+            assert "/tmp" not in info and "<array" not in info
             page.screenshot(path=str(tmp_path / "demo_caption.png"))
 
             # 3. index a small collection (one broken file) and find her by name

@@ -91,35 +91,3 @@ def test_calibrate_command_saves_the_threshold(tmp_path, capsys):
     from lvface_mm.gallery import Gallery
 
     assert Gallery(db, model_name="lvface_tiny").threshold == pytest.approx(result["threshold"])
-
-
-def test_demo_is_queued_and_serves_no_extra_paths(tmp_path):
-    """The Blocks queue heavy jobs one at a time in a bounded queue; launch serves nothing but Gradio's cache."""
-    pytest.importorskip("gradio")
-    import gradio as gr
-
-    from demos.app import build_demo
-    from lvface_mm.cli import build_parser
-    from lvface_mm.cli.demo import load_app
-
-    demo = build_demo(WorkbenchConfig(db=str(tmp_path / "demo.db"), tiny=True))
-    assert isinstance(demo, gr.Blocks) and demo._queue.max_size == 64
-    heavy = {fn.name: fn.concurrency_id for fn in demo.fns.values()}
-    assert {heavy[n] for n in ("do_enrol", "caption_run", "guarded_run", "do_index", "do_search")} == {"compute"}
-    assert all(fn.concurrency_limit in (1, "default") for fn in demo.fns.values())
-    assert load_app().build_demo is build_demo
-    args = build_parser().parse_args(["demo", "--tiny", "--db", str(tmp_path / "x.db")])
-    assert (args.host, args.port, args.max_file_size) == ("127.0.0.1", 7860, "20mb")
-
-
-def test_switching_models_gives_each_encoder_its_own_gallery(tmp_path):
-    pytest.importorskip("gradio")
-    from demos.app import DemoState
-
-    state = DemoState(WorkbenchConfig(db=str(tmp_path / "demo.db"), face_model="lvface_b"))
-    state.workbench.gallery.enrol("Ann", np.ones(512))
-    wb = state.switch("lvface_t", "none")
-    assert wb.config.db == str(tmp_path / "demo.lvface_t.db") and wb.config.vlm is None
-    assert len(wb.gallery) == 0 and wb.gallery.model_name == "lvface_t"
-    back = state.switch("lvface_b", "HuggingFaceTB/SmolVLM-256M-Instruct")
-    assert [p.name for p in back.gallery.list_identities()] == ["Ann"]  # B's gallery is untouched

@@ -7,8 +7,9 @@ goes. The same JSON sits next to trained adapter weights, so a card and a saved 
 the same code.
 
 Cards shipped with the repository live in the top-level `adapters/` folder. That folder is data,
-not a Python package (AdapterHub's `adapters` owns the name on PyPI), so it is located by path:
-`default_card_dir()` finds it in a source checkout; installed users pass a card path instead.
+not a Python package (AdapterHub's `adapters` owns the name on PyPI); the wheel carries it as
+`lvface_mm/adapter_cards/`, and `default_card_dir()` finds either. `tiny-<build>` cards for the
+random test models are made in code, not shipped.
 """
 
 from __future__ import annotations
@@ -261,10 +262,22 @@ def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
 _EXTRA_CARD_DIRS: list[Path] = []
 
 
+PACKAGED_CARDS = "adapter_cards"  # the wheel's copy of `adapters/` (pyproject: package-dir mapping)
+
+
 def default_card_dir() -> Path | None:
-    """The repository's `adapters/` folder when running from a source checkout, else None."""
-    candidate = Path(__file__).resolve().parents[2] / "adapters"
-    return candidate if candidate.is_dir() else None
+    """Where the shipped cards are: `lvface_mm/adapter_cards/` in an installed wheel, the repository's
+    `adapters/` folder in a source checkout (or editable install), else None."""
+    from importlib.resources import files
+
+    packaged = files("lvface_mm").joinpath(PACKAGED_CARDS)
+    if packaged.is_dir():
+        return Path(str(packaged))
+    # A checkout: the folder sits beside the package. pyproject.toml tells it apart from an unrelated
+    # `adapters` package in site-packages (AdapterHub's), which is a sibling there.
+    root = Path(__file__).resolve().parents[2]
+    candidate = root / "adapters"
+    return candidate if candidate.is_dir() and (root / "pyproject.toml").is_file() else None
 
 
 def add_card_dir(path: str | os.PathLike[str]) -> None:
@@ -281,9 +294,28 @@ def _card_dirs() -> list[Path]:
     return [*_EXTRA_CARD_DIRS, *([default] if default is not None else [])]
 
 
+TINY_CARD_PREFIX = "tiny-"
+
+
+def _tiny_card(name: str) -> IdentityAdapterConfig | None:
+    """`tiny-<build>` cards are made in code by `testing.tiny_card`, not shipped as files."""
+    if not name.startswith(TINY_CARD_PREFIX):
+        return None
+    from .testing import TINY_FAMILY, tiny_card
+
+    build = name.removeprefix(TINY_CARD_PREFIX)
+    return tiny_card(build) if build in TINY_FAMILY else None
+
+
+def _tiny_card_names() -> list[str]:
+    from .testing import TINY_FAMILY
+
+    return [TINY_CARD_PREFIX + build for build in TINY_FAMILY]
+
+
 def list_adapter_cards() -> list[str]:
-    """Names of the cards that `load_adapter_card` finds by name."""
-    names = {p.stem for d in _card_dirs() for p in d.glob("*.json")}
+    """Names of the cards that `load_adapter_card` finds by name (the shipped cards and `tiny-*`)."""
+    names = {p.stem for d in _card_dirs() for p in d.glob("*.json")} | set(_tiny_card_names())
     return sorted(names)
 
 
@@ -296,6 +328,9 @@ def load_adapter_card(name_or_path: str | os.PathLike[str]) -> IdentityAdapterCo
         candidate = directory / f"{name_or_path}.json"
         if candidate.is_file():
             return IdentityAdapterConfig.from_pretrained(candidate)
+    tiny = _tiny_card(str(name_or_path))
+    if tiny is not None:
+        return tiny
     known = list_adapter_cards()
     hint = f"known cards: {', '.join(known)}" if known else "no card directory found; pass a card path"
     raise FileNotFoundError(f"no adapter card named {str(name_or_path)!r}; {hint}")
