@@ -48,6 +48,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--min-face-size", type=float, default=20.0, help="ignore faces smaller than this (px)")
     d.add_argument("--max-faces", type=int, default=None, help="keep at most this many faces per image")
     d.add_argument(
+        "--min-detection-score",
+        type=float,
+        default=None,
+        help="drop detections scoring below this, in the detector's units (default: the detector's own; dlib 0.25)",
+    )
+    d.add_argument(
+        "--no-landmark-check",
+        dest="landmark_check",
+        action="store_false",
+        help="keep detections whose five landmarks do not look like a face (checked by default)",
+    )
+    d.add_argument(
         "--assume-aligned",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -66,6 +78,8 @@ def build_embedder(args: argparse.Namespace):
         batch_size=args.batch_size,
         max_faces=args.max_faces,
         min_face_size=args.min_face_size,
+        min_detection_score=args.min_detection_score,
+        landmark_check=args.landmark_check,
     )
     if args.detector_weights and args.detector not in ("scrfd", "retinaface"):
         raise ValueError(f"--detector-weights is for the ONNX detectors (scrfd, retinaface), not {args.detector!r}")
@@ -267,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "backend": args.backend,
         "detector": args.detector,
+        "min_detection_score": args.min_detection_score,
+        "landmark_check": args.landmark_check,
         "flip_test": args.flip,
         "dtype": args.dtype or "fp32",
     }
