@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.inference import auto_uses_bf16, resolve_dtype
 from ..models.pretrained import ARCFACE_TEMPLATE_112
 from .alignment import align_face, to_model_input
 from .detection import DetectedFace, Detector, create_detector
-from .encoders import CachedOnnxCropEncoder, OnnxCropEncoder, TorchCropEncoder, parse_dtype
+from .encoders import CachedOnnxCropEncoder, OnnxCropEncoder, TorchCropEncoder
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ImageLoadError, LoadedImage, describe_source, load_image
 from .screening import LandmarkCheck, screen_faces
 
@@ -164,6 +165,19 @@ def _onnx_is_faster(encoder: TorchCropEncoder) -> bool:
     )
 
 
+def _bf16_is_chosen(encoder: TorchCropEncoder) -> bool:
+    """True where `backend="auto"` runs a CPU FaceViT in bf16 PyTorch: the CPU multiplies bf16 natively and
+    the measured accuracy decision allows it (`lvface_mm.models.inference.auto_uses_bf16`)."""
+    from ..models import FaceViT
+
+    return (
+        encoder.device.type == "cpu"
+        and encoder.dtype == torch.float32
+        and isinstance(encoder.model, FaceViT)
+        and auto_uses_bf16()
+    )
+
+
 def _cached_onnx_or_torch(
     encoder: TorchCropEncoder, providers: list[str] | None
 ) -> TorchCropEncoder | CachedOnnxCropEncoder:
@@ -185,7 +199,8 @@ class FaceEmbedder:
             Created on first use, so aligned-crop workflows never need the detector's packages.
         detector_kwargs: passed to `create_detector` with a name.
         device: where the PyTorch encoder runs (default: the module's device, else CUDA if available).
-        dtype: float32 (default), bfloat16 or float16 (also "bf16"/"fp16").
+        dtype: None (default: fp32, or what `backend="auto"` picks), a torch dtype, or a name from
+            `lvface_mm.models.DTYPE_NAMES` ("fp32", "bf16", "fp16", ...), or "auto" (`fastest_dtype`).
         flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side: see
             `PipelineConfig`.
         min_detection_score: detections scoring below this are dropped (None: the detector's default,
@@ -194,7 +209,9 @@ class FaceEmbedder:
             (`LandmarkCheck()`); False: keep them; or a `LandmarkCheck` with other bounds.
         backend: "auto" (default): a FaceViT in fp32 on the CPU runs through onnxruntime from a
             cached export of its weights when onnxruntime is installed (faster there; patch tokens
-            still come from PyTorch), anything else through PyTorch. "torch": always PyTorch.
+            still come from PyTorch), anything else through PyTorch. On CPUs with native bf16 it
+            would run bf16 PyTorch instead if the measured accuracy decision allowed it
+            (`lvface_mm.models.inference.auto_uses_bf16`; see docs/encoder.md). "torch": always PyTorch.
             "onnx": onnxruntime on `onnx_path` (for a named model with official weights the
             official .onnx is fetched when no path is given).
         onnx_path, onnx_providers: the ONNX encoder file and onnxruntime providers.
@@ -228,7 +245,7 @@ class FaceEmbedder:
             flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side,
             min_detection_score, landmark_check,
         )
-        dtype = parse_dtype(dtype)
+        dtype = resolve_dtype(dtype, device if device is not None else _default_device())
         if backend not in ("auto", "torch", "onnx"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'onnx', got {backend!r}")
         if backend == "onnx":
@@ -248,7 +265,9 @@ class FaceEmbedder:
             elif not isinstance(model, nn.Module):
                 raise TypeError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
             self.encoder = TorchCropEncoder(model, device, dtype)
-            if backend == "auto" and _onnx_is_faster(self.encoder):
+            if backend == "auto" and dtype is None and _bf16_is_chosen(self.encoder):
+                self.encoder = TorchCropEncoder(self.encoder.model, self.encoder.device, torch.bfloat16)
+            elif backend == "auto" and _onnx_is_faster(self.encoder):
                 self.encoder = _cached_onnx_or_torch(self.encoder, onnx_providers)
         self._detector_spec = detector
         self._detector_kwargs = dict(detector_kwargs or {})

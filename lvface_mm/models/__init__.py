@@ -11,7 +11,7 @@ from .checkpoint import guess_variant, load_checkpoint, read_state_dict
 from .data_config import FACE_CROP_MEAN, FACE_CROP_STD, normalize_crops
 from .facevit import FaceViT, FaceViTConfig
 from .factory import create_model
-from .inference import prepare_for_inference
+from .inference import DTYPE_NAMES, prepare_for_inference, resolve_dtype
 from .onnx import OnnxEncoder, cached_onnx_export, export_onnx, onnx_cache_dir
 from .pretrained import (
     ARCFACE_TEMPLATE_112,
@@ -32,6 +32,7 @@ if "timm" in sys.modules:  # timm users get our names in timm.create_model; othe
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
+    "DTYPE_NAMES",
     "FACE_CROP_MEAN",
     "FACE_CROP_STD",
     "OFFICIAL_WEIGHTS",
@@ -59,5 +60,6 @@ __all__ = [
     "read_state_dict",
     "register_model",
     "register_with_timm",
+    "resolve_dtype",
     "save_pretrained_encoder",
 ]
