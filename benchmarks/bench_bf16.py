@@ -106,8 +106,10 @@ def compare(model: torch.nn.Module, images, issame: np.ndarray | None) -> dict[s
         s32 = cosines((plain32 + flip32)[0::2], (plain32 + flip32)[1::2])
         s16 = cosines((plain16 + flip16)[0::2], (plain16 + flip16)[1::2])
         threshold = r32.flip.cosine_threshold
+        changed = (s32 >= threshold) != (s16 >= threshold)
+        now_right = (s16 >= threshold) == np.asarray(issame, bool)
         row.update(acc_fp32=r32.flip.mean, acc_bf16=r16.flip.mean, pairs=len(issame),
-                   flipped_decisions=int(np.sum((s32 >= threshold) != (s16 >= threshold))),
+                   flipped_decisions=int(changed.sum()), became_right=int((changed & now_right).sum()),
                    max_score_change=float(np.abs(s32 - s16).max()))
     return row
 
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
-        acc = (f"{r['acc_fp32']:.4f} | {r['acc_bf16']:.4f} | {r['flipped_decisions']} of {r['pairs']} | "
+        acc = (f"{r['acc_fp32']:.4f} | {r['acc_bf16']:.4f} | {r['flipped_decisions']} of {r['pairs']} "
+               f"({r['became_right']} now right) | "
                f"{r['max_score_change']:.4f}") if "acc_fp32" in r else "- | - | - | -"
         lines.append(f"| {name} | {r['images']} | {r['cos_min']:.5f} | {r['cos_mean']:.5f} | {r['cos_flip_min']:.5f} | "
                      f"{acc} | {r['seconds_fp32']:.1f} | {r['seconds_bf16']:.1f} |")
