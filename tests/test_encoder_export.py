@@ -163,3 +163,21 @@ def test_registered_names_win_over_folders_of_the_same_name(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lvface_tiny").mkdir()
     assert np.isclose(create_model("lvface_tiny").config.embed_dim, 32)
+
+
+def test_training_exports_the_folder_next_to_model_pt(tmp_path):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from training.config import EncoderRunConfig, load_config
+    from training.encoder import export_encoder
+
+    tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml"
+    config = load_config(EncoderRunConfig, str(tiny), [])
+    encoder = create_model("lvface_tiny", num_heads=2).eval()
+    export_encoder(SimpleNamespace(encoder=encoder), config, tmp_path)
+    assert (tmp_path / "model.pt").is_file()
+    loaded = create_model(tmp_path / "encoder").eval()
+    x = normalize_crops(crops_uint8(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), encoder(x))
