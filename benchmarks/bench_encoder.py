@@ -46,6 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _results import write_section  # noqa: E402
+
 from lvface_mm.models import create_model  # noqa: E402
 from lvface_mm.models.inference import cpu_has_native_bf16, prepare_for_inference  # noqa: E402
 from lvface_mm.models.reference import reference_from  # noqa: E402
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows, peak32, peak16, meta)
     print("\n" + text)
     if args.markdown:
-        args.markdown.write_text(text + "\n")
+        write_section(args.markdown, "bench_encoder", text)  # other scripts own other sections of the file
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTRAITS = [ROOT / "tests" / "data" / "portraits" / f"{n}.jpg" for n in ("obama", "obama2", "obama3", "biden")]
@@ -209,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines)
     print(report)
     if not args.no_write:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
+        write_section(args.output, "bench_pipeline", report)
         print(f"written to {args.output}", file=sys.stderr)
     return 0
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from lvface_mm.distributed import get_rank, is_distributed
 from lvface_mm.losses import CosineStageScheduler, PartialFC, PCOHead, create_margin
-from lvface_mm.models import create_model
+from lvface_mm.models import create_model, save_pretrained_encoder
 from lvface_mm.models.registry import get_model_spec
 from lvface_mm.tasks import FaceRecognitionTask, add_lora, merge_adapter, save_adapter, unwrap_encoder
 
@@ -152,6 +152,7 @@ def export_encoder(task: FaceRecognitionTask, config: EncoderRunConfig, run_dir:
         state = unwrap_encoder(encoder).state_dict()
     path = run_dir / "model.pt"
     atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, path)
+    save_pretrained_encoder(create_model(config.model.name, num_heads=config.model.num_heads, checkpoint_path=path), run_dir / "encoder")  # noqa: E501 - timm/create_model(dir) layout
     return path
 
 

@@ -58,6 +58,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     d.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="largest image accepted, in pixels (default 50000000); bigger JPEGs are decoded reduced")
     d.add_argument(
+        "--min-detection-score",
+        type=float,
+        default=None,
+        help="drop detections scoring below this, in the detector's units (default: the detector's own; dlib 0.25)",
+    )
+    d.add_argument(
+        "--no-landmark-check",
+        dest="landmark_check",
+        action="store_false",
+        help="keep detections whose five landmarks do not look like a face (checked by default)",
+    )
+    d.add_argument(
         "--assume-aligned",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -76,6 +88,8 @@ def build_embedder(args: argparse.Namespace):
         batch_size=args.batch_size,
         max_faces=args.max_faces,
         min_face_size=args.min_face_size,
+        min_detection_score=args.min_detection_score,
+        landmark_check=args.landmark_check,
     )
     if args.max_pixels is not None:
         if args.max_pixels < 1:
@@ -292,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "backend": args.backend,
         "detector": args.detector,
+        "min_detection_score": args.min_detection_score,
+        "landmark_check": args.landmark_check,
         "flip_test": args.flip,
         "dtype": args.dtype or "fp32",
     }

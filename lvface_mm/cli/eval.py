@@ -97,12 +97,12 @@ def load_models(args: argparse.Namespace) -> list[EvalModel]:
     import torch
 
     from ..eval.extract import model_fingerprint
-    from ..models import create_model, guess_variant, list_models, read_state_dict
+    from ..models import create_model, guess_variant, list_models, read_state_dict, resolve_dtype
 
     if not args.model and not args.checkpoint:
         raise ValueError("give at least one --model NAME or --checkpoint PATH")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, device)
     built: list[tuple[str, str, object]] = []
     for name in args.model:
         if args.random_weights:

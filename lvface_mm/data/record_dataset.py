@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..models.data_config import normalize_crops
 from .recordio import IRHeader, RecordIOError, RecordReader, unpack
 
 Layout = Literal["auto", "insightface", "plain"]
@@ -155,8 +156,8 @@ class RecordDataset(Dataset):
         image, label = self.read_image(index)
         if self.random_flip and torch.rand(()) < 0.5:
             image = image[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # (3, H, W)
-        return (x - 127.5) / 127.5, torch.tensor(label, dtype=torch.int64)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W) uint8
+        return normalize_crops(x), torch.tensor(label, dtype=torch.int64)
 
     def labels(self) -> np.ndarray:
         """(N,) int64 class id of every image, read from headers only (fast; for samplers)."""

@@ -18,10 +18,12 @@ from .embedder import Face, FaceEmbedder, ImageResult, PipelineConfig
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, LoadedImage, load_image
 from .onnx_detector import OnnxFaceDetector
 from .retinaface import RetinaFaceConfig, RetinaFaceDetector
+from .screening import DLIB_DEFAULT_SCORE_THRESHOLD, LandmarkCheck, screen_faces
 from .scrfd import SCRFDDetector
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "DLIB_DEFAULT_SCORE_THRESHOLD",
     "DetectedFace",
     "Detector",
     "DlibDetector",
@@ -29,6 +31,7 @@ __all__ = [
     "FaceEmbedder",
     "ImageLoadError",
     "ImageResult",
+    "LandmarkCheck",
     "LoadedImage",
     "OnnxFaceDetector",
     "PipelineConfig",
@@ -43,5 +46,6 @@ __all__ = [
     "load_image",
     "nms",
     "register_detector",
+    "screen_faces",
     "to_model_input",
 ]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..models.data_config import normalize_crops
 from ..models.pretrained import ARCFACE_TEMPLATE_112
 
 
@@ -74,11 +75,16 @@ def to_model_input(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Aligned uint8 RGB crops (N, 112, 112, 3) -> normalised (N, 3, 112, 112) tensor in [-1, 1]."""
+    """Aligned uint8 RGB crops (N, 112, 112, 3) -> normalised (N, 3, 112, 112) tensor in [-1, 1].
+
+    The normalisation is the encoder's data config (`lvface_mm.models.normalize_crops`).
+    """
     array = np.stack(list(crops)) if not isinstance(crops, np.ndarray) else crops
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] != 3:
         raise ValueError(f"crops must be (N, H, W, 3) RGB, got shape {array.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(array)).to(device=device).permute(0, 3, 1, 2)
-    return ((x.float() - 127.5) / 127.5).to(dtype)
+    if array.dtype != np.uint8:
+        raise ValueError(f"crops must be uint8 RGB (0-255), got dtype {array.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(array)).to(device=device).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    return normalize_crops(x).to(dtype)

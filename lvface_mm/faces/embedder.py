@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.inference import auto_uses_bf16, resolve_dtype
 from ..models.pretrained import ARCFACE_TEMPLATE_112
 from .alignment import align_face, to_model_input
 from .detection import DetectedFace, Detector, create_detector
-from .encoders import CachedOnnxCropEncoder, OnnxCropEncoder, TorchCropEncoder, parse_dtype
+from .encoders import CachedOnnxCropEncoder, OnnxCropEncoder, TorchCropEncoder
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ImageLoadError, LoadedImage, describe_source, load_image
+from .screening import LandmarkCheck, screen_faces
 
 CROP_SIZE = 112
 
@@ -45,6 +47,9 @@ class PipelineConfig:
         max_image_pixels: decode budget per image (see `image_io`).
         detect_max_side: run the detector on a copy whose longer side is at most this (None: full size);
             boxes and landmarks are mapped back and alignment uses the full-resolution image.
+        min_detection_score: drop detections scoring below this, in the detector's own units (None: the
+            detector's default floor, e.g. 0.25 for dlib). A named detector is also built with it.
+        landmark_check: drop detections whose five landmarks are not a plausible face (None: no check).
     """
 
     flip_test: bool = False
@@ -53,6 +58,8 @@ class PipelineConfig:
     min_face_size: float = 20.0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     detect_max_side: int | None = 1280
+    min_detection_score: float | None = None
+    landmark_check: LandmarkCheck | None = LandmarkCheck()
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -67,6 +74,10 @@ class PipelineConfig:
             not isinstance(self.detect_max_side, int) or self.detect_max_side < 32
         ):
             raise ValueError(f"detect_max_side must be None or an int >= 32, got {self.detect_max_side!r}")
+        if self.min_detection_score is not None and not math.isfinite(self.min_detection_score):
+            raise ValueError(f"min_detection_score must be None or a finite number, got {self.min_detection_score!r}")
+        if self.landmark_check is not None and not isinstance(self.landmark_check, LandmarkCheck):
+            raise TypeError(f"landmark_check must be a LandmarkCheck or None, got {type(self.landmark_check).__name__}")
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
@@ -154,6 +165,19 @@ def _onnx_is_faster(encoder: TorchCropEncoder) -> bool:
     )
 
 
+def _bf16_is_chosen(encoder: TorchCropEncoder) -> bool:
+    """True where `backend="auto"` runs a CPU FaceViT in bf16 PyTorch: the CPU multiplies bf16 natively and
+    the measured accuracy decision allows it (`lvface_mm.models.inference.auto_uses_bf16`)."""
+    from ..models import FaceViT
+
+    return (
+        encoder.device.type == "cpu"
+        and encoder.dtype == torch.float32
+        and isinstance(encoder.model, FaceViT)
+        and auto_uses_bf16()
+    )
+
+
 def _cached_onnx_or_torch(
     encoder: TorchCropEncoder, providers: list[str] | None
 ) -> TorchCropEncoder | CachedOnnxCropEncoder:
@@ -175,12 +199,19 @@ class FaceEmbedder:
             Created on first use, so aligned-crop workflows never need the detector's packages.
         detector_kwargs: passed to `create_detector` with a name.
         device: where the PyTorch encoder runs (default: the module's device, else CUDA if available).
-        dtype: float32 (default), bfloat16 or float16 (also "bf16"/"fp16").
+        dtype: None (default: fp32, or what `backend="auto"` picks), a torch dtype, or a name from
+            `lvface_mm.models.DTYPE_NAMES` ("fp32", "bf16", "fp16", ...), or "auto" (`fastest_dtype`).
         flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side: see
             `PipelineConfig`.
+        min_detection_score: detections scoring below this are dropped (None: the detector's default,
+            0.25 for dlib). With a detector name it is also passed on as `score_threshold`.
+        landmark_check: True (default): drop detections whose landmarks are not a plausible face
+            (`LandmarkCheck()`); False: keep them; or a `LandmarkCheck` with other bounds.
         backend: "auto" (default): a FaceViT in fp32 on the CPU runs through onnxruntime from a
             cached export of its weights when onnxruntime is installed (faster there; patch tokens
-            still come from PyTorch), anything else through PyTorch. "torch": always PyTorch.
+            still come from PyTorch), anything else through PyTorch. On CPUs with native bf16 it
+            would run bf16 PyTorch instead if the measured accuracy decision allowed it
+            (`lvface_mm.models.inference.auto_uses_bf16`; see docs/encoder.md). "torch": always PyTorch.
             "onnx": onnxruntime on `onnx_path` (for a named model with official weights the
             official .onnx is fetched when no path is given).
         onnx_path, onnx_providers: the ONNX encoder file and onnxruntime providers.
@@ -205,9 +236,16 @@ class FaceEmbedder:
         min_face_size: float = 20.0,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         detect_max_side: int | None = 1280,
+        min_detection_score: float | None = None,
+        landmark_check: bool | LandmarkCheck = True,
     ) -> None:
-        self.config = PipelineConfig(flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side)
-        dtype = parse_dtype(dtype)
+        if isinstance(landmark_check, bool):
+            landmark_check = LandmarkCheck() if landmark_check else None
+        self.config = PipelineConfig(
+            flip_test, batch_size, max_faces, min_face_size, max_image_pixels, detect_max_side,
+            min_detection_score, landmark_check,
+        )
+        dtype = resolve_dtype(dtype, device if device is not None else _default_device())
         if backend not in ("auto", "torch", "onnx"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'onnx', got {backend!r}")
         if backend == "onnx":
@@ -227,10 +265,19 @@ class FaceEmbedder:
             elif not isinstance(model, nn.Module):
                 raise TypeError(f"model must be a registered name or an nn.Module, got {type(model).__name__}")
             self.encoder = TorchCropEncoder(model, device, dtype)
-            if backend == "auto" and _onnx_is_faster(self.encoder):
+            if backend == "auto" and dtype is None and _bf16_is_chosen(self.encoder):
+                self.encoder = TorchCropEncoder(self.encoder.model, self.encoder.device, torch.bfloat16)
+            elif backend == "auto" and _onnx_is_faster(self.encoder):
                 self.encoder = _cached_onnx_or_torch(self.encoder, onnx_providers)
         self._detector_spec = detector
         self._detector_kwargs = dict(detector_kwargs or {})
+        if isinstance(detector, str) and min_detection_score is not None:
+            given = self._detector_kwargs.setdefault("score_threshold", min_detection_score)
+            if given != min_detection_score:
+                raise ValueError(
+                    f"min_detection_score={min_detection_score} and detector_kwargs score_threshold={given} disagree; "
+                    "give one of them"
+                )
         self._detector: Detector | None = None
         self.stage_seconds: dict[str, float] = {}
         self.reset_timings()
@@ -287,7 +334,8 @@ class FaceEmbedder:
 
     # -- detection and alignment -------------------------------------------------------------------
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
-        """Faces in an (H, W, 3) uint8 RGB image, filtered by size and count, largest first."""
+        """Faces in an (H, W, 3) uint8 RGB image, screened by score and landmark geometry, filtered by size and
+        count, largest first."""
         import cv2
 
         h, w = image.shape[:2]
@@ -298,7 +346,7 @@ class FaceEmbedder:
             small = cv2.resize(
                 image, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA
             )
-        faces = self.detector.detect(small)
+        faces = screen_faces(self.detector.detect(small), self.config.min_detection_score, self.config.landmark_check)
         if factor < 1.0:
             faces = [f.scaled(1.0 / factor) for f in faces]
         faces = [f for f in faces if min(f.width, f.height) >= self.config.min_face_size]

@@ -15,19 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.inference import DTYPE_NAMES
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """`torch.bfloat16`, "bf16", "bfloat16", ... -> torch dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in set(DTYPE_NAMES.values()):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return dtype
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(DTYPE_NAMES))}")
-    return DTYPE_NAMES[dtype]
-
 
 class TorchCropEncoder:
     """Runs a FaceViT (or any module mapping crops to (N, 512)) in eval mode on its device and dtype."""

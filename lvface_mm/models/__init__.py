@@ -8,8 +8,10 @@ The eager re-implementation of the upstream forward (for parity checks and bench
 import sys
 
 from .checkpoint import guess_variant, load_checkpoint, read_state_dict
+from .data_config import FACE_CROP_MEAN, FACE_CROP_STD, normalize_crops
 from .facevit import FaceViT, FaceViTConfig
-from .inference import prepare_for_inference
+from .factory import create_model
+from .inference import DTYPE_NAMES, prepare_for_inference, resolve_dtype
 from .onnx import OnnxEncoder, cached_onnx_export, export_onnx, onnx_cache_dir
 from .pretrained import (
     ARCFACE_TEMPLATE_112,
@@ -21,7 +23,8 @@ from .pretrained import (
     cached_weights_path,
     fetch_weights,
 )
-from .registry import ModelSpec, create_model, get_model_spec, list_models, register_model
+from .pretrained_dir import read_encoder_config, save_pretrained_encoder
+from .registry import ModelSpec, get_model_spec, list_models, register_model
 from .timm_models import register_with_timm
 
 if "timm" in sys.modules:  # timm users get our names in timm.create_model; others don't pay timm's import
@@ -29,6 +32,9 @@ if "timm" in sys.modules:  # timm users get our names in timm.create_model; othe
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
+    "DTYPE_NAMES",
+    "FACE_CROP_MEAN",
+    "FACE_CROP_STD",
     "OFFICIAL_WEIGHTS",
     "FaceViT",
     "FaceViTConfig",
@@ -47,9 +53,13 @@ __all__ = [
     "guess_variant",
     "list_models",
     "load_checkpoint",
+    "normalize_crops",
     "onnx_cache_dir",
     "prepare_for_inference",
+    "read_encoder_config",
     "read_state_dict",
     "register_model",
     "register_with_timm",
+    "resolve_dtype",
+    "save_pretrained_encoder",
 ]

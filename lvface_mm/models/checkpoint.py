@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .registry import get_model_spec, list_models
+
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "backbone", "encoder", "module")
 _PREFIXES = ("module.", "backbone.", "model.", "encoder.", "_orig_mod.")
 
@@ -111,8 +113,6 @@ def infer_config_fields(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def guess_variant(state: dict[str, torch.Tensor]) -> str | None:
     """Registered model name whose architecture matches the checkpoint's shapes, if any."""
-    from .registry import get_model_spec, list_models
-
     fields = infer_config_fields(state)
     if not fields:
         return None

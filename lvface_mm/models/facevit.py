@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .data_config import facevit_pretrained_cfg
+
 
 @dataclass(frozen=True)
 class FaceViTConfig:
@@ -189,6 +191,9 @@ class FaceViT(nn.Module):
         D = config.embed_dim
         self.embed_dim = D
         self.feature_dim = config.feature_dim
+        self.num_features = config.feature_dim  # timm: width of forward()'s output (no classifier)
+        # timm reads preprocessing from here (timm.data.resolve_model_data_config); create_model adds the name.
+        self.pretrained_cfg = facevit_pretrained_cfg(config.img_size, config.in_chans)
         self.num_patches = config.num_patches
         self.grad_checkpointing = config.grad_checkpointing
 

@@ -11,6 +11,7 @@ fp32 there.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -29,18 +30,54 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16)."""
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU features that multiply bf16 matrices in hardware
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature names as torch reports them (Linux /proc/cpuinfo as a fallback on older torch)."""
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
-        caps = get()
-        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    try:  # older torch: read the kernel's flags
+        return frozenset(name for name, present in get().items() if present is True)
+    try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return frozenset(word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+
+
+def cpu_has_native_bf16(flags: Iterable[str] | None = None) -> bool:
+    """True when this CPU (or one with `flags`) multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16)."""
+    present = frozenset(flags) if flags is not None else cpu_flags()
+    return any(flag in present for flag in NATIVE_BF16_FLAGS)
+
+
+# -- the bf16 decision for FaceEmbedder(backend="auto") -------------------------------------------------
+# bf16 replaces the exact fp32 path only if it does not change what the encoder says: on a trained
+# encoder every embedding keeps cosine >= BF16_MIN_COSINE to its fp32 embedding and the verification
+# accuracy moves by at most BF16_MAX_ACCURACY_CHANGE. benchmarks/bench_bf16.py measures it;
+# benchmarks/results/encoder.md has the numbers behind BF16_AUTO_MEASURED.
+BF16_MIN_COSINE = 0.999
+BF16_MAX_ACCURACY_CHANGE = 0.001
+# Measured (bench_bf16.py --quick, tiny encoder trained on synthetic identities, 600 held-out pairs): cosine
+# >= 0.99998, but 10-fold accuracy 0.9333 -> 0.9250 (5 of 600 decisions changed, all for the worse): no.
+BF16_AUTO_MEASURED = False
+
+
+def bf16_auto_decision(cos_min: float, acc_fp32: float, acc_bf16: float) -> bool:
+    """The rule: may `backend="auto"` run bf16, given the measured worst cosine and the two accuracies?"""
+    return cos_min >= BF16_MIN_COSINE and abs(acc_fp32 - acc_bf16) <= BF16_MAX_ACCURACY_CHANGE
+
+
+def auto_uses_bf16(flags: Iterable[str] | None = None, decision: bool | None = None) -> bool:
+    """Whether `FaceEmbedder(backend="auto")` runs a CPU FaceViT in bf16 PyTorch instead of fp32 onnxruntime:
+    only where the CPU multiplies bf16 natively and only if the measured decision is yes.
+
+    Args:
+        flags: CPU feature names (default: this CPU's); tests inject them.
+        decision: the accuracy decision (default: `BF16_AUTO_MEASURED`).
+    """
+    decision = BF16_AUTO_MEASURED if decision is None else decision
+    return bool(decision) and cpu_has_native_bf16(flags)
 
 
 def fastest_dtype(device: torch.device | str = "cpu") -> torch.dtype:

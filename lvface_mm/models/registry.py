@@ -1,6 +1,8 @@
 """Model registry: names -> (architecture config, pretrained weights record).
 
-`create_model("lvface_b", pretrained=True)` is the one way to build an encoder. Names are the
+Building is `lvface_mm.models.create_model` (models/factory.py), which reads this table. The
+registry imports neither the factory nor checkpoint loading, so the dependencies run one way:
+factory -> checkpoint -> registry -> facevit. Names are the
 LVFace release names (`lvface_t/s/b/l`) plus `lvface_tiny` for tests; the upstream factory names
 (`vit_t`, `vit_b_dp005_mask_005`, ...) resolve as aliases so nobody has to guess which is which.
 """
@@ -9,12 +11,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
-from .facevit import FaceViT, FaceViTConfig
+from .facevit import FaceViTConfig
 from .pretrained import PretrainedWeights
 
 
@@ -74,61 +73,6 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     if pretrained:
         names = [n for n in names if _MODELS[n].weights is not None]
     return sorted(names)
-
-
-def create_model(
-    name: str,
-    pretrained: bool = False,
-    checkpoint_path: str | Path | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    **overrides: object,
-) -> FaceViT:
-    """Build a FaceViT by registered name.
-
-    Args:
-        name: a name from `list_models()` or an upstream alias such as `vit_b_dp005_mask_005`.
-        pretrained: download (or take from the cache) the official weights and load them strictly.
-        checkpoint_path: a local checkpoint (.pt/.pth/.bin/.safetensors) to load strictly; takes
-            precedence over `pretrained`.
-        cache_dir: where downloaded weights are cached (default: the Hugging Face cache).
-        **overrides: FaceViTConfig fields to change (e.g. `drop_path_rate=0.1`); None values are
-            dropped so CLI pass-through works.
-
-    Raises:
-        ValueError: unknown name or invalid override; a checkpoint that does not fit this variant.
-        WeightsNotAvailableError: `pretrained=True` while offline and the weights are not cached.
-
-    The model is returned in training mode, as any `nn.Module`; call `.eval()` (or
-    `prepare_for_inference`) before embedding. Build large variants without memory with
-    `with torch.device("meta"): create_model("lvface_l")`.
-    """
-    spec = get_model_spec(name)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(overrides) - set(FaceViTConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"create_model({spec.name!r}): unknown config field(s) {unknown}")
-    try:
-        config = replace(spec.config, **overrides)
-    except TypeError as exc:  # a field given a value of the wrong kind that __post_init__ could not compare
-        raise ValueError(f"create_model({spec.name!r}): bad override {overrides}: {exc}") from exc
-    if checkpoint_path is None and not pretrained:
-        return FaceViT(config)
-    if checkpoint_path is None:
-        if spec.weights is None:
-            known = ", ".join(list_models(pretrained=True))
-            raise ValueError(f"model {spec.name!r} has no official weights; models with weights: {known}")
-        from .pretrained import fetch_weights
-
-        checkpoint_path = fetch_weights(spec.weights, cache_dir=cache_dir)
-    from .checkpoint import load_checkpoint
-
-    # Weights are about to be replaced: build without memory or random init (seconds for the
-    # large variants), then take the checkpoint's tensors in place of the meta ones.
-    with torch.device("meta"):
-        model = FaceViT(config)
-    load_checkpoint(model, checkpoint_path, model_name=spec.name)
-    return model
 
 
 def _variant(embed_dim: int, depth: int) -> FaceViTConfig:

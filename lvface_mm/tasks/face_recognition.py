@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import CosineStageScheduler, PartialFC, PCOHead
+from ..models.data_config import normalize_crops
 
 
 def images_to_input(images: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ def images_to_input(images: Tensor) -> Tensor:
     loaders ship uint8 (4x less host-to-device traffic).
     """
     if images.dtype == torch.uint8:
-        return (images.float() - 127.5) / 127.5
+        return normalize_crops(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 crops or float in [-1, 1], got dtype {images.dtype}")
     return images

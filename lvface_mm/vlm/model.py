@@ -483,19 +483,13 @@ class IdentityVLM:
 
 # -- module helpers ---------------------------------------------------------------------------------
 def load_image(image: Any) -> np.ndarray:
-    """Path, PIL image or (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array."""
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+    """Path, PIL image or (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array, decoded by the one loader
+    (`lvface_mm.faces.image_io`: EXIF orientation, modes, size limit), so FaceEmbedder sees the same pixels."""
+    if isinstance(image, np.ndarray) and (image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8):
+        raise ValueError(f"image arrays must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    from ..faces.image_io import load_image as load_picture
 
-        with Image.open(image) as im:
-            return np.asarray(im.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image arrays must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        return image
-    if hasattr(image, "convert"):  # PIL
-        return np.asarray(image.convert("RGB"))
-    raise ValueError(f"image must be a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+    return load_picture(image).array
 
 
 def _is_peft(model: nn.Module) -> bool:
