@@ -102,15 +102,16 @@ class IndexProgress:
     done: int
     total: int
     path: str
-    status: str  # "indexed", "skipped" or "failed"
+    status: str  # "indexed", "skipped" (already indexed) or "failed" (now or on an earlier run, not retried)
 
 
 @dataclass
 class IndexReport:
     indexed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # content already in the index (these are the only files a rerun counts as done)
     faces: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), failed on this run
+    failed_before: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), recorded earlier, not retried
     seconds: float = 0.0
     stopped: bool = False  # should_stop() asked to stop before the end
 
@@ -119,8 +120,13 @@ class IndexReport:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
 
 
-def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Path]:
-    """Image files (by extension) under the given files/folders, sorted, without duplicates."""
+def find_images(paths: Iterable[str | Path], recursive: bool = True,
+                missing: list[str] | None = None) -> list[Path]:
+    """Image files (by extension) under the given files/folders, sorted, without duplicates.
+
+    A path that does not exist raises FileNotFoundError, or, when a ``missing`` list is given, is
+    appended to it and skipped (a long indexing run should list a typo, not die on it).
+    """
     found: dict[Path, None] = {}
     for p in map(Path, paths):
         if p.is_dir():
@@ -130,6 +136,8 @@ def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Pat
                     found[f] = None
         elif p.exists():
             found[p] = None  # named explicitly: try it whatever its extension
+        elif missing is not None:
+            missing.append(str(p))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return list(found)
@@ -245,12 +253,13 @@ class PhotoIndex:
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 8, progress: Callable[[IndexProgress], None] | None
             = None, retry_failed: bool = False, should_stop: Callable[[], bool] | None = None) -> IndexReport:
         """Index image files (folders are searched recursively). See the module docstring."""
-        if self.embedder is None or self.clip is None:
-            raise ValueError("PhotoIndex.add needs both embedder= (faces) and clip= (CLIP)")
+        if self.embedder is None:
+            raise ValueError("PhotoIndex.add needs embedder= (faces); clip= is optional (without it: faces only)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
-        files = find_images(paths)
-        report = IndexReport()
+        missing: list[str] = []
+        files = find_images(paths, missing=missing)
+        report = IndexReport(failed=[(p, "no such file or folder") for p in missing])
         start = time.perf_counter()
         done = 0
         pending: list[tuple[Path, str, Any]] = []
@@ -274,6 +283,9 @@ class PhotoIndex:
             elif status == "failed":
                 report.failed.append((str(path), loaded))
                 tick(path, status)
+            elif status == "failed_before":
+                report.failed_before.append((str(path), loaded))
+                tick(path, "failed")
             else:
                 pending.append((path, sha, loaded))
             if len(pending) >= batch_size:
@@ -285,7 +297,7 @@ class PhotoIndex:
         return report
 
     def _triage(self, path: Path, retry_failed: bool) -> tuple[str, str | None, Any]:
-        """('skipped'|'failed'|'todo', sha256, LoadedImage or the failure reason)."""
+        """('skipped'|'failed'|'failed_before'|'todo', sha256, LoadedImage or the failure reason)."""
         from ..faces.image_io import ImageLoadError, load_image
 
         try:
@@ -294,14 +306,15 @@ class PhotoIndex:
             return "failed", None, self._fail(path, None, f"cannot read file ({exc.strerror or exc})")
         with self._lock:
             row = self._conn.execute("SELECT id, path FROM photos WHERE sha256 = ?", (sha,)).fetchone()
-            failed = self._conn.execute("SELECT sha256 FROM photo_failures WHERE path = ?", (str(path),)).fetchone()
+            failed = self._conn.execute("SELECT sha256, error FROM photo_failures WHERE path = ?",
+                                        (str(path),)).fetchone()
         if row is not None:
             if row[1] != str(path) and not Path(row[1]).exists():  # moved: remember where it is now
                 with self._transaction() as c:
                     c.execute("UPDATE photos SET path = ? WHERE id = ?", (str(path), row[0]))
             return "skipped", sha, None
         if failed is not None and failed[0] == sha and not retry_failed:
-            return "skipped", sha, None
+            return "failed_before", sha, failed[1]  # still broken, and not indexed: never counted as done
         max_pixels = self.embedder.config.max_image_pixels if self.embedder is not None else None
         try:
             loaded = load_image(path, max_pixels=max_pixels) if max_pixels else load_image(path)
@@ -320,7 +333,7 @@ class PhotoIndex:
         arrays = [loaded.array for _, _, loaded in batch]
         try:
             results = self.embedder.embed(arrays, assume_aligned=False)
-            clips = self.clip.encode_images(arrays)
+            clips = self.clip.encode_images(arrays) if self.clip is not None else [None] * len(arrays)
         except (ValueError, RuntimeError) as exc:  # one bad image spoils the batch: redo one by one
             if len(batch) == 1:
                 path, sha, _ = batch[0]
@@ -338,9 +351,16 @@ class PhotoIndex:
             back = 1.0 / loaded.scale  # boxes in original pixels even when a huge JPEG was decoded reduced
             width, height = loaded.original_size
             with self._transaction() as c:
-                photo_id = c.execute("INSERT INTO photos (sha256, path, width, height, clip, indexed_at) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)",
-                                     (sha, str(path), width, height, _blob(clip), time.time())).lastrowid
+                # Another process indexing the same collection may have committed these bytes since
+                # _triage looked: then this photo is already there, and it counts as skipped.
+                cursor = c.execute("INSERT INTO photos (sha256, path, width, height, clip, indexed_at) "
+                                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING",
+                                   (sha, str(path), width, height, None if clip is None else _blob(clip), time.time()))
+                if cursor.rowcount == 0:
+                    report.skipped += 1
+                    tick(path, "skipped")
+                    continue
+                photo_id = cursor.lastrowid
                 c.executemany("INSERT INTO photo_faces (photo_id, x1, y1, x2, y2, score, embedding) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
                               [(photo_id, *(float(v) * back for v in f.box), float(f.score), _blob(f.embedding))
