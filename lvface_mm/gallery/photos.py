@@ -32,6 +32,7 @@ from .index import IndexConfig, VectorIndex, create_index
 if TYPE_CHECKING:
     from ..faces.embedder import FaceEmbedder
     from .clip import ClipEncoder
+    from .shards import PhotoRecord
     from .store import Gallery
 
 __all__ = [
@@ -71,6 +72,11 @@ CREATE TABLE IF NOT EXISTS photo_failures (
     sha256 TEXT,
     error TEXT NOT NULL,
     failed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS photo_shards (
+    name TEXT PRIMARY KEY,
+    rows INTEGER NOT NULL,
+    merged_at REAL NOT NULL
 );
 """
 
@@ -176,14 +182,15 @@ class PhotoIndex:
     Args:
         path: database file (may be shared with a ``Gallery``).
         embedder: the face pipeline, needed to add photos and to search by face photo.
-        clip: the CLIP encoder, needed to add photos and for text queries.
+        clip: the CLIP encoder, for text queries; adding photos without it stores faces only.
         face_model: name of the face encoder (e.g. "lvface_b"); stored with the index, and an
             index built by another encoder is refused, because their embeddings do not compare.
         index: search backend for the face embeddings (see ``index.py``).
+        clip_key: the CLIP embedding space to check against (and record) when no ``clip`` is given.
     """
 
     def __init__(self, path: str | Path, *, embedder: FaceEmbedder | None = None, clip: ClipEncoder | None = None,
-                 face_model: str | None = None, index: IndexConfig | str = "auto") -> None:
+                 face_model: str | None = None, index: IndexConfig | str = "auto", clip_key: str | None = None) -> None:
         self.path = str(path)
         self.embedder = embedder
         self.clip = clip
@@ -200,7 +207,7 @@ class PhotoIndex:
                         c.execute(statement)
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"photo index {self.path}: not a readable database ({exc})") from exc
-        self._check_spaces(face_model, clip.key if clip is not None else None)
+        self._check_spaces(face_model, clip.key if clip is not None else clip_key)
         self._cache_version = -1
 
     # ---------------------------------------------------------------- bookkeeping
@@ -369,6 +376,65 @@ class PhotoIndex:
             report.indexed += 1
             report.faces += len(result.faces)
             tick(path, "indexed")
+
+    # ---------------------------------------------------------------- shards (see indexing.py)
+    def merged_shards(self) -> set[str]:
+        """Names of the Parquet shards already merged into this index."""
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT name FROM photo_shards")}
+
+    def merge_records(self, records: Iterable[PhotoRecord], shard: str, report: IndexReport) -> bool:
+        """Merge one shard's rows in one transaction; False (nothing done) when ``shard`` was merged before.
+
+        One row per content hash whatever the shards hold: a photo already in the index (from this or
+        another shard, or an earlier run) counts as skipped, and a failure of the same file is
+        forgotten once it is indexed. The shard's name is recorded in the same transaction, so a crash
+        mid-merge leaves the shard unmerged and the rerun merges it exactly once.
+        """
+        records = list(records)
+        with self._transaction() as c:
+            if c.execute("SELECT 1 FROM photo_shards WHERE name = ?", (shard,)).fetchone() is not None:
+                return False
+            now = time.time()
+            for r in records:
+                if r.status == "failed":
+                    report.failed.append((r.path, r.error or "unknown error"))
+                    c.execute("INSERT OR REPLACE INTO photo_failures VALUES (?, ?, ?, ?)",
+                              (r.path, r.sha256, r.error or "unknown error", now))
+                    continue
+                if r.status == "failed_before":
+                    report.failed_before.append((r.path, r.error or "unknown error"))
+                    continue
+                inserted = None
+                if r.status == "indexed":
+                    inserted = c.execute(
+                        "INSERT INTO photos (sha256, path, width, height, clip, indexed_at) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT(sha256) DO NOTHING",
+                        (r.sha256, r.path, r.width, r.height, None if r.clip is None else _blob(r.clip), now))
+                if inserted is not None and inserted.rowcount == 1:
+                    c.executemany("INSERT INTO photo_faces (photo_id, x1, y1, x2, y2, score, embedding) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  [(inserted.lastrowid, *map(float, box), float(score), _blob(emb))
+                                   for box, score, emb in zip(r.boxes, r.scores, r.embeddings)])
+                    c.execute("DELETE FROM photo_failures WHERE path = ?", (r.path,))
+                    report.indexed += 1
+                    report.faces += r.num_faces
+                    continue
+                report.skipped += 1  # "known", or indexed by another shard or run first
+                row = c.execute("SELECT id, path FROM photos WHERE sha256 = ?", (r.sha256,)).fetchone()
+                if row is not None and row[1] != r.path and not Path(row[1]).exists():  # moved: follow it
+                    c.execute("UPDATE photos SET path = ? WHERE id = ?", (r.path, row[0]))
+            c.execute("INSERT INTO photo_shards VALUES (?, ?, ?)", (shard, len(records), now))
+        return True
+
+    def known(self, sha256: str, path: str) -> tuple[str, str | None] | None:
+        """('known', None) when these bytes are indexed, ('failed_before', reason) when this file
+        failed with these bytes before, else None (to do)."""
+        with self._lock:
+            if self._conn.execute("SELECT 1 FROM photos WHERE sha256 = ?", (sha256,)).fetchone() is not None:
+                return "known", None
+            row = self._conn.execute("SELECT sha256, error FROM photo_failures WHERE path = ?", (path,)).fetchone()
+        return ("failed_before", row[1]) if row is not None and row[0] == sha256 else None
 
     def remove(self, path_or_id: str | Path | int) -> None:
         """Forget one photo (by indexed path or id) and its faces."""
