@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = EncoderSpec(tiny_seed=0, backend="torch", clip_model=None)
 
 
-@pytest.fixture
-def photos(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
     """Seven photos of distinct bytes (four portraits, a mirror, two re-saved copies), a broken file
-    and an exact duplicate."""
+    and an exact duplicate. Shared by the module's tests: copy it before changing it."""
     from PIL import Image
 
-    folder = tmp_path / "photos"
+    folder = tmp_path_factory.mktemp("collection") / "photos"
     (folder / "b").mkdir(parents=True)
     for name in ("obama", "obama2", "obama3", "biden"):
         shutil.copyfile(portrait_path(name), folder / f"{name}.jpg")
@@ -42,6 +42,14 @@ def photos(tmp_path: Path) -> Path:
     shutil.copyfile(portrait_path("obama2"), folder / "b" / "obama2_copy.jpg")
     (folder / "b" / "broken.jpg").write_bytes(portrait_path("biden").read_bytes()[:1500])
     return folder
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory) -> dict[str, tuple]:
+    """The rows of one process indexing the collection (inline engine), computed once."""
+    config = job(tmp_path_factory.mktemp("reference"), "one", shard_size=3)
+    run_index_job([photos], config, SPEC, engine="inline")
+    return rows(Path(config.db))
 
 
 def rows(db: Path) -> dict[str, tuple]:
@@ -113,7 +121,8 @@ def test_shard_round_trip_plan_and_bad_files(tmp_path):
 
 # -- the job --------------------------------------------------------------------------------------------
 @needs_dlib()
-def test_inline_job_matches_photo_index_and_reruns_are_idempotent(tmp_path, photos):
+def test_inline_job_matches_photo_index_and_reruns_are_idempotent(tmp_path, photos, reference):
+    photos = Path(shutil.copytree(photos, tmp_path / "photos"))  # this test adds a file
     config = job(tmp_path, "inline", shard_size=3)
     report = run_index_job([photos, tmp_path / "typo.jpg"], config, SPEC, engine="inline")
     assert (report.shards, report.indexed, report.skipped, report.faces) == (3, 7, 1, 7)  # obama2_copy: duplicate
@@ -121,10 +130,11 @@ def test_inline_job_matches_photo_index_and_reruns_are_idempotent(tmp_path, phot
     assert len(list(Path(config.shard_dir).glob("shard-*.parquet"))) == 3
 
     # The same rows as the one-process PhotoIndex.add path (today's `index`), faces only.
-    reference = PhotoIndex(tmp_path / "ref.db", embedder=SPEC.build().embedder, face_model="lvface_tiny")
-    assert reference.add([photos]).indexed == 7
-    reference.close()
+    direct = PhotoIndex(tmp_path / "ref.db", embedder=SPEC.build().embedder, face_model="lvface_tiny")
+    assert direct.add([photos]).indexed == 7
+    direct.close()
     assert_same_rows(rows(Path(config.db)), rows(tmp_path / "ref.db"))
+    assert_same_rows(rows(Path(config.db)), reference)  # shard size does not matter
 
     again = run_index_job([photos], config, SPEC, engine="inline")
     assert (again.indexed, again.skipped, again.failed, again.shards_done_before) == (0, 8, [], 3)
@@ -139,13 +149,11 @@ def test_inline_job_matches_photo_index_and_reruns_are_idempotent(tmp_path, phot
 
 @needs_dlib()
 @pytest.mark.multiproc
-def test_two_local_processes_give_the_rows_of_one(tmp_path, photos):
-    one = job(tmp_path, "one", shard_size=2)
+def test_two_local_processes_give_the_rows_of_one(tmp_path, photos, reference):
     two = job(tmp_path, "two", shard_size=2)
-    run_index_job([photos], one, SPEC, engine="local", workers=1, threads=1)
     report = run_index_job([photos], two, SPEC, engine="local", workers=2)
     assert report.indexed == 7 and report.shard_errors == [] and report.worker_cpu_seconds > 0
-    assert_same_rows(rows(Path(one.db)), rows(Path(two.db)))
+    assert_same_rows(rows(Path(two.db)), reference)
 
 
 class DiesMidShard(ShardTask):
@@ -164,7 +172,7 @@ class DiesMidShard(ShardTask):
 
 @needs_dlib()
 @pytest.mark.multiproc
-def test_killed_worker_then_rerun_gives_every_photo_once(tmp_path, photos):
+def test_killed_worker_then_rerun_gives_every_photo_once(tmp_path, photos, reference):
     from lvface_mm.gallery.indexing import build_collection
     from lvface_mm.gallery.runners import run_local
 
@@ -184,9 +192,7 @@ def test_killed_worker_then_rerun_gives_every_photo_once(tmp_path, photos):
     report = run_index_job([photos], config, SPEC, engine="local", workers=2)
     assert report.shard_errors == [] and report.indexed == 7 - partial
     assert report.shards_done_before == len(shards) - len(failed)
-    reference = job(tmp_path, "reference", shard_size=2)
-    run_index_job([photos], reference, SPEC, engine="inline")
-    assert_same_rows(rows(Path(config.db)), rows(Path(reference.db)))  # every photo once, same rows
+    assert_same_rows(rows(Path(config.db)), reference)  # every photo once, same rows
     with sqlite3.connect(config.db) as c:
         assert c.execute("SELECT COUNT(*), COUNT(DISTINCT sha256) FROM photos").fetchone() == (7, 7)
 
@@ -253,7 +259,7 @@ def _free_port() -> int:
 
 @needs_dlib()
 @pytest.mark.multiproc
-def test_torchrun_ranks_give_the_rows_of_one_process(tmp_path, photos):
+def test_torchrun_ranks_give_the_rows_of_one_process(tmp_path, photos, reference):
     """Two ranks as torchrun starts them (RANK, WORLD_SIZE, MASTER_*): each indexes its shards, rank 0 merges."""
     db, shards = tmp_path / "ranks.db", tmp_path / "ranks.shards"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
@@ -265,17 +271,13 @@ def test_torchrun_ranks_give_the_rows_of_one_process(tmp_path, photos):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [1, 0], outs  # rank 0 lists broken.jpg; rank 1 only indexes
     assert "indexed 7 photos" in outs[0][0] and "broken.jpg" in outs[0][1]
-    reference = job(tmp_path, "one", shard_size=2)
-    run_index_job([photos], reference, SPEC, engine="inline")
-    assert_same_rows(rows(db), rows(Path(reference.db)))
+    assert_same_rows(rows(db), reference)
 
 
 @needs_dlib()
 @pytest.mark.multiproc
-def test_local_ray_gives_the_rows_of_one_process(tmp_path, photos):
+def test_local_ray_gives_the_rows_of_one_process(tmp_path, photos, reference):
     ray = pytest.importorskip("ray")
-    one = job(tmp_path, "one", shard_size=3)
-    run_index_job([photos], one, SPEC, engine="inline")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = job(tmp_path, "ray", shard_size=3)
@@ -283,4 +285,4 @@ def test_local_ray_gives_the_rows_of_one_process(tmp_path, photos):
     finally:
         ray.shutdown()
     assert report.indexed == 7 and report.shard_errors == [] and report.worker_cpu_seconds > 0
-    assert_same_rows(rows(Path(one.db)), rows(Path(on_ray.db)))
+    assert_same_rows(rows(Path(on_ray.db)), reference)

@@ -16,6 +16,7 @@ already holds (when they can read it) without decoding them.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -382,7 +383,8 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
                 read_shard_meta(file)
             except ShardError as exc:
                 aside = file.with_name(file.name + ".corrupt")
-                file.replace(aside)
+                with contextlib.suppress(FileNotFoundError):  # another torchrun rank moved it first
+                    file.replace(aside)
                 report.shard_errors.append((str(file), f"{exc.reason}; moved to {aside.name} and redone"))
     start = time.perf_counter()
     task = ShardTask(config, spec)

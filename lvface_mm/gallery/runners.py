@@ -76,7 +76,8 @@ def _done_before(shards: Sequence[Shard], task: ShardTask) -> tuple[list[Shard],
 
 @register_engine("inline")
 def run_inline(shards: Sequence[Shard], task: ShardTask, *, workers: int | None = None,
-               progress: Callable[[ShardOutcome], None] | None = None, threads: int | None = None) -> list[ShardOutcome]:
+               progress: Callable[[ShardOutcome], None] | None = None, threads: int | None = None
+               ) -> list[ShardOutcome]:
     outcomes = []
     with _threads(threads):
         for shard in shards:
