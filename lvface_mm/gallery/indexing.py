@@ -379,9 +379,13 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
         progress: called with each shard's outcome as it finishes.
         engine_options: passed to the runner (e.g. ``address=`` for Ray).
     """
+    import importlib.util
+
     from .runners import get_engine
 
     runner = get_engine(engine)
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ValueError("photo indexing writes Parquet shards and needs pyarrow: pip install 'lvface-mm[demo]'")
     missing: list[str] = []
     files = find_images(paths, missing=missing)
     shards = plan_shards(files, config.shard_size)
