@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if not report.merged:  # a torchrun rank other than 0: its shards are written, rank 0 merges and reports
+        print(f"shards written; rank 0 merges them into {args.db}")
+        return 0
     for path, reason in report.failed:
         print(f"failed {path}: {reason}", file=sys.stderr)
     for path, reason in report.failed_before:

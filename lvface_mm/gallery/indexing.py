@@ -320,6 +320,7 @@ class JobReport(IndexReport):
     shards_done_before: int = 0
     shard_errors: list[tuple[str, str]] = field(default_factory=list)  # (shard file or name, reason)
     worker_cpu_seconds: float = 0.0
+    merged: bool = True  # False on torchrun ranks other than 0, which leave the merge to rank 0
 
 
 def build_collection(index: PhotoIndex, shard_files: Iterable[str | Path], report: IndexReport | None = None
@@ -408,7 +409,7 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
     task = ShardTask(config, spec)
     outcomes = runner(shards, task, workers=workers, progress=progress, **engine_options)
     if outcomes is None:  # a non-zero torchrun rank: rank 0 builds the collection
-        report.seconds = time.perf_counter() - start
+        report.seconds, report.merged = time.perf_counter() - start, False
         return report
     for o in outcomes:
         report.worker_cpu_seconds += o.cpu_seconds
