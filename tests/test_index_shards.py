@@ -189,7 +189,7 @@ def test_killed_worker_then_rerun_gives_every_photo_once(tmp_path, photos, refer
         partial = len(index)
     assert partial < 7
 
-    report = run_index_job([photos], config, SPEC, engine="local", workers=2)
+    report = run_index_job([photos], config, SPEC, engine="inline")  # only the lost shards are redone
     assert report.shard_errors == [] and report.indexed == 7 - partial
     assert report.shards_done_before == len(shards) - len(failed)
     assert_same_rows(rows(Path(config.db)), reference)  # every photo once, same rows
@@ -286,3 +286,16 @@ def test_local_ray_gives_the_rows_of_one_process(tmp_path, photos, reference):
         ray.shutdown()
     assert report.indexed == 7 and report.shard_errors == [] and report.worker_cpu_seconds > 0
     assert_same_rows(rows(Path(on_ray.db)), reference)
+
+
+def test_cli_rejects_bad_job_options(tmp_path, capsys):
+    from lvface_mm.cli import main
+
+    db = str(tmp_path / "lib.db")
+    assert main(["index", str(tmp_path), "--db", db, "--tiny", "--engine", "spark"]) == 2
+    assert "--engine 'spark'" in capsys.readouterr().err
+    assert main(["index", str(tmp_path), "--db", db, "--tiny", "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
+    assert main(["index", str(tmp_path), "--db", db, "--tiny", "--shard-size", "0"]) == 2
+    assert "shard_size=0" in capsys.readouterr().err
+    assert not Path(db).exists()  # refused before anything was written

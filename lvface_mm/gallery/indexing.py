@@ -129,6 +129,7 @@ class EncoderSpec:
             embedder = FaceEmbedder(model, backend=self.backend, **common)
         else:
             embedder = FaceEmbedder(self.face_model, checkpoint_path=self.checkpoint, backend=self.backend, **common)
+        embedder.detector  # noqa: B018 - build it now: a missing extra fails before any photo, and not mid-shard
         clip = None
         if self.tiny_clip_seed is not None:
             from .clip import ClipEncoder
