@@ -1,7 +1,7 @@
 """Photo-indexing throughput: today's one-process `PhotoIndex.add` against the sharded job with 1 and
 2 local worker processes, side by side in one run.
 
-    python benchmarks/bench_indexing.py --quick    # 16 photos, tiny + LVFace-B/CLIP B-32, 1 repeat
+    python benchmarks/bench_indexing.py --quick    # 24 photos, tiny + LVFace-B/CLIP B-32, 1 repeat
     python benchmarks/bench_indexing.py            # 64 photos, 3 repeats (median)
 
 Photos: the committed portraits, mirrored / slightly rotated (distinct bytes, so each is indexed).
@@ -111,12 +111,12 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="16 photos, 1 repeat")
-    parser.add_argument("--photos", type=int, help="number of photos (default 64, 16 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="24 photos, 1 repeat")
+    parser.add_argument("--photos", type=int, help="number of photos (default 64, 24 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed repeats, median reported (default 3, 1 with --quick)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write results/indexing.md")
     args = parser.parse_args(argv)
-    n = args.photos or (16 if args.quick else 64)
+    n = args.photos or (24 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
     shard_size = max(1, n // 8)  # several shards per worker, so both workers stay busy to the end
     header = machine()
@@ -127,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LVFACE_MM_ONNX_CACHE"] = str(tmp / "onnx")  # random weights: not the user's cache
         photos = tmp / "photos"
         make_photos(photos, n)
-        for label, spec in configs().items():
-            direct = bench_direct(spec, photos, tmp, n, repeats)
-            one = bench_job(spec, photos, tmp, n, repeats, 1, shard_size)
-            two = bench_job(spec, photos, tmp, n, repeats, 2, shard_size)
+        for i, (label, spec) in enumerate(configs().items()):
+            work = tmp / f"config{i}"  # databases remember their encoders: one folder per configuration
+            work.mkdir()
+            direct = bench_direct(spec, photos, work, n, repeats)
+            one = bench_job(spec, photos, work, n, repeats, 1, shard_size)
+            two = bench_job(spec, photos, work, n, repeats, 2, shard_size)
             rows.append((label, direct, one, two))
             print(f"{label}: direct {direct}, 1 worker {one}, 2 workers {two}", flush=True)
-            for p in tmp.glob("job*.shards"):
-                shutil.rmtree(p)
+            shutil.rmtree(work)
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Photo indexing: one process vs sharded job",
