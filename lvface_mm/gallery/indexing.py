@@ -42,6 +42,7 @@ __all__ = [
     "ShardOutcome",
     "ShardTask",
     "build_collection",
+    "index_paths",
     "run_index_job",
 ]
 
@@ -205,7 +206,7 @@ class ShardTask:
         return self._encoders
 
     def _known(self) -> Callable[[str, str], tuple[str, str | None] | None]:
-        """Look-up of content already in the database (read-only); nothing known if it is not reachable."""
+        """Look-up of content already in the database; nothing is known when the database is not reachable."""
         if self._db is None and Path(self.config.db).exists():
             try:
                 self._db = PhotoIndex(self.config.db)
