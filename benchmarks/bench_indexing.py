@@ -9,11 +9,13 @@ Models: (a) the tests' tiny random encoder + tiny CLIP, (b) LVFace-B + CLIP ViT-
 with random weights (the compute of the real weights, which are not available offline).
 
 Columns:
-- photos/s wall: the whole job, start to merged database, including spawning the workers and
-  building their models (what a user waits for); 1 worker runs in this process on 1 thread.
+- photos/s wall, end to end: the whole job, start to merged database, including spawning the
+  workers and building their models (what a user waits for); 1 worker runs in this process on 1 thread.
+- photos/s wall, indexing: from the first shard's start to the last shard's end (workers running,
+  models built): the rate a long job settles at. For today's path: the timed pass (models warm).
 - photos per CPU-second: photos / CPU time spent indexing (all threads of all workers; model
   building excluded on both sides). Does not depend on other work on the machine.
-- speed-up: wall photos/s with 2 workers / with 1 worker, same run.
+- vs 1 worker: indexing photos/s with 2 workers / with 1 worker, same run.
 
 Writes benchmarks/results/indexing.md (and prints it).
 """
@@ -77,13 +79,14 @@ def bench_direct(spec, photos: Path, tmp: Path, n: int, repeats: int) -> dict:
         if r:
             walls.append(wall)
             cpus.append(cpu)
-    return {"photos_per_s": n / statistics.median(walls), "photos_per_cpu_s": n / statistics.median(cpus)}
+    return {"photos_per_s": n / statistics.median(walls), "photos_per_cpu_s": n / statistics.median(cpus),
+            "steady_photos_per_s": n / statistics.median(walls)}  # warm models: start-up is not in the time
 
 
 def bench_job(spec, photos: Path, tmp: Path, n: int, repeats: int, workers: int, shard_size: int) -> dict:
     from lvface_mm.gallery.indexing import IndexJobConfig, run_index_job
 
-    walls, cpus = [], []
+    walls, spans, cpus = [], [], []
     for r in range(repeats):
         config = IndexJobConfig(str(tmp / f"job{workers}-{r}.db"), str(tmp / f"job{workers}-{r}.shards"), shard_size)
         start = time.perf_counter()
@@ -91,7 +94,9 @@ def bench_job(spec, photos: Path, tmp: Path, n: int, repeats: int, workers: int,
         walls.append(time.perf_counter() - start)
         assert report.indexed == n and not report.failed and not report.shard_errors, report
         cpus.append(report.worker_cpu_seconds)
-    return {"photos_per_s": n / statistics.median(walls), "photos_per_cpu_s": n / statistics.median(cpus)}
+        spans.append(report.indexing_span)
+    return {"photos_per_s": n / statistics.median(walls), "photos_per_cpu_s": n / statistics.median(cpus),
+            "steady_photos_per_s": n / statistics.median(spans)}
 
 
 def machine() -> str:
@@ -145,19 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {header}; load average {load_end:.1f} at the end  ",
         f"Photos: {n} (portraits, mirrored / rotated copies), {shard_size} per shard; median of {repeats} run(s)",
         "",
-        "| models | path | photos/s wall | photos per CPU-second | vs today (CPU) | vs 1 worker (wall) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| models | path | photos/s wall, end to end | photos/s wall, indexing | vs 1 worker (indexing) "
+        "| photos per CPU-second | vs today (CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for label, direct, one, two in rows:
         for name, r in (("today: `PhotoIndex.add`, 1 process", direct), ("sharded job, 1 worker (1 thread)", one),
                         ("sharded job, 2 local workers (1 thread each)", two)):
-            lines.append(f"| {label} | {name} | {r['photos_per_s']:.2f} | {r['photos_per_cpu_s']:.2f} | "
-                         f"{r['photos_per_cpu_s'] / direct['photos_per_cpu_s']:.2f}x | "
-                         f"{r['photos_per_s'] / one['photos_per_s']:.2f}x |")
+            lines.append(f"| {label} | {name} | {r['photos_per_s']:.2f} | {r['steady_photos_per_s']:.2f} | "
+                         f"{r['steady_photos_per_s'] / one['steady_photos_per_s']:.2f}x | "
+                         f"{r['photos_per_cpu_s']:.2f} | {r['photos_per_cpu_s'] / direct['photos_per_cpu_s']:.2f}x |")
     lines += [
         "",
-        "Wall-clock includes spawning the workers and building their models, so short runs understate the "
-        "steady-state speed-up; photos per CPU-second excludes model building on both sides. On a machine "
+        "End-to-end wall-clock includes spawning the workers and building their models, which a short run "
+        "cannot amortise; the indexing column leaves that out. Photos per CPU-second excludes model building "
+        "on both sides. On a machine "
         "shared with other work (see the load average) two workers compete with that work for the two cores, "
         "and the wall-clock ratio falls below what an idle machine gives; the CPU column is the comparable one.",
     ]

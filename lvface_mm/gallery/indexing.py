@@ -177,6 +177,8 @@ class ShardOutcome:
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    started_at: float = 0.0  # time.time() around the shard's indexing: spans of several workers compare
+    finished_at: float = 0.0
     error: str | None = None
     done_before: bool = False  # the shard file already existed: nothing was redone
 
@@ -230,11 +232,11 @@ class ShardTask:
         if target.exists():
             return ShardOutcome(shard.name, done_before=True)
         encoders = self.encoders  # built once per process, outside the shard's timings
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, started_at = time.perf_counter(), time.process_time(), time.time()
         records = index_paths(shard.paths, encoders, known=self._known(), photo_batch=self.config.photo_batch,
                               stop_after=self.stop_after)
         outcome = dict(name=shard.name, rows=len(records), seconds=time.perf_counter() - start,
-                       cpu_seconds=time.process_time() - cpu)
+                       cpu_seconds=time.process_time() - cpu, started_at=started_at, finished_at=time.time())
         if len(records) < len(shard.paths):
             return ShardOutcome(**outcome, error="stopped before the end of the shard (nothing written)")
         counts: dict[str, int] = {}
@@ -322,6 +324,7 @@ class JobReport(IndexReport):
     shards_done_before: int = 0
     shard_errors: list[tuple[str, str]] = field(default_factory=list)  # (shard file or name, reason)
     worker_cpu_seconds: float = 0.0
+    indexing_span: float = 0.0  # first shard's start to last shard's end, this run (worker start-up excluded)
     merged: bool = True  # False on torchrun ranks other than 0, which leave the merge to rank 0
 
 
@@ -413,6 +416,9 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
     if outcomes is None:  # a non-zero torchrun rank: rank 0 builds the collection
         report.seconds, report.merged = time.perf_counter() - start, False
         return report
+    ran = [o for o in outcomes if o.finished_at > 0]
+    if ran:
+        report.indexing_span = max(o.finished_at for o in ran) - min(o.started_at for o in ran)
     for o in outcomes:
         report.worker_cpu_seconds += o.cpu_seconds
         report.shards_done_before += int(o.done_before)
