@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,7 @@ def write_shard(path: str | Path, records: Sequence[PhotoRecord], meta: dict[str
 
     path = Path(path)
     table = _table(records, meta)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")  # unique across processes and nodes
     try:
         pq.write_table(table, tmp)
         with open(tmp, "rb+") as f:
