@@ -51,8 +51,9 @@ def test_gallery_index_and_search_commands(tmp_path, capsys):
     assert main(["index", str(photos), "--db", db, "--tiny", "--quiet"]) == 1  # one bad file: reported, rest done
     out = capsys.readouterr()
     assert "indexed 2 photos" in out.out and "broken.jpg" in out.err
-    assert main(["index", str(photos), "--db", db, "--tiny", "--quiet"]) == 0  # rerun: all skipped
-    assert "skipped 3 already indexed" in capsys.readouterr().out
+    assert main(["index", str(photos), "--db", db, "--tiny", "--quiet"]) == 1  # rerun: the bad file is still listed
+    out = capsys.readouterr()
+    assert "skipped 2 already indexed" in out.out and "failed before" in out.err and "broken.jpg" in out.err
 
     assert main(["search", "Joe at the beach", "--db", db, "--tiny", "--json"]) == 0
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lvface_mm.gallery import Gallery
-from lvface_mm.gallery.photos import PhotoIndex, find_images, split_query
+from lvface_mm.gallery.photos import IndexReport, PhotoIndex, find_images, split_query
 from tests._faces_fixtures import composite, needs_dlib, portrait_path, shared_dlib
 
 pytestmark = needs_dlib()
@@ -62,7 +62,8 @@ def test_index_reports_bad_files_and_skips_known_content(tmp_path, parts, collec
     assert len(index) == 5 and index.num_faces == report.faces == 6  # the pair picture holds two faces
     assert sorted(Path(p).name for p, _ in index.failures()) == ["broken.jpg", "empty.png"]
     again = index.add([collection])
-    assert (again.indexed, again.skipped, again.failed) == (0, 8, [])  # failures are not retried by default
+    assert (again.indexed, again.skipped, again.failed) == (0, 6, [])  # failures are not retried by default,
+    assert sorted(Path(p).name for p, _ in again.failed_before) == ["broken.jpg", "empty.png"]  # nor counted as done
     retried = index.add([collection], retry_failed=True)
     assert retried.indexed == 0 and len(retried.failed) == 2
 
@@ -126,8 +127,8 @@ def test_stop_midway_and_resume(tmp_path, parts, collection):
     assert report.stopped and report.indexed == 2 and len(index) == 2
     first_ids = {h.photo_id for h in index.search("x", None, k=10)}
     resumed = index.add([collection], batch_size=1)
-    # skipped: the 2 indexed before, the duplicate, and the 2 broken files recorded before the stop
-    assert resumed.indexed == 3 and resumed.skipped == 5 and resumed.failed == []
+    # skipped: the 2 indexed before and the duplicate; the 2 broken files recorded before the stop are listed again
+    assert resumed.indexed == 3 and resumed.skipped == 3 and resumed.failed == [] and len(resumed.failed_before) == 2
     assert len(index) == 5 and first_ids <= {h.photo_id for h in index.search("x", None, k=10)}
 
 
@@ -163,3 +164,22 @@ def test_vectors_are_unit_length(tmp_path, parts, collection):
         index._conn.execute("SELECT embedding FROM photo_faces").fetchall()
     norms = [np.linalg.norm(np.frombuffer(r[0], "<f4")) for r in rows]
     assert np.allclose(norms, 1.0, atol=1e-4)
+
+
+def test_concurrent_runs_and_missing_paths(tmp_path, parts, collection):
+    """Issue 14: a second run on the same collection no longer dies on the UNIQUE content hash, a rerun
+    never counts broken files as indexed, and a missing path is listed while the rest is indexed."""
+    db = tmp_path / "lib.db"
+    first, second = new_index(db, parts), new_index(db, parts)
+    # Both runs triage obama.jpg as new before either commits it (what two processes do at once).
+    todo = second._triage(collection / "obama.jpg", retry_failed=False)
+    assert todo[0] == "todo"
+    assert first.add([collection / "obama.jpg"]).indexed == 1
+    report = IndexReport()
+    second._index_batch([(collection / "obama.jpg", todo[1], todo[2])], report, lambda path, status: None)
+    assert (report.indexed, report.skipped, report.failed) == (0, 1, [])
+    assert len(second) == 1
+    mixed = second.add([collection / "biden.jpg", tmp_path / "typo.jpg", collection / "broken.jpg"])
+    assert mixed.indexed == 1 and len(second) == 2
+    assert sorted(Path(p).name for p, _ in mixed.failed) == ["broken.jpg", "typo.jpg"]
+    assert any("no such file" in why for _, why in mixed.failed)

@@ -32,6 +32,7 @@ from .index import IndexConfig, VectorIndex, create_index
 if TYPE_CHECKING:
     from ..faces.embedder import FaceEmbedder
     from .clip import ClipEncoder
+    from .shards import PhotoRecord
     from .store import Gallery
 
 __all__ = [
@@ -72,6 +73,11 @@ CREATE TABLE IF NOT EXISTS photo_failures (
     error TEXT NOT NULL,
     failed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS photo_shards (
+    name TEXT PRIMARY KEY,
+    rows INTEGER NOT NULL,
+    merged_at REAL NOT NULL
+);
 """
 
 # Words that only join names ("Alice and Bob", "Alice, Bob") and carry nothing for CLIP.
@@ -102,15 +108,16 @@ class IndexProgress:
     done: int
     total: int
     path: str
-    status: str  # "indexed", "skipped" or "failed"
+    status: str  # "indexed", "skipped" (already indexed) or "failed" (now or on an earlier run, not retried)
 
 
 @dataclass
 class IndexReport:
     indexed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # content already in the index (these are the only files a rerun counts as done)
     faces: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), failed on this run
+    failed_before: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), recorded earlier, not retried
     seconds: float = 0.0
     stopped: bool = False  # should_stop() asked to stop before the end
 
@@ -119,8 +126,13 @@ class IndexReport:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
 
 
-def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Path]:
-    """Image files (by extension) under the given files/folders, sorted, without duplicates."""
+def find_images(paths: Iterable[str | Path], recursive: bool = True,
+                missing: list[str] | None = None) -> list[Path]:
+    """Image files (by extension) under the given files/folders, sorted, without duplicates.
+
+    A path that does not exist raises FileNotFoundError, or, when a ``missing`` list is given, is
+    appended to it and skipped (a long indexing run should list a typo, not die on it).
+    """
     found: dict[Path, None] = {}
     for p in map(Path, paths):
         if p.is_dir():
@@ -130,6 +142,8 @@ def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Pat
                     found[f] = None
         elif p.exists():
             found[p] = None  # named explicitly: try it whatever its extension
+        elif missing is not None:
+            missing.append(str(p))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return list(found)
@@ -168,14 +182,15 @@ class PhotoIndex:
     Args:
         path: database file (may be shared with a ``Gallery``).
         embedder: the face pipeline, needed to add photos and to search by face photo.
-        clip: the CLIP encoder, needed to add photos and for text queries.
+        clip: the CLIP encoder, for text queries; adding photos without it stores faces only.
         face_model: name of the face encoder (e.g. "lvface_b"); stored with the index, and an
             index built by another encoder is refused, because their embeddings do not compare.
         index: search backend for the face embeddings (see ``index.py``).
+        clip_key: the CLIP embedding space to check against (and record) when no ``clip`` is given.
     """
 
     def __init__(self, path: str | Path, *, embedder: FaceEmbedder | None = None, clip: ClipEncoder | None = None,
-                 face_model: str | None = None, index: IndexConfig | str = "auto") -> None:
+                 face_model: str | None = None, index: IndexConfig | str = "auto", clip_key: str | None = None) -> None:
         self.path = str(path)
         self.embedder = embedder
         self.clip = clip
@@ -192,7 +207,7 @@ class PhotoIndex:
                         c.execute(statement)
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"photo index {self.path}: not a readable database ({exc})") from exc
-        self._check_spaces(face_model, clip.key if clip is not None else None)
+        self._check_spaces(face_model, clip.key if clip is not None else clip_key)
         self._cache_version = -1
 
     # ---------------------------------------------------------------- bookkeeping
@@ -245,12 +260,13 @@ class PhotoIndex:
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 8, progress: Callable[[IndexProgress], None] | None
             = None, retry_failed: bool = False, should_stop: Callable[[], bool] | None = None) -> IndexReport:
         """Index image files (folders are searched recursively). See the module docstring."""
-        if self.embedder is None or self.clip is None:
-            raise ValueError("PhotoIndex.add needs both embedder= (faces) and clip= (CLIP)")
+        if self.embedder is None:
+            raise ValueError("PhotoIndex.add needs embedder= (faces); clip= is optional (without it: faces only)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
-        files = find_images(paths)
-        report = IndexReport()
+        missing: list[str] = []
+        files = find_images(paths, missing=missing)
+        report = IndexReport(failed=[(p, "no such file or folder") for p in missing])
         start = time.perf_counter()
         done = 0
         pending: list[tuple[Path, str, Any]] = []
@@ -274,6 +290,9 @@ class PhotoIndex:
             elif status == "failed":
                 report.failed.append((str(path), loaded))
                 tick(path, status)
+            elif status == "failed_before":
+                report.failed_before.append((str(path), loaded))
+                tick(path, "failed")
             else:
                 pending.append((path, sha, loaded))
             if len(pending) >= batch_size:
@@ -285,7 +304,7 @@ class PhotoIndex:
         return report
 
     def _triage(self, path: Path, retry_failed: bool) -> tuple[str, str | None, Any]:
-        """('skipped'|'failed'|'todo', sha256, LoadedImage or the failure reason)."""
+        """('skipped'|'failed'|'failed_before'|'todo', sha256, LoadedImage or the failure reason)."""
         from ..faces.image_io import ImageLoadError, load_image
 
         try:
@@ -294,14 +313,15 @@ class PhotoIndex:
             return "failed", None, self._fail(path, None, f"cannot read file ({exc.strerror or exc})")
         with self._lock:
             row = self._conn.execute("SELECT id, path FROM photos WHERE sha256 = ?", (sha,)).fetchone()
-            failed = self._conn.execute("SELECT sha256 FROM photo_failures WHERE path = ?", (str(path),)).fetchone()
+            failed = self._conn.execute("SELECT sha256, error FROM photo_failures WHERE path = ?",
+                                        (str(path),)).fetchone()
         if row is not None:
             if row[1] != str(path) and not Path(row[1]).exists():  # moved: remember where it is now
                 with self._transaction() as c:
                     c.execute("UPDATE photos SET path = ? WHERE id = ?", (str(path), row[0]))
             return "skipped", sha, None
         if failed is not None and failed[0] == sha and not retry_failed:
-            return "skipped", sha, None
+            return "failed_before", sha, failed[1]  # still broken, and not indexed: never counted as done
         max_pixels = self.embedder.config.max_image_pixels if self.embedder is not None else None
         try:
             loaded = load_image(path, max_pixels=max_pixels) if max_pixels else load_image(path)
@@ -320,7 +340,7 @@ class PhotoIndex:
         arrays = [loaded.array for _, _, loaded in batch]
         try:
             results = self.embedder.embed(arrays, assume_aligned=False)
-            clips = self.clip.encode_images(arrays)
+            clips = self.clip.encode_images(arrays) if self.clip is not None else [None] * len(arrays)
         except (ValueError, RuntimeError) as exc:  # one bad image spoils the batch: redo one by one
             if len(batch) == 1:
                 path, sha, _ = batch[0]
@@ -338,9 +358,16 @@ class PhotoIndex:
             back = 1.0 / loaded.scale  # boxes in original pixels even when a huge JPEG was decoded reduced
             width, height = loaded.original_size
             with self._transaction() as c:
-                photo_id = c.execute("INSERT INTO photos (sha256, path, width, height, clip, indexed_at) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)",
-                                     (sha, str(path), width, height, _blob(clip), time.time())).lastrowid
+                # Another process indexing the same collection may have committed these bytes since
+                # _triage looked: then this photo is already there, and it counts as skipped.
+                cursor = c.execute("INSERT INTO photos (sha256, path, width, height, clip, indexed_at) "
+                                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING",
+                                   (sha, str(path), width, height, None if clip is None else _blob(clip), time.time()))
+                if cursor.rowcount == 0:
+                    report.skipped += 1
+                    tick(path, "skipped")
+                    continue
+                photo_id = cursor.lastrowid
                 c.executemany("INSERT INTO photo_faces (photo_id, x1, y1, x2, y2, score, embedding) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
                               [(photo_id, *(float(v) * back for v in f.box), float(f.score), _blob(f.embedding))
@@ -349,6 +376,65 @@ class PhotoIndex:
             report.indexed += 1
             report.faces += len(result.faces)
             tick(path, "indexed")
+
+    # ---------------------------------------------------------------- shards (see indexing.py)
+    def merged_shards(self) -> set[str]:
+        """Names of the Parquet shards already merged into this index."""
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT name FROM photo_shards")}
+
+    def merge_records(self, records: Iterable[PhotoRecord], shard: str, report: IndexReport) -> bool:
+        """Merge one shard's rows in one transaction; False (nothing done) when ``shard`` was merged before.
+
+        One row per content hash whatever the shards hold: a photo already in the index (from this or
+        another shard, or an earlier run) counts as skipped, and a failure of the same file is
+        forgotten once it is indexed. The shard's name is recorded in the same transaction, so a crash
+        mid-merge leaves the shard unmerged and the rerun merges it exactly once.
+        """
+        records = list(records)
+        with self._transaction() as c:
+            if c.execute("SELECT 1 FROM photo_shards WHERE name = ?", (shard,)).fetchone() is not None:
+                return False
+            now = time.time()
+            for r in records:
+                if r.status == "failed":
+                    report.failed.append((r.path, r.error or "unknown error"))
+                    c.execute("INSERT OR REPLACE INTO photo_failures VALUES (?, ?, ?, ?)",
+                              (r.path, r.sha256, r.error or "unknown error", now))
+                    continue
+                if r.status == "failed_before":
+                    report.failed_before.append((r.path, r.error or "unknown error"))
+                    continue
+                inserted = None
+                if r.status == "indexed":
+                    inserted = c.execute(
+                        "INSERT INTO photos (sha256, path, width, height, clip, indexed_at) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT(sha256) DO NOTHING",
+                        (r.sha256, r.path, r.width, r.height, None if r.clip is None else _blob(r.clip), now))
+                if inserted is not None and inserted.rowcount == 1:
+                    c.executemany("INSERT INTO photo_faces (photo_id, x1, y1, x2, y2, score, embedding) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  [(inserted.lastrowid, *map(float, box), float(score), _blob(emb))
+                                   for box, score, emb in zip(r.boxes, r.scores, r.embeddings)])
+                    c.execute("DELETE FROM photo_failures WHERE path = ?", (r.path,))
+                    report.indexed += 1
+                    report.faces += r.num_faces
+                    continue
+                report.skipped += 1  # "known", or indexed by another shard or run first
+                row = c.execute("SELECT id, path FROM photos WHERE sha256 = ?", (r.sha256,)).fetchone()
+                if row is not None and row[1] != r.path and not Path(row[1]).exists():  # moved: follow it
+                    c.execute("UPDATE photos SET path = ? WHERE id = ?", (r.path, row[0]))
+            c.execute("INSERT INTO photo_shards VALUES (?, ?, ?)", (shard, len(records), now))
+        return True
+
+    def known(self, sha256: str, path: str) -> tuple[str, str | None] | None:
+        """('known', None) when these bytes are indexed, ('failed_before', reason) when this file
+        failed with these bytes before, else None (to do)."""
+        with self._lock:
+            if self._conn.execute("SELECT 1 FROM photos WHERE sha256 = ?", (sha256,)).fetchone() is not None:
+                return "known", None
+            row = self._conn.execute("SELECT sha256, error FROM photo_failures WHERE path = ?", (path,)).fetchone()
+        return ("failed_before", row[1]) if row is not None and row[0] == sha256 else None
 
     def remove(self, path_or_id: str | Path | int) -> None:
         """Forget one photo (by indexed path or id) and its faces."""
