@@ -7,7 +7,7 @@ An index is a folder:
 - ``vectors.<gen>.f16``: every row's vector, float16, appended; memory-mapped, never loaded whole.
   These are the exact vectors the candidates are re-scored with.
 - ``ids.<gen>.i64``: every row's caller id, int64; a deleted row is overwritten with -1 (tombstone).
-- ``coarse.<gen>.faiss`` + ``coarse.<gen>.rows.npy``: the candidate stage (``pq`` only), saved now
+- ``coarse.<gen>.*``: the candidate stage's codes (``pq`` only: fast-scan blocks, plain codes, row map), saved now
   and then; rows appended after the last save are encoded again when the index is opened.
 
 Search = candidate stage + exact re-ranking. The candidate stage is chosen by size (``auto``):
@@ -208,25 +208,43 @@ class FlatStage(Stage):
 
 @register_stage("pq")
 class PQFastScanStage(Stage):
-    """FAISS ``IndexPQFastScan`` (4-bit codes, SIMD table look-ups), scanned in full.
+    """FAISS ``IndexPQFastScan`` (4-bit codes in SIMD-friendly blocks), scanned in full.
 
-    FAISS labels a fast-scan index's entries by position, so ``_rows[position]`` maps back to rows;
-    ``remove_ids`` keeps the order of the survivors, so the map shrinks the same way."""
+    FAISS labels the entries by position, so ``_rows[position]`` maps back to rows. A plain
+    ``IndexPQ`` holding the same codes is kept beside it because fast-scan's own ``remove_ids``
+    leaves it unable to find later additions (faiss 1.15): deletions are applied to the plain
+    codes (order-preserving) and the fast-scan blocks re-packed from them, without re-encoding."""
+
+    _bulk = 4096  # adds at least this big go to the plain codes only; the blocks are re-packed once
 
     def __init__(self, dim: int, config: DiskIndexConfig) -> None:
         super().__init__(dim, config)
         if dim % config.pq_m:
             raise ValueError(f"DiskIndexConfig.pq_m={config.pq_m} must divide the dimension {dim}")
         faiss = _import_faiss()
-        self._index = faiss.IndexPQFastScan(dim, config.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+        self._fast = faiss.IndexPQFastScan(dim, config.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+        self._plain = faiss.IndexPQ(dim, config.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+        self._stale = False  # True when _plain holds codes that _fast lacks
         self._rows = np.zeros(0, np.int64)
         self._pending_dead = 0
 
     def train(self, sample: np.ndarray) -> None:
-        self._index.train(np.ascontiguousarray(sample, np.float32))
+        self._fast.train(np.ascontiguousarray(sample, np.float32))
+        self._plain.pq = self._fast.pq  # same quantiser (copied), so both make identical codes
+        self._plain.is_trained = True
+
+    def _repack(self) -> None:
+        faiss = _import_faiss()
+        self._fast = faiss.IndexPQFastScan(self._plain)
+        self._stale = False
 
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        self._index.add(np.ascontiguousarray(vectors, np.float32))
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        self._plain.add(vectors)
+        if self._stale or len(vectors) >= self._bulk:
+            self._stale = True
+        else:
+            self._fast.add(vectors)  # encodes a second time, cheaper than re-packing everything
         self._rows = np.concatenate([self._rows, rows.astype(np.int64)])
 
     def forget(self, alive: np.ndarray) -> None:
@@ -235,12 +253,13 @@ class PQFastScanStage(Stage):
             self.purge(alive)
 
     def purge(self, alive: np.ndarray) -> None:
-        """Remove dead rows from the codes now (a pass over all codes)."""
+        """Remove dead rows from the codes now (one pass over the codes, no re-encoding)."""
         faiss = _import_faiss()
         dead = np.flatnonzero(~alive[self._rows])
         if len(dead):
-            self._index.remove_ids(faiss.IDSelectorBatch(dead.astype(np.int64)))
+            self._plain.remove_ids(faiss.IDSelectorBatch(dead.astype(np.int64)))
             self._rows = np.delete(self._rows, dead)
+            self._stale = True
         self._pending_dead = 0
 
     def renumber(self, live: np.ndarray) -> None:
@@ -250,34 +269,51 @@ class PQFastScanStage(Stage):
         self._rows = np.searchsorted(live, self._rows).astype(np.int64)
 
     def candidates(self, queries: np.ndarray, k: int, alive: np.ndarray) -> np.ndarray:
-        total = int(self._index.ntotal)
+        if self._stale:
+            self._repack()
+        total = int(self._fast.ntotal)
         if total == 0:
             return np.full((len(queries), 0), -1, np.int64)
         # Ask for enough more to step over every not-yet-purged dead row (bounded by purge_every).
         want = min(total, max(k, self.config.rerank) + self._pending_dead)
-        _, positions = self._index.search(np.ascontiguousarray(queries, np.float32), want)
+        _, positions = self._fast.search(np.ascontiguousarray(queries, np.float32), want)
         return np.where(positions >= 0, self._rows[np.maximum(positions, 0)], -1)
+
+    @staticmethod
+    def _names(prefix: Path) -> tuple[Path, Path, Path]:
+        return tuple(prefix.with_name(prefix.name + suffix) for suffix in (".fast.faiss", ".codes.faiss", ".rows.npy"))
 
     def save(self, prefix: Path) -> list[str]:
         faiss = _import_faiss()
-        codes, rows = prefix.with_name(prefix.name + ".faiss"), prefix.with_name(prefix.name + ".rows.npy")
-        faiss.write_index(self._index, str(codes))
+        if self._stale:
+            self._repack()
+        fast, plain, rows = self._names(prefix)
+        faiss.write_index(self._fast, str(fast))
+        faiss.write_index(self._plain, str(plain))
         np.save(rows, self._rows)
-        return [codes.name, rows.name]
+        return [fast.name, plain.name, rows.name]
 
     def load(self, prefix: Path) -> int:
         faiss = _import_faiss()
-        codes, rows = prefix.with_name(prefix.name + ".faiss"), prefix.with_name(prefix.name + ".rows.npy")
+        files = self._names(prefix)
+        loaded = []
+        for path, kind in zip(files[:2], (faiss.IndexPQFastScan, faiss.IndexPQ)):
+            try:
+                index = faiss.read_index(str(path))
+            except (RuntimeError, OSError) as exc:
+                raise IndexFileError(path, f"unreadable PQ codes ({str(exc).strip().splitlines()[-1][:200]})") from exc
+            if type(index) is not kind or index.d != self.dim or int(index.pq.M) != self.config.pq_m:
+                raise IndexFileError(path, f"not a {self.config.pq_m}x4-bit {kind.__name__} of dimension {self.dim}")
+            loaded.append(index)
         try:
-            index = faiss.read_index(str(codes))
-            saved_rows = np.load(rows, allow_pickle=False)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise IndexFileError(codes, f"unreadable PQ codes ({str(exc).splitlines()[-1][:200]})") from exc
-        if not isinstance(index, faiss.IndexPQFastScan) or index.d != self.dim or int(index.M) != self.config.pq_m:
-            raise IndexFileError(codes, f"not a {self.config.pq_m}x4-bit PQ fast-scan index of dimension {self.dim}")
-        if int(index.ntotal) != len(saved_rows):
-            raise IndexFileError(rows, f"{len(saved_rows)} row numbers for {index.ntotal} codes")
-        self._index, self._rows, self._pending_dead = index, saved_rows.astype(np.int64), 0
+            saved_rows = np.load(files[2], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise IndexFileError(files[2], f"unreadable row numbers ({exc})") from exc
+        if not int(loaded[0].ntotal) == int(loaded[1].ntotal) == len(saved_rows):
+            raise IndexFileError(files[2], f"{len(saved_rows)} row numbers for {loaded[0].ntotal} fast-scan "
+                                           f"and {loaded[1].ntotal} plain codes")
+        self._fast, self._plain = loaded
+        self._rows, self._pending_dead, self._stale = saved_rows.astype(np.int64), 0, False
         return int(saved_rows.max()) + 1 if len(saved_rows) else 0
 
 
@@ -336,6 +372,8 @@ class DiskIndex:
         path = Path(path)
         if dim < 1:
             raise ValueError(f"index dimension must be positive, got {dim}")
+        if config.kind != "flat" and dim % config.pq_m:
+            raise ValueError(f"DiskIndexConfig.pq_m={config.pq_m} must divide the dimension {dim}")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to write an index there")
         path.mkdir(parents=True, exist_ok=True)
