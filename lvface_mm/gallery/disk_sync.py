@@ -136,7 +136,7 @@ class GalleryIndex:
     # ---------------------------------------------------------------- sync
     def sync(self, index: DiskIndex | None = None) -> SyncReport:
         """Apply the gallery's changes since the last sync to the index; returns what changed."""
-        index = index or self.index
+        index = self.index if index is None else index
         start = time.perf_counter()
         state = index.source
         watermark = state.get("watermark")  # newest updated_at applied; None before the first sync
