@@ -506,6 +506,11 @@ class DiskIndex:
         self._manifest["source"] = json.loads(json.dumps(state))
         self._write_manifest()
 
+    def set_rerank(self, rerank: int) -> None:
+        """Candidates re-scored exactly per query from now on (the recall/latency knob; no rebuild)."""
+        self.config = DiskIndexConfig(**{**asdict(self.config), "rerank": rerank})
+        self._stage.config = self.config
+
     def ids(self) -> np.ndarray:
         """Ids currently stored (unordered)."""
         ids = self._ids[: self._rows]
