@@ -137,7 +137,6 @@ def baselines(templates: np.ndarray, queries: np.ndarray, truth: np.ndarray, ivf
                  "recall": float((found == truth[: len(sub)]).mean()), "queries": len(sub), "build_s": 0.0})
     flat.reset()
     if ivf:
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
         nlist = 4096 if len(templates) >= 500_000 else 1024
         t = time.perf_counter()
         quantizer = faiss.IndexFlatIP(DIM)
@@ -161,7 +160,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
 
     from lvface_mm.gallery.disk_index import DiskIndex, DiskIndexConfig
 
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    faiss.omp_set_num_threads(1)  # OpenMP threads spin against the other jobs on a shared machine
     rng = np.random.default_rng(n)
     who = np.sort(rng.choice(n, args.queries, replace=False))
     path = Path(args.workdir) / f"n{n}"

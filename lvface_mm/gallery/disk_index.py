@@ -229,7 +229,15 @@ class PQFastScanStage(Stage):
         self._pending_dead = 0
 
     def train(self, sample: np.ndarray) -> None:
-        self._fast.train(np.ascontiguousarray(sample, np.float32))
+        faiss = _import_faiss()
+        # k-means on 64 tiny sub-spaces: too little work per OpenMP region to share, and on a busy
+        # machine spinning threads made it 15x slower (58 s vs 3.7 s for 65k vectors on 2 cores).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            self._fast.train(np.ascontiguousarray(sample, np.float32))
+        finally:
+            faiss.omp_set_num_threads(threads)
         self._plain.pq = self._fast.pq  # same quantiser (copied), so both make identical codes
         self._plain.is_trained = True
 
