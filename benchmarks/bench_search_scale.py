@@ -112,6 +112,63 @@ def measure(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(out))
 
 
+def measure_gallery(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: reopen a GalleryIndex over its gallery (memory-map + catch-up check)."""
+    from lvface_mm.gallery.disk_sync import GalleryIndex
+
+    t0 = time.perf_counter()
+    index = GalleryIndex(args.measure_gallery, args.gallery_db)
+    start_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    hit = index.search(np.load(args.queries_file)[:1], 1)[0][0]
+    first_s = time.perf_counter() - t1
+    Path(args.out).write_text(json.dumps({"start_s": start_s, "first_query_s": first_s, "name": hit.name,
+                                          "rebuilt": index.last_sync.rebuilt, "added": index.last_sync.added,
+                                          "sync_s": index.last_sync.seconds}))
+
+
+def bench_gallery_restart(n: int, args: argparse.Namespace) -> dict:
+    """A gallery of ``n`` identities (rows written straight into its SQLite schema: enrolling one at a
+    time would take hours), its GalleryIndex built once, then reopened in a fresh process."""
+    import sqlite3
+    import warnings
+
+    from lvface_mm.gallery import Gallery
+    from lvface_mm.gallery.disk_sync import GalleryIndex
+
+    root = Path(args.workdir) / f"gallery{n}"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    db = root / "people.db"
+    Gallery(db, feature_dim=DIM, index="exact").close()
+    conn = sqlite3.connect(db)
+    now = time.time()
+    for ids, x in template_chunks(n, args.seed):
+        conn.executemany("INSERT INTO identities (id, name, template, metadata, created_at, updated_at) "
+                         "VALUES (?, ?, ?, '{}', ?, ?)",
+                         ((int(i) + 1, f"person {i}", v.astype("<f4").tobytes(), now + 1e-3 * i, now + 1e-3 * i)
+                          for i, v in zip(ids, x)))
+        conn.commit()
+    conn.close()
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        GalleryIndex(root / "people.idx", db).close()
+    first_build = time.perf_counter() - t
+    _, x = next(template_chunks(n, args.seed))
+    qfile, out = root / "q.npy", root / "r.json"
+    np.save(qfile, x[:1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, __file__, "--measure-gallery", str(root / "people.idx"), "--gallery-db", str(db),
+                    "--queries-file", str(qfile), "--out", str(out)], check=True, env=env)
+    result = {"n": n, "first_build_s": first_build, "db_gib": db.stat().st_size / 2**30,
+              **json.loads(out.read_text())}
+    if not args.keep:
+        shutil.rmtree(root)
+    return result
+
+
 # ----------------------------------------------------------------------------- baselines
 def time_single(search, queries: np.ndarray) -> tuple[float, float, np.ndarray]:
     """p50 / p99 wall ms of one-query-at-a-time ``search(q) -> top-1 id``, and the ids."""
@@ -307,6 +364,16 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
             if b["index"].startswith("exact"):
                 lines.append(f"\nAt {n:,}: exact p50 / on-disk PQ p50 (re-rank {best['rerank']}) = "
                              f"**{b['p50'] / best['p50']:.0f}x** faster at recall@1 {best['recall']:.3f}.")
+    restarts = [r["gallery"] for r in results if "gallery" in r]
+    if restarts:
+        lines += ["", "## Restart of a `GalleryIndex` over a SQLite gallery", "",
+                  "A fresh process opens the index and checks the gallery for changes (its id list and the rows "
+                  "updated since the saved watermark; none here), then answers one query.", "",
+                  "| identities | gallery file (GiB) | first build (s) | open + sync (s) | of which sync (s) | "
+                  "first query (s) | rebuilt |", "|---:|---:|---:|---:|---:|---:|---|"]
+        for g in restarts:
+            lines.append(f"| {g['n']:,} | {g['db_gib']:.2f} | {g['first_build_s']:.1f} | {g['start_s']:.3f} | "
+                         f"{g['sync_s']:.3f} | {g['first_query_s']:.3f} | {g['rebuilt']} |")
     lines += ["", "Files: " + "; ".join(
         f"{r['n']:,}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(r["files"].items()))
         for r in results)]
@@ -319,30 +386,40 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated sizes")
     parser.add_argument("--queries", type=int, help="genuine queries per size")
     parser.add_argument("--impostors", type=int, default=100)
-    parser.add_argument("--rerank", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--rerank", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--workdir", default="/tmp/lvface_bench_search")
     parser.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory baselines up to this size")
     parser.add_argument("--ivf-max", type=int, help="IVF baseline up to this size (default: 100k quick, 1M full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the built indexes in --workdir")
     parser.add_argument("--no-write", action="store_true", help="print the report, do not write results/search.md")
+    parser.add_argument("--gallery-max", type=int, help="gallery restart measured up to this size "
+                        "(default: 100k quick, 1M full)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-gallery", help=argparse.SUPPRESS)
+    parser.add_argument("--gallery-db", help=argparse.SUPPRESS)
     parser.add_argument("--queries-file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         measure(args)
         return
+    if args.measure_gallery:
+        measure_gallery(args)
+        return
     if not args.sizes:
         args.sizes = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
     args.queries = args.queries or (300 if args.quick else 1000)
     args.ivf_max = args.ivf_max if args.ivf_max is not None else (100_000 if args.quick else 1_000_000)
+    args.gallery_max = args.gallery_max if args.gallery_max is not None else (100_000 if args.quick else 1_000_000)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     results = []
     for n in args.sizes:
         print(f"{n:,} identities", flush=True)
         results.append(run_size(n, args))
+        if n <= args.gallery_max:
+            results[-1]["gallery"] = bench_gallery_restart(n, args)
         print(report(args, results[-1:], time.perf_counter() - t0, started), flush=True)
     text = report(args, results, time.perf_counter() - t0, started)
     print(text)
