@@ -61,6 +61,8 @@ def test_follows_adds_deletes_and_template_changes(tmp_path, gallery):
     assert_same_as_gallery(index, gallery, queries)
     gallery.rename("person 30", "Thirty")
     assert index.search(queries[3], 1)[0][0].name == "Thirty"
+    with pytest.raises(ValueError, match=r"shaped \(N, 64\), got \(1, 8\)"):
+        index.search(np.ones((1, 8)), 1)
     index.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 import warnings
@@ -63,6 +64,7 @@ class GalleryIndex:
         self.index_path = Path(index_path)
         self.gallery_path = Path(gallery_path)
         self.config = config
+        self._lock = threading.RLock()  # one sync or search at a time: the index is not thread-safe
         if not self.gallery_path.is_file():
             raise FileNotFoundError(f"gallery {self.gallery_path}: no such file")
         try:
@@ -136,7 +138,10 @@ class GalleryIndex:
     # ---------------------------------------------------------------- sync
     def sync(self, index: DiskIndex | None = None) -> SyncReport:
         """Apply the gallery's changes since the last sync to the index; returns what changed."""
-        index = self.index if index is None else index
+        with self._lock:
+            return self._sync(self.index if index is None else index)
+
+    def _sync(self, index: DiskIndex) -> SyncReport:
         start = time.perf_counter()
         state = index.source
         watermark = state.get("watermark")  # newest updated_at applied; None before the first sync
@@ -194,25 +199,29 @@ class GalleryIndex:
     # ---------------------------------------------------------------- search
     def search(self, embeddings: np.ndarray, k: int = 5) -> list[list[Identification]]:
         """Top-``k`` identities per query (names from the gallery), best first, no threshold."""
-        if int(self._conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
-            self.last_sync = self.sync()
         x = np.asarray(embeddings, np.float32)
         x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self._dim or not np.isfinite(x).all():
+            raise ValueError(f"query embeddings: expected finite numbers shaped (N, {self._dim}), got {x.shape}")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        scores, ids = self.index.search(x, k)
-        found = np.unique(ids[ids >= 0]).tolist()
-        names: dict[int, str] = {}
-        for lo in range(0, len(found), _SQL_CHUNK):
-            part = found[lo : lo + _SQL_CHUNK]
-            names.update(self._conn.execute(
-                f"SELECT id, name FROM identities WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+        with self._lock:
+            if int(self._conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
+                self.last_sync = self.sync()
+            scores, ids = self.index.search(x, k)
+            found = np.unique(ids[ids >= 0]).tolist()
+            names: dict[int, str] = {}
+            for lo in range(0, len(found), _SQL_CHUNK):
+                part = found[lo : lo + _SQL_CHUNK]
+                names.update(self._conn.execute(
+                    f"SELECT id, name FROM identities WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
         # An id deleted between the sync and this lookup has no name any more: leave it out.
         return [[Identification(names[int(i)], float(s), int(i)) for s, i in zip(srow, irow) if int(i) in names]
                 for srow, irow in zip(scores, ids)]
 
     def close(self) -> None:
-        self.index.close()
-        self._conn.close()
+        with self._lock:
+            self.index.close()
+            self._conn.close()
 
     def __enter__(self) -> GalleryIndex:
         return self
