@@ -386,15 +386,16 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated sizes")
     parser.add_argument("--queries", type=int, help="genuine queries per size")
     parser.add_argument("--impostors", type=int, default=100)
-    parser.add_argument("--rerank", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--rerank", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--workdir", default="/tmp/lvface_bench_search")
     parser.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory baselines up to this size")
     parser.add_argument("--ivf-max", type=int, help="IVF baseline up to this size (default: 100k quick, 1M full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the built indexes in --workdir")
     parser.add_argument("--no-write", action="store_true", help="print the report, do not write results/search.md")
-    parser.add_argument("--gallery-max", type=int, help="gallery restart measured up to this size "
-                        "(default: 100k quick, 1M full)")
+    parser.add_argument("--append", action="store_true", help="add this run's report to results/search.md "
+                        "(e.g. the 10M run after the --quick one) instead of replacing it")
+    parser.add_argument("--gallery-max", type=int, help="GalleryIndex restart measured up to this size (1M)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-gallery", help=argparse.SUPPRESS)
     parser.add_argument("--gallery-db", help=argparse.SUPPRESS)
@@ -411,7 +412,7 @@ def main() -> None:
         args.sizes = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
     args.queries = args.queries or (300 if args.quick else 1000)
     args.ivf_max = args.ivf_max if args.ivf_max is not None else (100_000 if args.quick else 1_000_000)
-    args.gallery_max = args.gallery_max if args.gallery_max is not None else (100_000 if args.quick else 1_000_000)
+    args.gallery_max = args.gallery_max if args.gallery_max is not None else 1_000_000
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     results = []
@@ -424,6 +425,8 @@ def main() -> None:
     text = report(args, results, time.perf_counter() - t0, started)
     print(text)
     print(f"peak RSS of the benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.append and RESULTS.exists():
+        text = RESULTS.read_text() + "\n" + text.replace("# Search at scale (on-disk index)", "## Another run", 1)
     if not args.no_write:
         RESULTS.write_text(text)
 
