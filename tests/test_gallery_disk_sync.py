@@ -61,6 +61,13 @@ def test_follows_adds_deletes_and_template_changes(tmp_path, gallery):
     assert_same_as_gallery(index, gallery, queries)
     gallery.rename("person 30", "Thirty")
     assert index.search(queries[3], 1)[0][0].name == "Thirty"
+    gallery.save_threshold(0.5)
+    assert index.threshold == 0.5
+    answers = index.identify(np.stack([queries[3], unit(rng, 1)[0]]))
+    assert answers[0].name == "Thirty" and answers[1].name is None and answers[1].score < 0.5
+    score = index.search(queries[3], 1)[0][0].score
+    assert [a.name for a in index.identify(queries[3:4], threshold=score + 0.01)] == [None]
+    assert [a.name for a in index.identify(queries[3:4], threshold=score - 0.01)] == ["Thirty"]
     with pytest.raises(ValueError, match=r"shaped \(N, 64\), got \(1, 8\)"):
         index.search(np.ones((1, 8)), 1)
     index.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import default_threshold
 from .disk_index import MANIFEST, DiskIndex, DiskIndexConfig, IndexFileError
 from .store import Identification
 
@@ -229,6 +230,26 @@ class GalleryIndex:
         # An id deleted between the sync and this lookup has no name any more: leave it out.
         return [[Identification(names[int(i)], float(s), int(i)) for s, i in zip(srow, irow) if int(i) in names]
                 for srow, irow in zip(scores, ids)]
+
+    @property
+    def threshold(self) -> float:
+        """The gallery's acceptance threshold: saved in its file, else the default for its model."""
+        with self._lock:
+            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        if "threshold" in meta:
+            return float(meta["threshold"])
+        return default_threshold(meta.get("model_name")).threshold
+
+    def identify(self, embeddings: np.ndarray, threshold: float | None = None) -> list[Identification]:
+        """Best identity per query, or unknown (name None) below ``threshold`` (default: the gallery's)."""
+        t = self.threshold if threshold is None else float(threshold)
+        out = []
+        for candidates in self.search(embeddings, k=1):
+            if candidates and candidates[0].score >= t:
+                out.append(candidates[0])
+            else:
+                out.append(Identification(None, candidates[0].score if candidates else -1.0, None))
+        return out
 
     def close(self) -> None:
         with self._lock:
