@@ -149,3 +149,17 @@ def test_parquet_shards_build_an_index(tmp_path):
     np.testing.assert_allclose(np.concatenate([b[1] for b in batches]), faces, atol=1e-6)
     with pytest.raises(ValueError, match=r"shard-0.parquet: no column 'clip'; columns are \['path', 'face_emb"):
         list(read_parquet_vectors([tmp_path / "shard-0.parquet"], column="clip"))
+
+
+def test_parquet_id_column_and_raw_float32_bytes(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    faces = unit(np.random.default_rng(6), 3)
+    pq.write_table(pa.table({"face_id": [70, 71, 72], "emb": [f.astype("<f4").tobytes() for f in faces]}),
+                   tmp_path / "s.parquet")
+    (ids, vectors), = read_parquet_vectors([tmp_path / "s.parquet"], column="emb", id_column="face_id")
+    assert ids.tolist() == [70, 71, 72]
+    np.testing.assert_array_equal(vectors, faces)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 nonsense")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable Parquet file"):
+        list(read_parquet_vectors([tmp_path / "bad.parquet"]))
