@@ -1,0 +1,327 @@
+"""Keep an on-disk index (``disk_index.py``) in step with its sources of vectors.
+
+- ``GalleryIndex``: follows a gallery's SQLite file (the source of truth). Opening it memory-maps
+  the index and catches up only what changed since the last sync: ids gone from the database are
+  deleted, ids the index lacks and rows updated since the saved watermark are (re)added. A missing,
+  foreign or damaged index is reported (a warning naming the file) and rebuilt from the database;
+  a damaged one is moved aside first, never overwritten.
+- ``read_parquet_vectors``: (ids, vectors) batches from Parquet files with a column of embeddings,
+  for ``DiskIndex.build`` over photo-collection shards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import default_threshold
+from .disk_index import MANIFEST, DiskIndex, DiskIndexConfig, IndexFileError
+from .store import Identification
+
+__all__ = ["GalleryIndex", "IndexRebuiltWarning", "SyncReport", "read_parquet_vectors"]
+
+_UID_KEY = "disk_index_uid"  # a random id written once into the gallery's meta table
+_SQL_CHUNK = 500  # ids per "IN (...)" query, below SQLite's variable limit
+
+
+class IndexRebuiltWarning(UserWarning):
+    """The on-disk index could not be used as it was and was rebuilt from the gallery."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did. ``rebuilt`` is True when the index was built from scratch, with why."""
+
+    added: int
+    removed: int
+    rebuilt: bool
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class GalleryIndex:
+    """An on-disk index of a gallery's identity templates that follows the gallery file.
+
+    Example:
+        >>> index = GalleryIndex("people.idx", "people.db")     # opens, catches up, or builds
+        >>> index.search(query_embeddings, k=5)[0][0].name     # best match of the first query
+        >>> index.close()
+
+    Reads the gallery with its own connection; any process may write the gallery meanwhile: a
+    search first syncs when the database changed (SQLite's ``data_version``).
+    """
+
+    def __init__(self, index_path: str | Path, gallery_path: str | Path,
+                 config: DiskIndexConfig | None = None) -> None:
+        self.index_path = Path(index_path)
+        self.gallery_path = Path(gallery_path)
+        self.config = config
+        self._lock = threading.RLock()  # one sync or search at a time: the index is not thread-safe
+        if not self.gallery_path.is_file():
+            raise FileNotFoundError(f"gallery {self.gallery_path}: no such file")
+        try:
+            self._conn = sqlite3.connect(str(self.gallery_path), isolation_level=None,
+                                         check_same_thread=False, timeout=30.0)
+            self._dim, self._uid = self._gallery_identity()
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"gallery {self.gallery_path}: not a readable gallery database ({exc})") from exc
+        self._data_version = -1
+        self.index, self.last_sync = self._open_or_rebuild()
+
+    # ---------------------------------------------------------------- gallery identity
+    def _gallery_identity(self) -> tuple[int, str]:
+        """(feature_dim, uid) of the gallery; the uid tells this gallery's index from another's."""
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"meta", "identities"} <= tables:
+            raise ValueError(f"gallery {self.gallery_path}: no identities table; not a gallery made by lvface-mm")
+        meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        # Without it, MAX(updated_at) and "updated since" scan every row with its template blob
+        # (3.4 s at 100k identities); with it both are index look-ups and the id list is read from
+        # the index too. SQLite keeps it up to date on every write of the gallery.
+        self._conn.execute("CREATE INDEX IF NOT EXISTS identities_by_updated_at ON identities(updated_at)")
+        if _UID_KEY not in meta:
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (_UID_KEY, uuid.uuid4().hex))
+            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        return int(meta["feature_dim"]), meta[_UID_KEY]
+
+    # ---------------------------------------------------------------- open / rebuild
+    def _open_or_rebuild(self) -> tuple[DiskIndex, SyncReport]:
+        start = time.perf_counter()
+        problem = None
+        try:
+            index = DiskIndex.open(self.index_path, self.config)
+        except IndexFileError as exc:
+            if self.index_path.exists() and not self._looks_like_ours():
+                raise IndexFileError(self.index_path, f"{exc}; the folder holds files that are not an lvface-mm "
+                                                      "index, so nothing was written there: pass another path") from exc
+            problem = str(exc)
+            index = None
+        if index is not None:
+            source = index.source
+            if index.dim != self._dim or source.get("gallery_uid") != self._uid:
+                problem = (f"{self.index_path / MANIFEST}: index of another gallery (uid "
+                           f"{source.get('gallery_uid')!r}, {index.dim}-d), not of {self.gallery_path}")
+                index = None
+        if index is None:
+            return self._rebuild(problem or "", start)
+        report = self.sync(index)
+        return index, report
+
+    def _looks_like_ours(self) -> bool:
+        """A folder with our manifest or our row files: safe to move aside; anything else is left alone."""
+        if not self.index_path.is_dir():
+            return False
+        names = [p.name for p in self.index_path.iterdir()]
+        return not names or any(n == MANIFEST or n.startswith(("vectors.", "ids.", "coarse.")) for n in names)
+
+    def _rebuild(self, problem: str, start: float) -> tuple[DiskIndex, SyncReport]:
+        if self.index_path.exists():
+            aside = self.index_path.with_name(f"{self.index_path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.index_path.rename(aside)
+            problem += f"; the old folder was moved to {aside}"
+        warnings.warn(f"{problem}; rebuilding the index from {self.gallery_path}", IndexRebuiltWarning, stacklevel=3)
+        building = self.index_path.with_name(self.index_path.name + ".building")
+        if building.exists():
+            shutil.rmtree(building)  # our own leftover from a build that was interrupted
+        index = DiskIndex.create(building, self._dim, self.config)
+        report = self.sync(index)
+        index.save()
+        building.rename(self.index_path)
+        index.path = self.index_path
+        report = SyncReport(report.added, report.removed, True, problem, time.perf_counter() - start)
+        return index, report
+
+    # ---------------------------------------------------------------- sync
+    def sync(self, index: DiskIndex | None = None) -> SyncReport:
+        """Apply the gallery's changes since the last sync to the index; returns what changed."""
+        with self._lock:
+            return self._sync(self.index if index is None else index)
+
+    def _sync(self, index: DiskIndex) -> SyncReport:
+        """Catch up from the saved watermark (the newest ``updated_at`` applied, plus the ids written at
+        exactly that instant, which are not fetched again).
+
+        Gallery ids are never reused (AUTOINCREMENT) and the index held exactly the gallery's ids after
+        the last sync, so once the rows updated since then are applied, the two id sets can differ
+        only by deletions, and then their sizes differ: the full id list is read only in that case."""
+        start = time.perf_counter()
+        state = index.source
+        watermark = state.get("watermark")  # None before the first sync
+        seen = set(state.get("watermark_ids", []))
+        c = self._conn
+        c.execute("BEGIN")  # one read snapshot (WAL): counts, id lists and templates agree
+        try:
+            self._data_version = int(c.execute("PRAGMA data_version").fetchone()[0])
+            count = int(c.execute("SELECT COUNT(*) FROM identities").fetchone()[0])
+            rows = c.execute("SELECT id, updated_at FROM identities WHERE updated_at >= ?",
+                             (-1e300 if watermark is None else watermark,)).fetchall()
+            newest = max((t for _, t in rows), default=watermark)
+            changed = np.array(sorted(i for i, t in rows if not (t == watermark and i in seen)), np.int64)
+            added = removed = 0
+            for ids, templates in self._templates(changed, everything=len(changed) > count // 2):
+                added += index.add(ids, templates, _save_manifest=False)
+            if len(index) != count:
+                ids_text = c.execute("SELECT group_concat(id) FROM identities").fetchone()[0]
+                db_ids = np.array(ids_text.split(","), np.int64) if ids_text else np.zeros(0, np.int64)
+                have = index.ids()
+                removed = index.remove(np.setdiff1d(have, db_ids, assume_unique=True), _save_manifest=False)
+                missing = np.setdiff1d(db_ids, have, assume_unique=True)  # only after an interrupted sync
+                for ids, templates in self._templates(missing, everything=len(missing) > count // 2):
+                    added += index.add(ids, templates, _save_manifest=False)
+        finally:
+            c.execute("COMMIT")
+        index.set_source({"gallery": str(self.gallery_path.resolve()), "gallery_uid": self._uid,
+                          "watermark": newest, "watermark_ids": sorted(i for i, t in rows if t == newest)})
+        return SyncReport(added, removed, False, "", time.perf_counter() - start)
+
+    def _templates(self, wanted: np.ndarray, everything: bool,
+                   batch: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, templates) for the ``wanted`` ids, in batches."""
+        if len(wanted) == 0:
+            return
+        if everything:  # one pass over the table beats thousands of IN-queries
+            cursor = self._conn.execute("SELECT id, template FROM identities ORDER BY id")
+            while rows := cursor.fetchmany(batch):
+                ids = np.array([r[0] for r in rows], np.int64)
+                keep = np.isin(ids, wanted)
+                if keep.any():
+                    yield ids[keep], self._decode([r[1] for r, k in zip(rows, keep) if k])
+            return
+        for lo in range(0, len(wanted), _SQL_CHUNK):
+            part = wanted[lo : lo + _SQL_CHUNK].tolist()
+            rows = self._conn.execute(f"SELECT id, template FROM identities WHERE id IN ({','.join('?' * len(part))})",
+                                      part).fetchall()
+            if rows:
+                yield np.array([r[0] for r in rows], np.int64), self._decode([r[1] for r in rows])
+
+    def _decode(self, blobs: Sequence[bytes]) -> np.ndarray:
+        bad = [len(b) for b in blobs if len(b) != 4 * self._dim]
+        if bad:
+            raise ValueError(f"gallery {self.gallery_path}: a template has {bad[0]} bytes, expected {4 * self._dim}")
+        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self._dim).astype(np.float32)
+
+    # ---------------------------------------------------------------- search
+    def search(self, embeddings: np.ndarray, k: int = 5) -> list[list[Identification]]:
+        """Top-``k`` identities per query (names from the gallery), best first, no threshold."""
+        x = np.asarray(embeddings, np.float32)
+        x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self._dim or not np.isfinite(x).all():
+            raise ValueError(f"query embeddings: expected finite numbers shaped (N, {self._dim}), got {x.shape}")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        with self._lock:
+            if int(self._conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
+                self.last_sync = self.sync()
+            scores, ids = self.index.search(x, k)
+            found = np.unique(ids[ids >= 0]).tolist()
+            names: dict[int, str] = {}
+            for lo in range(0, len(found), _SQL_CHUNK):
+                part = found[lo : lo + _SQL_CHUNK]
+                names.update(self._conn.execute(
+                    f"SELECT id, name FROM identities WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+        # An id deleted between the sync and this lookup has no name any more: leave it out.
+        return [[Identification(names[int(i)], float(s), int(i)) for s, i in zip(srow, irow) if int(i) in names]
+                for srow, irow in zip(scores, ids)]
+
+    @property
+    def threshold(self) -> float:
+        """The gallery's acceptance threshold: saved in its file, else the default for its model."""
+        with self._lock:
+            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        if "threshold" in meta:
+            return float(meta["threshold"])
+        return default_threshold(meta.get("model_name")).threshold
+
+    def identify(self, embeddings: np.ndarray, threshold: float | None = None) -> list[Identification]:
+        """Best identity per query, or unknown (name None) below ``threshold`` (default: the gallery's)."""
+        t = self.threshold if threshold is None else float(threshold)
+        out = []
+        for candidates in self.search(embeddings, k=1):
+            if candidates and candidates[0].score >= t:
+                out.append(candidates[0])
+            else:
+                out.append(Identification(None, candidates[0].score if candidates else -1.0, None))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self.index.close()
+            self._conn.close()
+
+    def __enter__(self) -> GalleryIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- Parquet shards
+def read_parquet_vectors(paths: Iterable[str | Path], column: str = "face_embeddings", id_column: str | None = None,
+                         *, faces_per_row: int = 256,
+                         batch_rows: int = 16_384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (ids (N,), vectors (N, dim) float32) from Parquet files, batch by batch.
+
+    ``column`` may hold one vector per row (list or fixed-size list of floats, or raw float32
+    bytes) or several (a list of such vectors: the faces of one photo). Ids: ``id_column``'s integer
+    value, else the running row number over all files; with several vectors per row, face ``j``
+    of row ``r`` gets id ``r * faces_per_row + j``. Null rows (photos whose embedding failed) are skipped.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    offset = 0
+    for path in paths:
+        path = Path(path)
+        try:
+            reader = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+        names = reader.schema_arrow.names
+        for needed in filter(None, (column, id_column)):
+            if needed not in names:
+                raise ValueError(f"{path}: no column {needed!r}; columns are {names}")
+        for record in reader.iter_batches(batch_size=batch_rows, columns=[c for c in (column, id_column) if c]):
+            rows = record.column(column).to_pylist()
+            row_ids = (np.asarray(record.column(id_column).to_numpy(zero_copy_only=False), np.int64) if id_column
+                       else np.arange(offset, offset + len(rows), dtype=np.int64))
+            offset += len(rows)
+            ids, vectors = _flatten_vectors(rows, row_ids, faces_per_row, path, column)
+            if len(ids):
+                yield ids, vectors
+
+
+def _flatten_vectors(rows: list, row_ids: np.ndarray, faces_per_row: int, path: Path,
+                     column: str) -> tuple[np.ndarray, np.ndarray]:
+    ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    for row_id, value in zip(row_ids.tolist(), rows):
+        if value is None:
+            continue
+        if isinstance(value, bytes):
+            ids.append(row_id)
+            vectors.append(np.frombuffer(value, "<f4"))
+        elif value and isinstance(value[0], (list, bytes, type(None))):  # several faces in one row
+            if len(value) > faces_per_row:
+                raise ValueError(f"{path}: row id {row_id} of {column!r} has {len(value)} vectors, "
+                                 f"more than faces_per_row={faces_per_row}")
+            for j, face in enumerate(value):
+                if face is not None:
+                    ids.append(row_id * faces_per_row + j)
+                    vectors.append(np.frombuffer(face, "<f4") if isinstance(face, bytes) else np.asarray(face))
+        elif value:
+            ids.append(row_id)
+            vectors.append(np.asarray(value))
+    if not vectors:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    dims = {len(v) for v in vectors}
+    if len(dims) != 1:
+        raise ValueError(f"{path}: column {column!r} holds vectors of different lengths {sorted(dims)}")
+    return np.asarray(ids, np.int64), np.stack(vectors).astype(np.float32)
