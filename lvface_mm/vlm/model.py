@@ -37,10 +37,11 @@ from .config import (
     load_adapter_card,
 )
 from .families import VLMFamily, family_for_model, get_family
-from .grounding import GalleryLike, GroundingTemplate, ground_faces, grounded_messages
+from .grounding import GalleryLike, GroundingTemplate, family_prompt, ground_faces
 from .injection import IdentityInjector, IdentityTokens
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
 from .results import GroundedFace, IdentityAnswer, find_mentions
+from .set_of_mark import draw_marks
 
 CAPTION_REQUEST = "Describe the picture in one or two sentences. Name the people you were told about."
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -365,7 +366,9 @@ class IdentityVLM:
         suppress = list(
             kwargs.pop("suppress_tokens", None) or getattr(self.model.generation_config, "suppress_tokens", None) or []
         )
-        kwargs["suppress_tokens"] = sorted({*suppress, self.processor.placeholder_id})
+        # The family's image/video markers are input-only too (a model emitting them would break decoding).
+        reserved = self.family.input_only_token_ids(self._base_config(), self.processor.tokenizer)
+        kwargs["suppress_tokens"] = sorted({*suppress, *reserved, self.processor.placeholder_id})
         kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
         model_inputs = self._to_device(inputs.inputs)
         with torch.no_grad(), self.injector.provide(tokens):
@@ -404,6 +407,7 @@ class IdentityVLM:
         faces: Sequence[Any] | None = None,
         identity_tokens: bool | None = None,
         template: GroundingTemplate | None = None,
+        set_of_mark: bool = False,
         **generate_kwargs: Any,
     ) -> IdentityAnswer:
         """Answer `question` about `image`, grounded in who is in it.
@@ -415,28 +419,52 @@ class IdentityVLM:
             faces: faces of the picture (see `find_faces`); detected when None.
             identity_tokens: inject identity tokens; None = the instance default.
             template: grounding wording.
+            set_of_mark: draw a numbered box on each face and call faces by their mark (any VLM).
             **generate_kwargs: passed to `model.generate` (e.g. `streamer=`).
         """
         picture = self.find_faces(image, faces)
         grounded = self.ground(picture, gallery)
         use_tokens = self._use_tokens(identity_tokens) and len(picture) > 0
-        num_images = 0 if self.family.text_only else 1
-        messages = grounded_messages(
-            question,
-            grounded,
-            num_images,
-            template,
-            face_refs=use_tokens,
-            placeholder_token=self.config.placeholder_token,
-        )
-        prompt = self.processor.render_chat(messages)
+        prompt, images = self.grounded_prompt(picture, grounded, question, use_tokens, template, set_of_mark)
         crops = [picture.crops] if use_tokens else None
-        images = None if self.family.text_only else [[picture.image]]
         inputs, face_tokens = self.prepare([prompt], images, crops)
         with torch.no_grad():
             new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
         text = self.processor.batch_decode(new_tokens[:1], skip_special_tokens=True)[0].strip()
         return IdentityAnswer(text=text, faces=tuple(grounded), mentions=find_mentions(text, grounded), prompt=prompt)
+
+    def grounded_prompt(
+        self,
+        picture: FacesInPicture,
+        grounded: Sequence[GroundedFace],
+        question: str,
+        identity_tokens: bool,
+        template: GroundingTemplate | None = None,
+        set_of_mark: bool = False,
+    ) -> tuple[str, list[list[np.ndarray]] | None]:
+        """The prompt text and the images to send with it, in the one prompt format (`family_prompt`).
+
+        Training samples (`lvface_mm.vqa.rendering`) go through the same function, so what the
+        adapter was trained on is exactly what `ask`/`caption`/`stream` send.
+        """
+        height, width = picture.image.shape[:2]
+        prompt = family_prompt(
+            self.family,
+            self.processor.processor,
+            question,
+            grounded,
+            (width, height),
+            face_refs=identity_tokens,
+            placeholder_token=self.config.placeholder_token,
+            template=template,
+            marks=set_of_mark,
+        )
+        if self.family.text_only:
+            return prompt, None
+        shown = picture.image
+        if set_of_mark and len(picture):
+            shown = draw_marks(shown, [f.box for f in grounded], [f.number for f in grounded])
+        return prompt, [[shown]]
 
     def caption(self, image: Any, gallery: GalleryLike | None = None, **kwargs: Any) -> IdentityAnswer:
         """Caption `image`, naming the people the gallery knows (same options as `ask`)."""
@@ -470,6 +498,10 @@ class IdentityVLM:
                 raise ValueError(f"face detection failed: {result.error}")
             return result.faces
         return self.detector.detect(image)
+
+    def _base_config(self) -> Any:
+        model = self.model.get_base_model() if _is_peft(self.model) else self.model
+        return model.config
 
     def _use_tokens(self, requested: bool | None) -> bool:
         if requested is not None:

@@ -27,6 +27,8 @@ class VLMFamily:
     # (`language_model.model.layers`) and the 5.x (`model.language_model.layers`) module paths.
     default_lora_targets: ClassVar[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
     auto_model_class: ClassVar[str] = "AutoModelForImageTextToText"
+    # How face boxes are written in prompts (`lvface_mm.vlm.boxes`): the family's native notation.
+    box_format: ClassVar[str] = "normalized"
 
     # -- matching ---------------------------------------------------------------------------------
     def config_classes(self) -> tuple[type, ...]:
@@ -52,6 +54,16 @@ class VLMFamily:
             if isinstance(value, int):
                 ids.add(value)
         return ids
+
+    def input_only_token_ids(self, config: Any, tokenizer: Any) -> set[int]:
+        """Ids a generated answer must never contain: the model's image/video markers (input-only)."""
+        return self.reserved_token_ids(config)
+
+    def format_box(self, box: Sequence[float], width: float, height: float) -> str:
+        """A face box (pixels of a `width` x `height` picture) in the family's native notation."""
+        from ..boxes import format_box
+
+        return format_box(self.box_format, box, width, height)
 
     def embedding_scale(self, model: nn.Module) -> float:
         """Factor the input-embedding module applies after the table lookup (1 for most models)."""

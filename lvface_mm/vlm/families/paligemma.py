@@ -26,6 +26,7 @@ from .base import VLMFamily, register_family
 class PaliGemmaFamily(VLMFamily):
     name = "paligemma"
     config_class_names = ("transformers.PaliGemmaConfig",)
+    box_format = "paligemma"  # <locNNNN> x4, y before x, 1024 bins
 
     def embedding_scale(self, model: nn.Module) -> float:
         scale = getattr(model.get_input_embeddings(), "embed_scale", None)
