@@ -86,8 +86,8 @@ def test_marks_land_on_the_boxes() -> None:
     for x1, y1, x2, y2 in boxes:
         x1, y1, x2, y2 = int(x1), int(y1), int(x2) - 1, int(y2) - 1
         # Every outline pixel is red, on all four sides.
-        assert red[y1:y2 + 1, x1].all() and red[y1:y2 + 1, x2].all()
-        assert red[y1, x1:x2 + 1].all() and red[y2, x1:x2 + 1].all()
+        assert red[y1 : y2 + 1, x1].all() and red[y1 : y2 + 1, x2].all()
+        assert red[y1, x1 : x2 + 1].all() and red[y2, x1 : x2 + 1].all()
         # The interior is untouched except the number tag in the top-left corner.
         inner = marked[y1 + 10 : y2 - 2, x1 + 12 : x2 - 2]
         assert (inner == 128).all()
@@ -131,7 +131,6 @@ def test_generation_never_emits_image_tokens(build: str) -> None:
             head.weight[i] = head.weight.abs().max() * 50 * torch.sign(head.weight.mean(0) + 1e-3)
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     faces = faces_at([(2.0, 2.0, 14.0, 14.0)])
-
 
     picture = vlm.find_faces(image, faces)
     prompt, images = vlm.grounded_prompt(picture, vlm.ground(picture), "Who?", True)
