@@ -254,9 +254,8 @@ def clip_to_picture(box: Sequence[float], width: float, height: float) -> Box:
     return (x1, y1, x2, y2)
 
 
-def family_prompt(
+def family_messages(
     family: Any,
-    processor: Any,
     question: str,
     faces: Sequence[GroundedFace],
     image_size: tuple[float, float],
@@ -267,6 +266,34 @@ def family_prompt(
     marks: bool = False,
     show_names: bool = True,
     references: Sequence[Reference] = (),
+) -> list[dict[str, Any]]:
+    """The one-turn chat of the one prompt format (see `family_prompt`), before the chat template."""
+    width, height = image_size
+
+    def box_text(box: Box) -> str:
+        return family.format_box(clip_to_picture(box, width, height), width, height)
+
+    return grounded_messages(
+        question,
+        faces,
+        0 if family.text_only else 1,
+        template,
+        face_refs,
+        placeholder_token,
+        box_text,
+        marks,
+        show_names=show_names,
+        references=references,
+    )
+
+
+def family_prompt(
+    family: Any,
+    processor: Any,
+    question: str,
+    faces: Sequence[GroundedFace],
+    image_size: tuple[float, float],
+    **options: Any,
 ) -> str:
     """The one prompt format: training samples, `eval vqa` and `ask`/`caption`/`stream` all render here.
 
@@ -279,26 +306,10 @@ def family_prompt(
         question: the request.
         faces: grounded faces (boxes in pixels of the picture).
         image_size: (width, height) of the picture.
-        face_refs, placeholder_token, template, marks, show_names, references: see `grounding_text`.
+        **options: face_refs, placeholder_token, template, marks, show_names, references (see
+            `grounding_text`).
     """
-    width, height = image_size
-
-    def box_text(box: Box) -> str:
-        return family.format_box(clip_to_picture(box, width, height), width, height)
-
-    messages = grounded_messages(
-        question,
-        faces,
-        0 if family.text_only else 1,
-        template,
-        face_refs,
-        placeholder_token,
-        box_text,
-        marks,
-        show_names=show_names,
-        references=references,
-    )
-    return family.render_prompt(processor, messages)
+    return family.render_prompt(processor, family_messages(family, question, faces, image_size, **options))
 
 
 def render_grounded_prompt(
@@ -329,6 +340,7 @@ __all__ = [
     "GroundingTemplate",
     "Reference",
     "clip_to_picture",
+    "family_messages",
     "family_prompt",
     "ground_faces",
     "grounded_messages",
