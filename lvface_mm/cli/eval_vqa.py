@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="faces from the embedding table or from crops (default: embedding when the table exists)",
     )
     r = parser.add_argument_group("harness")
-    r.add_argument("--modes", default="token,prompt,plain", help="comma-separated: token, prompt, plain")
+    r.add_argument(
+        "--modes", default="token,prompt,plain", help="comma-separated: token, prompt, som, token+prompt, plain"
+    )
     r.add_argument("--max-per-task", type=int, default=None, help="answer at most N samples per task")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-new-tokens", type=int, default=32)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..vqa.builder import load_manifest
-    from ..vqa.data import FaceStore, encoder_for_vlm
+    from ..vqa.data import FaceStore
     from ..vqa.harness import HarnessConfig, build_gallery, run_modes
     from ..vqa.report import write_report
     from ..vqa.schema import load_samples
@@ -91,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if args.device:
             vlm.model.to(torch.device(args.device))
             vlm.adapter.to(torch.device(args.device))
-        gallery = build_gallery(train, faces, vlm.adapter, far=args.far) if "prompt" in config.modes else None
-        results, answers = run_modes(vlm, samples, encoder_for_vlm(vlm), faces, config, gallery, manifest["vocabulary"])
+        needs_gallery = {"prompt", "som", "token+prompt"} & set(config.modes)
+        gallery = build_gallery(train, faces, vlm.adapter, far=args.far) if needs_gallery else None
+        results, answers = run_modes(vlm, samples, faces, config, gallery, manifest["vocabulary"])
     except (ValueError, FileNotFoundError) as exc:
         print(f"eval vqa: {exc}", file=sys.stderr)
         return 1

@@ -164,7 +164,7 @@ def grounding_text(
     marks: bool = False,
     *,
     show_names: bool = True,
-    references: Sequence[Reference] = (),
+    references: Sequence[Reference] | None = None,
 ) -> str:
     """The grounding paragraph for `faces` (listed left to right).
 
@@ -179,10 +179,11 @@ def grounding_text(
         show_names: write the gallery's decision (name or `unknown`) on each face line. Open-set
             token mode leaves it out and lists `references` instead.
         references: the gallery's candidates, each a name with the face index of its enrolled
-            reference tokens (`<face_j>`, j past the picture's faces); needs `face_refs`.
+            reference tokens (`<face_j>`, j past the picture's faces); needs `face_refs`. None
+            (closed-set token mode) writes no candidate block; an empty list says nobody matched.
     """
     t = template or GroundingTemplate()
-    if references and not face_refs:
+    if references is not None and not face_refs:
         raise ValueError("grounding_text: references need face_refs=True (they are identity tokens)")
     if not faces:
         return t.no_faces
@@ -206,7 +207,7 @@ def grounding_text(
         )
     if show_names:
         lines.append(t.instruction)
-    if face_refs and not show_names:
+    if references is not None:
         lines.append(t.references_header if references else t.no_references)
         for ref in references:
             lines.append(t.reference_line.format(name=ref.name, ref=f" <{stem}_{ref.face_index}>"))
@@ -225,7 +226,7 @@ def grounded_messages(
     marks: bool = False,
     *,
     show_names: bool = True,
-    references: Sequence[Reference] = (),
+    references: Sequence[Reference] | None = None,
 ) -> list[dict[str, Any]]:
     """A one-turn chat: images first, then the grounding paragraph, then the question.
 
@@ -265,7 +266,7 @@ def family_messages(
     template: GroundingTemplate | None = None,
     marks: bool = False,
     show_names: bool = True,
-    references: Sequence[Reference] = (),
+    references: Sequence[Reference] | None = None,
 ) -> list[dict[str, Any]]:
     """The one-turn chat of the one prompt format (see `family_prompt`), before the chat template."""
     width, height = image_size

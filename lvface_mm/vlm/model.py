@@ -37,7 +37,7 @@ from .config import (
     load_adapter_card,
 )
 from .families import VLMFamily, family_for_model, get_family
-from .grounding import GalleryLike, GroundingTemplate, family_prompt, ground_faces
+from .grounding import GalleryLike, GroundingTemplate, Reference, family_prompt, ground_faces
 from .injection import IdentityInjector, IdentityTokens
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
 from .results import GroundedFace, IdentityAnswer, find_mentions
@@ -324,8 +324,11 @@ class IdentityVLM:
         text: str | Sequence[str],
         images: Any = None,
         face_crops: Sequence[np.ndarray | torch.Tensor | None] | np.ndarray | None = None,
+        extra_tokens: torch.Tensor | None = None,
     ) -> tuple[IdentityInputs, list[torch.Tensor]]:
-        """Processor inputs and per-prompt identity tokens ((F_i, K, d)) for `text` with face references."""
+        """Processor inputs and per-prompt identity tokens ((F_i, K, d)) for `text` with face references.
+
+        `extra_tokens` ((R, K, d), one prompt only) follow the crops' tokens: open-set references."""
         texts = [text] if isinstance(text, str) else list(text)
         if face_crops is None:
             per_prompt: list[Any] = [None] * len(texts)
@@ -336,7 +339,10 @@ class IdentityVLM:
         if len(per_prompt) != len(texts):
             raise ValueError(f"face_crops has {len(per_prompt)} entries for {len(texts)} prompts")
         counts = [0 if c is None else len(c) for c in per_prompt]
-        inputs = self.processor(texts, images=images, num_faces=counts)
+        extra = 0 if extra_tokens is None else len(extra_tokens)
+        if extra and len(texts) != 1:
+            raise ValueError("extra_tokens are for a single prompt")
+        inputs = self.processor(texts, images=images, num_faces=[counts[0] + extra] if extra else counts)
         crops = [c for c in per_prompt if c is not None and len(c)]
         if crops:
             flat = (
@@ -346,6 +352,8 @@ class IdentityVLM:
         else:
             tokens = self.encode_faces(np.zeros((0, 112, 112, 3), dtype=np.uint8))
         face_tokens = list(torch.split(tokens, counts))
+        if extra:
+            face_tokens[0] = torch.cat([face_tokens[0], extra_tokens.to(face_tokens[0])])
         return inputs, face_tokens
 
     def forward(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **model_kwargs: Any) -> Any:
@@ -408,6 +416,7 @@ class IdentityVLM:
         identity_tokens: bool | None = None,
         template: GroundingTemplate | None = None,
         set_of_mark: bool = False,
+        references: int = 0,
         **generate_kwargs: Any,
     ) -> IdentityAnswer:
         """Answer `question` about `image`, grounded in who is in it.
@@ -420,14 +429,21 @@ class IdentityVLM:
             identity_tokens: inject identity tokens; None = the instance default.
             template: grounding wording.
             set_of_mark: draw a numbered box on each face and call faces by their mark (any VLM).
+            references: open-set token mode: show the gallery's top `references` candidates per face
+                (its own search, no threshold) as names with their enrolled templates' identity
+                tokens, and no names on the faces; the adapter must be trained this way
+                (`lvface_mm.vqa.binding`). 0 = names from the gallery's threshold decision.
             **generate_kwargs: passed to `model.generate` (e.g. `streamer=`).
         """
         picture = self.find_faces(image, faces)
         grounded = self.ground(picture, gallery)
         use_tokens = self._use_tokens(identity_tokens) and len(picture) > 0
-        prompt, images = self.grounded_prompt(picture, grounded, question, use_tokens, template, set_of_mark)
+        refs, ref_tokens = None, None
+        if use_tokens and references > 0:
+            refs, ref_tokens = self._references(picture, gallery, references)
+        prompt, images = self.grounded_prompt(picture, grounded, question, use_tokens, template, set_of_mark, refs)
         crops = [picture.crops] if use_tokens else None
-        inputs, face_tokens = self.prepare([prompt], images, crops)
+        inputs, face_tokens = self.prepare([prompt], images, crops, extra_tokens=ref_tokens)
         with torch.no_grad():
             new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
         text = self.processor.batch_decode(new_tokens[:1], skip_special_tokens=True)[0].strip()
@@ -441,6 +457,7 @@ class IdentityVLM:
         identity_tokens: bool,
         template: GroundingTemplate | None = None,
         set_of_mark: bool = False,
+        references: Sequence[Reference] | None = None,
     ) -> tuple[str, list[list[np.ndarray]] | None]:
         """The prompt text and the images to send with it, in the one prompt format (`family_prompt`).
 
@@ -458,6 +475,8 @@ class IdentityVLM:
             placeholder_token=self.config.placeholder_token,
             template=template,
             marks=set_of_mark,
+            show_names=references is None,
+            references=references,
         )
         if self.family.text_only:
             return prompt, None
@@ -465,6 +484,32 @@ class IdentityVLM:
         if set_of_mark and len(picture):
             shown = draw_marks(shown, [f.box for f in grounded], [f.number for f in grounded])
         return prompt, [[shown]]
+
+    def _references(self, picture: FacesInPicture, gallery: Any, k: int) -> tuple[list[Reference], torch.Tensor]:
+        """The gallery's top-k candidates of every face (best first, each name once) and the
+        identity tokens ((R, K, d)) of their enrolled templates."""
+        from .projectors import FaceFeatures
+
+        if gallery is None or not hasattr(gallery, "search") or not hasattr(gallery, "template"):
+            raise ValueError("references need a gallery with search() and template() (lvface_mm.gallery.Gallery)")
+        if picture.embeddings is None:
+            raise ValueError("references need the faces' embeddings (ground the picture against the gallery first)")
+        best: dict[str, float] = {}
+        for row in gallery.search(picture.embeddings, k=k):
+            for cand in row:
+                if cand.name is not None:
+                    best[cand.name] = max(best.get(cand.name, -2.0), float(cand.score))
+        names = sorted(best, key=lambda n: -best[n])
+        refs = [Reference(n, len(picture) + j) for j, n in enumerate(names)]
+        projector = self.adapter.projector
+        param = next(projector.parameters())
+        if not names:
+            return refs, torch.zeros(0, self.config.num_id_tokens, projector.spec.out_dim)
+        templates = torch.as_tensor(np.stack([gallery.template(n) for n in names]), dtype=param.dtype)
+        with torch.no_grad():
+            pooled = torch.nn.functional.normalize(templates.to(param.device), dim=-1)
+            tokens = projector(FaceFeatures(pooled=pooled))  # (R, K, d)
+        return refs, tokens
 
     def caption(self, image: Any, gallery: GalleryLike | None = None, **kwargs: Any) -> IdentityAnswer:
         """Caption `image`, naming the people the gallery knows (same options as `ask`)."""

@@ -507,9 +507,8 @@ def llava_from_causal_lm(
 
         ensure_embedding_row(model, image_token_id, len(tokenizer))
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        ),
+        # Resized to a square without cropping: a wide scene keeps the people at its sides.
+        image_processor=CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",

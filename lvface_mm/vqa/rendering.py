@@ -164,7 +164,7 @@ class SampleRenderer:
             placeholder_token=vlm.config.placeholder_token,
             template=self.template,
             marks=marks,
-            show_names=self.mode != "token" or not references,
+            show_names=self.mode != "token",
             references=references,
         )
         if marks and images is not None:
@@ -181,19 +181,19 @@ class SampleRenderer:
             out.append({"role": m["role"], "content": family.user_content(m["content"], images)})
         return out
 
-    def references(self, sample: Sample) -> list[Any]:
-        """The gallery candidates a token-mode sample shows (open-set binding); none otherwise."""
+    def references(self, sample: Sample) -> list[Any] | None:
+        """The gallery candidates a token-mode sample shows (open-set binding); None without any."""
         from ..vlm.grounding import Reference
 
-        if self.mode != "token":
-            return []
-        refs = sample.meta.get("references") or []
+        if self.mode != "token" or "references" not in sample.meta:
+            return None
+        refs = sample.meta["references"]
         return [Reference(str(r["name"]), len(sample.faces) + j) for j, r in enumerate(refs)]
 
     # -- encoding --------------------------------------------------------------------------------
     def face_count(self, sample: Sample) -> int:
         """Identity-token slots: the picture's faces, then the references' faces."""
-        return len(sample.faces) + len(self.references(sample))
+        return len(sample.faces) + len(self.references(sample) or ())
 
     def encode(self, sample: Sample) -> RenderedSample:
         """The training example: prompt + answer, labels on the answer only."""
@@ -260,9 +260,10 @@ class RenderedDataset(Dataset):
         self.samples = list(samples)
         self.faces = faces
         self.pad_id = int(pad_id)
+        self.renderer = renderer
         self.encoded = [renderer.encode(s) for s in self.samples]
         self.max_length = max(len(e.input_ids) for e in self.encoded)
-        self.max_faces = max(1, max(len(s.faces) for s in self.samples))
+        self.max_faces = max(1, max(renderer.face_count(s) for s in self.samples))
         self.max_refs = max(1, max(len(e.face_order) for e in self.encoded))
         shapes = {
             tuple(sorted((k, tuple(v.shape)) for k, v in e.extras.items() if k not in SEQUENCE_KEYS))
@@ -293,7 +294,7 @@ class RenderedDataset(Dataset):
                 padded[:, :n] = value
                 value = padded
             item[key] = value
-        feats = self.faces.load(sample)  # (F, *shape)
+        feats = identity_inputs(self.renderer, self.faces, sample)  # (F + R, *shape)
         faces = torch.zeros((self.max_faces, *self.faces.feature_shape), dtype=feats.dtype)
         faces[: len(feats)] = feats
         face_mask = torch.zeros(self.max_faces, dtype=torch.bool)
@@ -302,6 +303,14 @@ class RenderedDataset(Dataset):
         order[: len(enc.face_order)] = torch.tensor(enc.face_order, dtype=torch.long)
         item.update(faces=faces, face_mask=face_mask, face_order=order)
         return item
+
+
+def identity_inputs(renderer: SampleRenderer, faces: FaceStore, sample: Sample) -> torch.Tensor:
+    """(F [+ R], *shape): the picture's faces, then the references' faces when the mode shows them."""
+    feats = faces.load(sample)
+    if renderer.references(sample) is not None:
+        feats = torch.cat([feats, faces.load_references(sample).to(feats.dtype)])
+    return feats
 
 
 def model_extras(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -326,6 +335,7 @@ __all__ = [
     "RenderedDataset",
     "RenderedSample",
     "SampleRenderer",
+    "identity_inputs",
     "model_extras",
     "virtual_boxes",
     "with_names",

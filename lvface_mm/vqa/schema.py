@@ -65,6 +65,7 @@ TARGET_FIELDS: dict[str, tuple[tuple[str, type | tuple[type, ...]], ...]] = {
     "counting": (("count", int),),
     "unknown": (),  # the asked-about person must not be named
     "text_qa": (("answer", str),),
+    "region": (("answer", str),),  # identity + picture ("What is Koren holding?"), scenes.py
     "other": (),
 }
 TASKS = tuple(TARGET_FIELDS)
