@@ -467,33 +467,51 @@ def _dataset(vlm: Any, config: AdapterRunConfig, train: list[Any]) -> Any:
 def evaluate_run(
     vlm: Any, config: AdapterRunConfig, train: list[Any], evaluation: list[Any], encoder_lora: nn.Module | None
 ) -> dict[str, Any]:
-    """The harness on the evaluation set; report files in `<output_dir>/eval/`."""
+    """The harness on the evaluation set (and on `eval_seen.json` when the data has one: people
+    seen in training, under unseen names); reports in `<output_dir>/eval/` and `eval_seen/`."""
     from lvface_mm.vqa.builder import load_manifest
     from lvface_mm.vqa.data import FaceStore
-    from lvface_mm.vqa.harness import HarnessConfig, build_gallery, run_modes
+    from lvface_mm.vqa.harness import HarnessConfig, ReferenceGallery, build_gallery, run_modes
     from lvface_mm.vqa.report import write_report
+    from lvface_mm.vqa.schema import load_samples
 
     e = config.eval
     hcfg = HarnessConfig(
         modes=e.modes, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_per_task=e.max_per_task
     )
     faces = FaceStore.open(config.data.path, config.data.face_input)
-    gallery = build_gallery(train, faces, vlm.adapter) if {"prompt", "som", "token+prompt"} & set(e.modes) else None
+    if any("references" in s.meta for s in evaluation):
+        # Open-set data: the gallery's decision is among each sample's own candidates.
+        gallery: Any = ReferenceGallery.calibrated(train, faces, vlm.adapter)
+    elif {"prompt", "som", "token+prompt"} & set(e.modes):
+        gallery = build_gallery(train, faces, vlm.adapter)
+    else:
+        gallery = None
     vocabulary = load_manifest(config.data.path)["vocabulary"]
     vlm.model.eval()
-    results, answers = run_modes(vlm, evaluation, faces, hcfg, gallery, vocabulary)
-    verification = None
-    if encoder_lora is not None:
-        verification = _verification(encoder_lora, evaluation, faces)
-    out = Path(config.output_dir) / "eval"
-    write_report(
-        results,
-        out,
-        verification=verification,
-        info={"model": vlm.config.name, "data": config.data.path, "adapter": str(Path(config.output_dir))},
-    )
-    (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
-    return {"results": results, "verification": verification}
+    splits = {"eval": evaluation}
+    seen_file = Path(config.data.path) / "eval_seen.json"
+    if seen_file.is_file():
+        splits["eval_seen"] = load_samples(seen_file)
+    summary: dict[str, Any] = {}
+    for name, samples in splits.items():
+        results, answers = run_modes(vlm, samples, faces, hcfg, gallery, vocabulary)
+        verification = None
+        if encoder_lora is not None and name == "eval":
+            verification = _verification(encoder_lora, samples, faces)
+        out = Path(config.output_dir) / name
+        write_report(
+            results,
+            out,
+            verification=verification,
+            info={"model": vlm.config.name, "data": config.data.path, "split": name, "adapter": config.output_dir},
+        )
+        (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+        key = "results" if name == "eval" else "seen_results"
+        summary[key] = results
+        if name == "eval":
+            summary["verification"] = verification
+    return summary
 
 
 def _verification(encoder_lora: nn.Module, evaluation: list[Any], faces: Any) -> dict[str, Any] | None:

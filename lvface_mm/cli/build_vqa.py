@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+_DEFAULT_TASKS = "recognition,naming,caption,counting,unknown,text_qa"
 SOURCES = ("folder", "recordio", "synthetic", "embeddings", "clusters", "scenes")
 
 
@@ -51,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--names", help="JSON file: identity label -> display name")
     out.add_argument("--attributes", help="JSON file: identity label -> {attribute: value} (text-only QA)")
     out.add_argument(
-        "--tasks", default="recognition,naming,caption,counting,unknown,text_qa", help="comma-separated tasks"
+        "--tasks",
+        default=None,
+        help="comma-separated tasks (default: recognition,naming,caption,counting,unknown,text_qa; "
+        "scenes: region,naming,unknown,counting)",
     )
     out.add_argument("--num-enrolled", type=int, default=None)
     out.add_argument("--num-train-unknown", type=int, default=2)
@@ -108,7 +112,7 @@ def _run_open_set(args: argparse.Namespace, out: Path) -> dict:
     from ..vqa.scenes import SCENE_TASKS, ScenesConfig, build_scenes_vqa
 
     if args.source == "scenes":
-        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip() in SCENE_TASKS) or SCENE_TASKS
+        tasks = SCENE_TASKS if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         config = ScenesConfig(
             seed=args.seed,
             num_identities=args.num_identities,
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             num_train_unknown=args.num_train_unknown,
             num_eval_unknown=args.num_eval_unknown,
             eval_photos_per_identity=args.eval_photos,
-            tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            tasks=tuple(t.strip() for t in (args.tasks or _DEFAULT_TASKS).split(",") if t.strip()),
             train_per_task=args.train_per_task,
             eval_per_task=args.eval_per_task,
             max_faces=args.max_faces,
