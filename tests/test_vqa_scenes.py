@@ -101,3 +101,30 @@ def test_tiny_llava_trains_on_scenes_with_pictures(scenes, tmp_path) -> None:
     assert (tmp_path / "run" / "eval_seen" / "answers.json").is_file()
     base = json.loads((tmp_path / "run" / "base" / "config.json").read_text())
     assert base["model_type"] == "llava"  # pictures went through a VLM, not a text-only LLM
+
+
+def test_bad_samples_are_listed_before_any_training_step(scenes, tmp_path) -> None:
+    import shutil
+
+    from lvface_mm.vqa.schema import VQAValidationError
+    from training.adapter import main
+
+    src, _, splits = scenes
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    raws = json.loads((data / "train.json").read_text())
+    broken, moved = raws[0], raws[1]
+    (data / broken["images"][0]).write_bytes(b"not an image")
+    del moved["image_size"]  # the box is then checked against the scene image itself
+    moved["faces"][0]["box"] = [150.0, 4.0, 260.0, 40.0]  # past the 200 px wide scene
+    (data / "train.json").write_text(json.dumps(raws))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    argv = ["--config", str(ROOT / "training/configs/adapter/tiny_scenes.yaml"), f"--data.path={data}"]
+    with pytest.raises(VQAValidationError) as info:
+        main([*argv, f"--output_dir={run}", "--eval.enabled=false"])
+    listed = {(sid, field) for sid, field, _ in info.value.errors}
+    assert listed == {(broken["id"], "images[0]"), (moved["id"], "faces[0].box")}
+    assert not (run / "stage1" / "checkpoints").exists()  # no step ran
+    assert (run / "notes.txt").read_text() == "keep me"
