@@ -24,7 +24,7 @@ written, with the picture in front.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -325,11 +325,6 @@ def model_extras(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch
     return out
 
 
-def with_names(sample: Sample, names: Sequence[str | None]) -> Sample:
-    """The sample with each face's shown name replaced (e.g. by a gallery's decisions)."""
-    return replace(sample, faces=tuple(replace(f, name=n) for f, n in zip(sample.faces, names)))
-
-
 __all__ = [
     "MODES",
     "RenderedDataset",
@@ -338,6 +333,5 @@ __all__ = [
     "identity_inputs",
     "model_extras",
     "virtual_boxes",
-    "with_names",
     "writes_own_references",
 ]
