@@ -83,12 +83,19 @@ def test_training_prompt_is_the_api_prompt(build: str, tmp_path: Path) -> None:
     faces = [PictureFace(b, c) for b, c in zip(BOXES, crops)]
     picture = vlm.find_faces(scene, faces)
     grounded = [replace(f, name=n) for f, n in zip(vlm.ground(picture), ["Alice", None])]
-    prompt, images = vlm.grounded_prompt(picture, grounded, "Who is on the left?", identity_tokens=True)
+    prompt, images = vlm.grounded_prompt(picture, grounded, "Who is on the left?", True, show_names=True)
     inputs, _ = vlm.prepare([prompt], images, [picture.crops])
     api_ids = inputs.inputs["input_ids"][0]
     assert encoded.input_ids[:n_prompt].tolist() == api_ids.tolist()
     assert "<face_0>" in prompt and "Alice" in prompt and "an unknown person" in prompt
     assert encoded.face_order == tuple(inputs.face_order[0]) == (0, 1)
+    # Token mode (training's default) is what ask(identity_tokens=True) sends: no names on faces.
+    token = SampleRenderer(vlm, tmp_path, mode="token").encode(sample)
+    n_token = int((token.labels != IGNORE_INDEX).nonzero()[0])
+    prompt, images = vlm.grounded_prompt(picture, grounded, "Who is on the left?", True)
+    inputs, _ = vlm.prepare([prompt], images, [picture.crops])
+    assert token.input_ids[:n_token].tolist() == inputs.inputs["input_ids"][0].tolist()
+    assert "Alice" not in prompt
 
 
 @pytest.mark.parametrize("build", BUILDS)

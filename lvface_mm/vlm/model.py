@@ -417,6 +417,7 @@ class IdentityVLM:
         template: GroundingTemplate | None = None,
         set_of_mark: bool = False,
         references: int = 0,
+        gallery_names: bool | None = None,
         **generate_kwargs: Any,
     ) -> IdentityAnswer:
         """Answer `question` about `image`, grounded in who is in it.
@@ -433,6 +434,9 @@ class IdentityVLM:
                 (its own search, no threshold) as names with their enrolled templates' identity
                 tokens, and no names on the faces; the adapter must be trained this way
                 (`lvface_mm.vqa.binding`). 0 = names from the gallery's threshold decision.
+            gallery_names: write the gallery's names on the face lines. None = only without identity
+                tokens, so token mode renders exactly like training's `data.prompt_mode: token`;
+                True for adapters trained with `token+prompt`.
             **generate_kwargs: passed to `model.generate` (e.g. `streamer=`).
         """
         picture = self.find_faces(image, faces)
@@ -441,7 +445,10 @@ class IdentityVLM:
         refs, ref_tokens = None, None
         if use_tokens and references > 0:
             refs, ref_tokens = self._references(picture, gallery, references)
-        prompt, images = self.grounded_prompt(picture, grounded, question, use_tokens, template, set_of_mark, refs)
+        show = (not use_tokens) if gallery_names is None else gallery_names
+        prompt, images = self.grounded_prompt(
+            picture, grounded, question, use_tokens, template, set_of_mark, refs, show_names=show and refs is None
+        )
         crops = [picture.crops] if use_tokens else None
         inputs, face_tokens = self.prepare([prompt], images, crops, extra_tokens=ref_tokens)
         with torch.no_grad():
@@ -458,12 +465,16 @@ class IdentityVLM:
         template: GroundingTemplate | None = None,
         set_of_mark: bool = False,
         references: Sequence[Reference] | None = None,
+        show_names: bool | None = None,
     ) -> tuple[str, list[list[np.ndarray]] | None]:
         """The prompt text and the images to send with it, in the one prompt format (`family_prompt`).
 
         Training samples (`lvface_mm.vqa.rendering`) go through the same function, so what the
-        adapter was trained on is exactly what `ask`/`caption`/`stream` send.
+        adapter was trained on is exactly what `ask`/`caption`/`stream` send. `show_names` (None:
+        without identity tokens or references only) writes the gallery's names on the face lines.
         """
+        if show_names is None:
+            show_names = not identity_tokens and references is None
         height, width = picture.image.shape[:2]
         prompt = family_prompt(
             self.family,
@@ -475,7 +486,7 @@ class IdentityVLM:
             placeholder_token=self.config.placeholder_token,
             template=template,
             marks=set_of_mark,
-            show_names=references is None,
+            show_names=show_names,
             references=references,
         )
         if self.family.text_only:
