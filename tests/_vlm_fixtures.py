@@ -17,8 +17,8 @@ from lvface_mm.vlm import IdentityVLM, build_tiny_vlm, list_tiny_builds, tiny_ca
 from lvface_mm.vlm.testing import TinyVLM, random_face_crops
 
 TINY_BUILDS = tuple(list_tiny_builds())
-# Builds whose real processor runs in tests (SmolVLM2's needs `num2words`, which is not a dependency).
-PROCESSOR_BUILDS = tuple(b for b in TINY_BUILDS if b != "smolvlm")
+# Builds whose real processor runs in tests: all of them (tiny SmolVLM uses Idefics3's processor).
+PROCESSOR_BUILDS = TINY_BUILDS
 
 
 def tiny_identity_vlm(build: str, seed: int = 0, **card_changes: Any) -> IdentityVLM:

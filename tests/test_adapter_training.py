@@ -89,7 +89,7 @@ def test_two_stages_learn_to_name_held_out_photos(trained):
 
 def _untrained_projector_accuracy(run: Path, data: Path) -> float:
     from lvface_mm.vlm.projectors import create_projector
-    from lvface_mm.vqa.data import FaceStore, encoder_for_vlm
+    from lvface_mm.vqa.data import FaceStore
     from lvface_mm.vqa.harness import HarnessConfig, load_trained_vlm, run_modes
     from lvface_mm.vqa.schema import load_samples
 
@@ -102,7 +102,6 @@ def _untrained_projector_accuracy(run: Path, data: Path) -> float:
     results, _ = run_modes(
         vlm,
         load_samples(data / "eval.json"),
-        encoder_for_vlm(vlm),
         FaceStore.open(data, "embedding"),
         HarnessConfig(modes=("token",)),
     )
@@ -118,12 +117,12 @@ def test_untrained_adapter_stays_at_chance(trained):
 
 _FRESH = """
 import json, sys
-from lvface_mm.vqa.data import FaceStore, encoder_for_vlm
+from lvface_mm.vqa.data import FaceStore
 from lvface_mm.vqa.harness import generate_answers, load_trained_vlm, subsample
 from lvface_mm.vqa.schema import load_samples
 vlm = load_trained_vlm(sys.argv[1])
 samples = subsample(load_samples(sys.argv[2] + "/eval.json"), int(sys.argv[3]))
-answers = generate_answers(vlm, samples, encoder_for_vlm(vlm), FaceStore.open(sys.argv[2], "embedding"))
+answers = generate_answers(vlm, samples, FaceStore.open(sys.argv[2], "embedding"))
 print("ANSWERS" + json.dumps(answers))
 """
 
@@ -192,9 +191,8 @@ def test_interrupted_stage2_resumes_to_the_same_adapter(trained, tmp_path):
 
 def test_gradient_checkpointing_trains_lora(trained, tmp_path):
     from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
-    from lvface_mm.vqa.data import FaceStore, VQADataset, encoder_for_vlm
     from lvface_mm.vqa.schema import load_samples
-    from training.adapter import AdapterRunConfig, build_vlm, prepare_stage
+    from training.adapter import AdapterRunConfig, _dataset, build_vlm, prepare_stage
     from training.config import load_config
 
     data, _ = trained
@@ -210,7 +208,7 @@ def test_gradient_checkpointing_trains_lora(trained, tmp_path):
         prepare_stage(vlm, config, 2, None)
         task = IdentityAdapterTask(vlm, "embedding").train()
         assert vlm.model.base_model.model.model.gradient_checkpointing is checkpointing
-        dataset = VQADataset(samples, encoder_for_vlm(vlm), FaceStore.open(data, "embedding"), pad_id=0)
+        dataset = _dataset(vlm, config, samples)  # the one prompt format, as training renders it
         batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in dataset[0]}
         task(batch)["loss"].backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in task.named_parameters() if p.requires_grad}

@@ -91,3 +91,52 @@ def test_smollm2_with_lora_learns_to_name_held_out_photos(tmp_path):
     )
     assert token >= 0.6
     assert plain <= 2.5 * chance
+
+
+def test_smollm2_names_unseen_people_from_references(tmp_path):
+    """Open-set binding, face-only: evaluation people and their names never occur in training; the
+    name must be copied from the reference whose identity tokens match the face."""
+    from lvface_mm.vqa.binding import BindingConfig, build_binding_vqa
+    from training.adapter import main
+
+    directory, gguf = _smollm2()
+    photos = embedding_cluster_photos(40, 4, dim=512, seed=1)
+    config = BindingConfig(
+        num_eval_identities=10, name_pool_size=800, num_candidates=3, train_per_task=300, eval_per_task=30, max_faces=1
+    )
+    build_binding_vqa(photos, tmp_path / "vqa", config)
+    run = tmp_path / "run"
+    argv = [
+        "--config",
+        str(Path(__file__).parents[1] / "training/configs/adapter/tiny_synthetic.yaml"),
+        f"--data.path={tmp_path / 'vqa'}",
+        f"--output_dir={run}",
+        "--model.card=smollm2-135m-instruct",
+        f"--model.model_path={directory}",
+        f"--model.gguf_file={gguf}",
+        "--model.encoder_pretrained=false",
+        "--model.num_id_tokens=2",
+        "--lora.target_modules=null",
+        "--lora.modules_to_save=[]",
+        "--stage1.max_steps=40",
+        "--stage1.batch_size=4",
+        "--stage2.max_steps=150",
+        "--stage2.batch_size=4",
+        "--stage2.optim.lr=1e-3",
+        "--stage2.projector_lr=1e-3",
+        "--eval.modes=[token, plain]",
+        "--eval.max_per_task=30",
+        "--eval.batch_size=8",
+        "--eval.max_new_tokens=10",
+        "--loop.log_every=20",
+    ]
+    assert main(argv) == 0
+    results = json.loads((run / "summary.json").read_text())["eval"]["results"]
+    token = results["token"]
+    print(
+        f"SmolLM2-135M open-set: unseen people, unseen names: naming {token['naming_acc']:.3f}, "
+        f"abstention {token['unknown_abstention']:.3f}, hallucinated {token['hallucinated_name_rate']:.3f}; "
+        f"plain naming {results['plain']['naming_acc']:.3f}; token vs gallery {token.get('decision_vs_gallery')}"
+    )
+    assert token["naming_acc"] >= 0.9
+    assert results["plain"]["naming_acc"] <= 0.1  # names exist only in the references' context

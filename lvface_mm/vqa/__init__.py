@@ -3,13 +3,16 @@
     schema    LLaVA-style conversation samples that list their faces; validation with clear errors
     builder   training / evaluation sets from identity-labelled faces, split by identity and photo
     sources   face sources for the builder (folder per identity, RecordIO, synthetic, embeddings)
-    data      samples -> token ids with loss on assistant turns only, plus the faces
+    binding   open-set samples: names per sample, the gallery's candidates as references
+    scenes    procedural pictures of people holding objects: identity + picture questions
+    rendering samples in the one prompt format (the API's), with their picture, per family
+    data      legacy token encoding of LLaVA-style samples, and the faces (embeddings or crops)
     metrics   recognition, naming, caption precision/recall/F1, hallucination, abstention, QA
-    harness   token grounding vs prompt grounding vs the plain model, in one report
+    harness   plain / prompt / Set-of-Mark / token / token + prompt, in one report
     report    JSON + markdown + plot
     testing   a tiny random LLM whose vocabulary covers a VQA set
 
-`data`, `harness` and `testing` need torch and the `vlm` extra and are imported from their modules.
+`data`, `rendering`, `harness`, `scenes` and `testing` need torch and the `vlm` extra and are imported from their modules.
 """
 
 from .builder import FacePhoto, VQABuildConfig, build_vqa, check_splits, load_manifest, split_photos

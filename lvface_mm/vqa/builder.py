@@ -110,9 +110,10 @@ class VQABuildConfig:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"VQABuildConfig.{key} must be in [0, 1], got {value!r}")
-        bad = [t for t in self.tasks if t not in TASKS or t == "other"]
+        choices = [t for t in TASKS if t not in ("other", "region")]  # region questions: scenes.py
+        bad = [t for t in self.tasks if t not in choices]
         if bad or not self.tasks:
-            raise ValueError(f"VQABuildConfig.tasks: unknown task(s) {bad}; choose from {list(TASKS[:-1])}")
+            raise ValueError(f"VQABuildConfig.tasks: unknown task(s) {bad}; choose from {choices}")
         for ident, name in self.names.items():
             if not isinstance(name, str) or not name.strip() or "<" in name:
                 raise ValueError(
@@ -306,14 +307,18 @@ class _SceneMaker:
         return self.rng.sample(pool, min(k, len(pool)))
 
     def prompt(self, n_faces: int, question: str, exclude: set[str], allow_context: bool = True) -> tuple[str, list]:
-        header = (
-            "Face: <face>." if n_faces == 1 else "Faces from left to right: " + " ".join(["<face>"] * n_faces) + "."
-        )
+        """The user turn: the question alone. Who is where is written by the one prompt format
+        (`lvface_mm.vqa.rendering`) from the faces' boxes, exactly as `IdentityVLM.ask` writes it.
+        RAP-style distractor names are drawn (kept in `meta`) for the candidate list of open-set mode."""
         context: list[str] = []
         if allow_context and self.rng.random() < self.config.negative_context_prob:
             context = self.distractors(exclude)
-            header = f"People who might be relevant: {_join(context)}.\n" + header
-        return f"{header}\n{question}", context
+        return question, context
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """One picture size for every sample: room for `max_faces` crops side by side."""
+        return (_GAP + self.config.max_faces * (CROP_SIZE + _GAP), CROP_SIZE + 2 * _GAP)
 
 
 def _describe(faces: Sequence[Face]) -> str:
@@ -387,7 +392,7 @@ def _make_sample(maker: _SceneMaker, task: str, sid: str, rows: Mapping[str, int
     if context:
         meta["distractors"] = context
     turns = (Turn("user", text), Turn("assistant", answer))
-    return Sample(sid, task, faces, turns, target=target, meta=meta)
+    return Sample(sid, task, faces, turns, target=target, meta=meta, image_size=maker.canvas)
 
 
 def generate_samples(split: Split, which: str, config: VQABuildConfig, rows: Mapping[str, int]) -> list[Sample]:
@@ -497,8 +502,8 @@ def compose_scenes(samples: Sequence[Sample], out: Path, backgrounds: Sequence[s
         if not s.faces or any(f.crop is None or f.box is None for f in s.faces):
             result.append(s)
             continue
-        width = int(max(f.box[2] for f in s.faces)) + _GAP  # type: ignore[index]
-        height = CROP_SIZE + 2 * _GAP
+        # The sample's canvas size, so every scene of a dataset has one size (batched pixel inputs).
+        width, height = s.image_size or (int(max(f.box[2] for f in s.faces)) + _GAP, CROP_SIZE + 2 * _GAP)  # type: ignore[index]
         with Image.open(rng.choice(list(backgrounds))) as bg:
             canvas = _cover(bg.convert("RGB"), width, height)
         faces = []

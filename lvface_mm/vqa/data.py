@@ -201,6 +201,31 @@ class FaceStore:
 
         return to_model_input(np.stack([self._crop(sample, i, f) for i, f in enumerate(sample.faces)]))
 
+    def load_references(self, sample: Sample) -> torch.Tensor:
+        """(R, *feature_shape) for the enrolled references of an open-set sample (`meta.references`)."""
+        refs = sample.meta.get("references") or []
+        if not refs:
+            return torch.zeros((0, *self.feature_shape))
+        if self.mode == "embedding":
+            rows = []
+            for j, ref in enumerate(refs):
+                row = ref.get("embedding")
+                if not isinstance(row, int) or not 0 <= row < len(self.embeddings):
+                    raise ValueError(f"sample {sample.id!r}, meta.references[{j}].embedding: bad row {row!r}")
+                rows.append(row)
+            return self.embeddings[rows]
+        from PIL import Image
+
+        from ..faces.alignment import to_model_input
+
+        crops = []
+        for j, ref in enumerate(refs):
+            if not ref.get("crop"):
+                raise ValueError(f"sample {sample.id!r}, meta.references[{j}]: no crop but face_input is crop")
+            with Image.open(self.root / ref["crop"]) as im:
+                crops.append(np.asarray(im.convert("RGB").resize((112, 112))))
+        return to_model_input(np.stack(crops))
+
     def _crop(self, sample: Sample, i: int, face: Face) -> np.ndarray:
         from PIL import Image
 

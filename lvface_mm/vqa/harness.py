@@ -1,12 +1,16 @@
 """The identity-grounded VQA harness: one evaluation set, several ways of telling a VLM who is who.
 
-Modes (all answer the same samples with the same model, side by side in one report):
+Modes (all answer the same samples with the same model, side by side in one report; every prompt
+is rendered in the one prompt format of `rendering.py`, the picture included for VLMs):
 
-    token    identity tokens: each face reference becomes K projected LVFace tokens (the trained
-             adapter; with an untrained projector this is the "untrained adapter" control)
-    prompt   prompt grounding: faces matched against a gallery at a threshold calibrated at a
-             chosen FAR, names and positions written into the prompt (no training)
-    plain    the plain model: face references removed, no identity information at all
+    token         identity tokens: each face becomes K projected LVFace tokens (the trained adapter;
+                  with an untrained projector this is the "untrained adapter" control); names only
+                  through the candidates' reference tokens when samples carry them (open-set)
+    prompt        prompt grounding: faces matched against a gallery at a threshold calibrated at a
+                  chosen FAR, names, positions and boxes written into the prompt (no training)
+    som           prompt grounding with numbered boxes drawn on the picture (Set-of-Mark)
+    token+prompt  identity tokens and the gallery's names
+    plain         the plain model: no identity information at all
 
 The gallery for prompt grounding is enrolled from the *training* photos of the enrolled people
 (never from evaluation photos) and calibrated on them, the way a user would set one up.
@@ -18,7 +22,7 @@ switched off and on, over all pairs of the evaluation faces.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ConversationEncoder, FaceStore
+from .data import FaceStore
 from .metrics import score_predictions
 from .schema import FACE_REF_RE, Sample, Turn
 
-MODES = ("token", "prompt", "plain")
+MODES = ("token", "prompt", "som", "token+prompt", "plain")
+_GALLERY_MODES = ("prompt", "som", "token+prompt")
 _SPACES = re.compile(r"[ \t]+")
 
 
@@ -87,35 +92,10 @@ def _strip_refs(text: str) -> str:
     return "\n".join(line for line in lines if line.strip(" .:"))
 
 
-def _face_boxes(sample: Sample) -> tuple[np.ndarray, float]:
-    """(F, 4) boxes and the picture width; faces without a box are laid out left to right."""
-    boxes = [
-        f.box if f.box is not None else (16.0 + 128.0 * i, 16.0, 128.0 * (i + 1), 128.0)
-        for i, f in enumerate(sample.faces)
-    ]
-    array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return array, float(array[:, 2].max() + 16.0) if len(array) else 1.0
-
-
 def plain_sample(sample: Sample) -> Sample:
     """The sample with every face reference removed from its prompt."""
     turns = tuple(Turn(t.role, _strip_refs(t.text) if t.role != "assistant" else t.text) for t in sample.turns)
     return replace(sample, turns=turns)
-
-
-def prompt_grounded_sample(sample: Sample, embeddings: np.ndarray | None, gallery: Any) -> Sample:
-    """The sample with the last user turn prefixed by prompt grounding (names from `gallery`)."""
-    from ..vlm.grounding import ground_faces, grounding_text
-
-    stripped = plain_sample(sample)
-    if not sample.faces:
-        return stripped
-    boxes, width = _face_boxes(sample)
-    grounded = ground_faces(boxes, width, embeddings, gallery)
-    turns = list(stripped.turns)
-    j = max(i for i, t in enumerate(turns) if t.role == "user")
-    turns[j] = Turn("user", grounding_text(grounded) + "\n" + turns[j].text)
-    return replace(stripped, turns=tuple(turns))
 
 
 def face_embeddings(adapter: Any, faces: FaceStore, sample: Sample) -> np.ndarray:
@@ -166,53 +146,155 @@ def face_tokens(adapter: Any, faces: torch.Tensor) -> torch.Tensor:
     return adapter.encode(faces.to(device))
 
 
+def end_of_turn_ids(vlm: Any) -> list[int]:
+    """Token ids that end an answer in this model's template (its end-of-turn marker and EOS)."""
+    family, processor = vlm.family, vlm.processor.processor
+    tokenizer = vlm.processor.tokenizer
+    messages = [{"role": "user", "content": family.user_content("hi", 0)}]
+    stops = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    try:
+        prompt = family.render_prompt(processor, messages)
+        tail = family.render_answer(processor, messages, "ok")[len(prompt) :].split("ok", 1)[-1].strip()
+    except ValueError:
+        return sorted(stops)
+    ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
+    if ids:
+        stops.add(int(ids[0]))
+    return sorted(stops)
+
+
 @torch.no_grad()
 def generate_answers(
     vlm: Any,
     samples: Sequence[Sample],
-    encoder: ConversationEncoder,
-    faces: FaceStore | None,
+    faces: FaceStore,
+    mode: str = "token",
     batch_size: int = 16,
     max_new_tokens: int = 32,
+    names: dict[str, list[str | None]] | None = None,
 ) -> dict[str, str]:
-    """Greedy answers to each sample's prompt (all turns but the last), keyed by sample id.
+    """Greedy answers to each sample's question in `mode`, keyed by sample id.
 
-    Face references in the prompts are filled with identity tokens from `faces`; samples whose
-    prompt has no reference need no faces (pass `faces=None` if none has).
+    Args:
+        vlm: the `IdentityVLM`.
+        samples: evaluation samples.
+        faces: where the faces' embeddings/crops (and the pictures) come from.
+        mode: a prompt mode of `rendering.MODES`.
+        batch_size, max_new_tokens: generation settings.
+        names: per sample id, the name shown for each face (a gallery's decisions; gallery modes).
     """
-    from ..vlm.processing import IdentityInputs
+    from .rendering import SampleRenderer, identity_inputs, writes_own_references
 
+    renderer = SampleRenderer(vlm, faces.root, mode)
+    stops = end_of_turn_ids(vlm)
     tokenizer = vlm.processor.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: dict[str, str] = {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        encoded = [encoder.encode_prompt(s) for s in chunk]
-        width = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, e in enumerate(encoded):  # left padding: every row's last token is real
-            ids[i, width - len(e.input_ids) :] = torch.tensor(e.input_ids)
-            mask[i, width - len(e.input_ids) :] = 1
-        tokens = []
-        for s, e in zip(chunk, encoded):
-            if e.face_order:
-                if faces is None:
-                    raise ValueError(f"sample {s.id!r} refers to faces but no FaceStore was given")
-                tokens.append(face_tokens(vlm.adapter, faces.load(s)))
+        texts, images, counts, tokens = [], [], [], []
+        for s in chunk:
+            text, imgs, _ = renderer.prompt(s, None if names is None else names.get(s.id))
+            texts.append(text)
+            images.append(None if imgs is None else imgs[0])
+            n = renderer.face_count(s) if (renderer.uses_tokens or writes_own_references(s)) else 0
+            counts.append(n)
+            if n:
+                tokens.append(face_tokens(vlm.adapter, identity_inputs(renderer, faces, s)))
             else:
                 tokens.append(torch.zeros(0, vlm.config.num_id_tokens, vlm.adapter.projector.spec.out_dim))
-        inputs = IdentityInputs({"input_ids": ids, "attention_mask": mask}, tuple(tuple(e.face_order) for e in encoded))
-        new = vlm.generate_ids(inputs, tokens, max_new_tokens=max_new_tokens, eos_token_id=encoder.end_of_turn_ids)
+        pictures = None if all(i is None for i in images) else images
+        inputs = vlm.processor(texts, images=pictures, num_faces=counts)
+        new = vlm.generate_ids(inputs, tokens, max_new_tokens=max_new_tokens, eos_token_id=stops)
         for s, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
             answers[s.id] = text.strip()
     return answers
 
 
+def gallery_names(vlm: Any, samples: Sequence[Sample], faces: FaceStore, gallery: Any) -> dict[str, list[str | None]]:
+    """The gallery's decision (name or None) for every face of every sample."""
+    out: dict[str, list[str | None]] = {}
+    for s in samples:
+        if s.faces:
+            out[s.id] = [r.name for r in gallery.identify(face_embeddings(vlm.adapter, faces, s))]
+    return out
+
+
+class ReferenceGallery:
+    """The gallery of open-set samples: each sample's candidates, matched at one calibrated threshold.
+
+    Open-set samples name people per sample, so a fixed name->identity gallery cannot serve them;
+    the gallery's decision for a face is the best of the sample's references whose cosine reaches
+    `threshold` (calibrated on training faces at a FAR), else unknown.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+
+    @classmethod
+    def calibrated(
+        cls, train: Sequence[Sample], faces: FaceStore, adapter: Any = None, far: float = 1e-3
+    ) -> ReferenceGallery:
+        from ..gallery import calibrate
+
+        picked: dict[str, tuple[str, Sample, int]] = {}
+        for s in train:
+            for i, f in enumerate(s.faces):
+                if f.identity is not None and f.photo is not None:
+                    picked.setdefault(f.photo, (f.identity, s, i))
+        labels = [ident for ident, _, _ in picked.values()]
+        emb = np.stack([face_embeddings(adapter, faces, s)[i] for _, s, i in picked.values()])
+        return cls(calibrate(emb, labels, far=far, allow_extrapolation=True).threshold)
+
+    def names(self, adapter: Any, faces: FaceStore, sample: Sample) -> list[str | None]:
+        refs = sample.meta.get("references") or []
+        if not refs:
+            return [None] * len(sample.faces)
+        emb = face_embeddings(adapter, faces, sample)  # (F, D)
+        ref_feats = faces.load_references(sample)
+        ref = (
+            F.normalize(ref_feats.float(), dim=-1).numpy()
+            if faces.mode == "embedding"
+            else (adapter.embed(ref_feats).float().cpu().numpy())
+        )
+        scores = emb @ ref.T  # (F, R)
+        best = scores.argmax(axis=1)
+        return [refs[int(b)]["name"] if scores[i, b] >= self.threshold else None for i, b in enumerate(best)]
+
+
+def decision_disagreements(
+    samples: Sequence[Sample], answers: Mapping[str, str], names: Mapping[str, list[str | None]]
+) -> dict[str, int]:
+    """Where token mode and the gallery's threshold decision disagree on the asked face, and who is right.
+
+    Counts over naming/unknown samples with `meta.face`: both right, both wrong, token right and
+    gallery wrong, gallery right and token wrong (the asked person's expected name, or abstention).
+    """
+    from .metrics import NameMatcher, is_abstention
+
+    vocab = {n for s in samples for r in s.meta.get("references") or () for n in [r["name"]]}
+    vocab |= {n for v in names.values() for n in v if n}
+    matcher = NameMatcher(vocab)
+    out = {"both_right": 0, "both_wrong": 0, "token_right_gallery_wrong": 0, "gallery_right_token_wrong": 0}
+    for s in samples:
+        k = s.meta.get("face")
+        if s.task not in ("naming", "unknown") or k is None or s.id not in answers:
+            continue
+        truth = s.faces[k].name
+        said = matcher.find(answers[s.id])
+        token_ok = said == {truth} if truth else (not said and is_abstention(answers[s.id]))
+        gallery_ok = names.get(s.id, [None] * len(s.faces))[k] == truth
+        key = (
+            ("both_right" if gallery_ok else "token_right_gallery_wrong")
+            if token_ok
+            else ("gallery_right_token_wrong" if gallery_ok else "both_wrong")
+        )
+        out[key] += 1
+    return out
+
+
 def run_modes(
     vlm: Any,
     samples: Sequence[Sample],
-    encoder: ConversationEncoder,
     faces: FaceStore,
     config: HarnessConfig = HarnessConfig(),
     gallery: Any = None,
@@ -226,21 +308,25 @@ def run_modes(
     samples = subsample(samples, config.max_per_task)
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, dict[str, str]] = {}
+    names = None
+    if any(m in _GALLERY_MODES for m in config.modes) or isinstance(gallery, ReferenceGallery):
+        if gallery is None:
+            raise ValueError(f"modes {list(_GALLERY_MODES)} need a gallery (see build_gallery)")
+        if isinstance(gallery, ReferenceGallery):
+            names = {s.id: gallery.names(vlm.adapter, faces, s) for s in samples if s.faces}
+        else:
+            names = gallery_names(vlm, samples, faces, gallery)
     for mode in config.modes:
         if mode == "token":
-            prompts, store = list(samples), faces
-        elif mode == "plain":
-            prompts, store = [plain_sample(s) for s in samples], None
+            prompts = list(samples)  # LLaVA-style samples keep the references they write
         else:
-            if gallery is None:
-                raise ValueError("mode 'prompt' needs a gallery (see build_gallery)")
-            prompts = [
-                prompt_grounded_sample(s, face_embeddings(vlm.adapter, faces, s) if s.faces else None, gallery)
-                for s in samples
-            ]
-            store = None
-        answers[mode] = generate_answers(vlm, prompts, encoder, store, config.batch_size, config.max_new_tokens)
+            # Without references the renderer writes the grounding paragraph itself (gallery modes).
+            prompts = [plain_sample(s) for s in samples]
+        shown = names if mode in _GALLERY_MODES else None
+        answers[mode] = generate_answers(vlm, prompts, faces, mode, config.batch_size, config.max_new_tokens, shown)
         results[mode] = score_predictions(samples, answers[mode], vocabulary)
+        if mode == "token" and names is not None:
+            results[mode]["decision_vs_gallery"] = decision_disagreements(samples, answers[mode], names)
     return results, answers
 
 
@@ -298,13 +384,16 @@ def verification_before_after(
 __all__ = [
     "MODES",
     "HarnessConfig",
+    "ReferenceGallery",
     "build_gallery",
+    "decision_disagreements",
+    "end_of_turn_ids",
+    "gallery_names",
     "face_embeddings",
     "face_tokens",
     "generate_answers",
     "load_trained_vlm",
     "plain_sample",
-    "prompt_grounded_sample",
     "run_modes",
     "subsample",
     "verification_before_after",

@@ -12,6 +12,8 @@ Definitions follow the personalised-VLM literature (reference/vlm_bridge.md §5)
 - unknown-person abstention: on questions about someone the model must not name, the share of
   answers that abstain and name nobody.
 - counting accuracy, and text-only QA as normalised containment of the reference answer.
+- region accuracy (questions that link an identity to its part of the picture, `scenes.py`):
+  normalised containment of the reference answer ("red cup", a name, "yes"/"no").
 
 Names are found by whole-word, case-insensitive matching against a vocabulary (enrolled names
 plus distractor names), longest name first so "Anna Lee" is not also counted as "Anna".
@@ -133,6 +135,7 @@ class _Tally:
         self.matcher = matcher
         self.rec_pos, self.rec_neg, self.naming, self.abstain = _Ratio(), _Ratio(), _Ratio(), _Ratio()
         self.counting, self.text_qa, self.halluc = _Ratio(), _Ratio(), _Ratio()
+        self.region = _Ratio()
         self.tp = self.n_pred = self.n_true = 0
         self.counts: dict[str, int] = {}
 
@@ -162,6 +165,9 @@ class _Tally:
             self.counting.add(float(parse_count(pred) == s.target["count"]))
         elif s.task == "text_qa":
             self.text_qa.add(float(contains_answer(pred, s.target["answer"])))
+        elif s.task == "region":
+            self.region.add(float(contains_answer(pred, s.target["answer"])))
+            self.halluc.add(named_absent)
 
     def result(self) -> dict[str, float | int | None]:
         precision = self.tp / self.n_pred if self.n_pred else None
@@ -182,6 +188,7 @@ class _Tally:
             "unknown_abstention": self.abstain.value,
             "counting_acc": self.counting.value,
             "text_qa_acc": self.text_qa.value,
+            "region_acc": self.region.value,
         }
         out.update({f"n_{task}": n for task, n in sorted(self.counts.items())})
         return out
@@ -232,4 +239,5 @@ SUMMARY_METRICS: tuple[tuple[str, bool], ...] = (
     ("unknown_abstention", True),
     ("counting_acc", True),
     ("text_qa_acc", True),
+    ("region_acc", True),
 )

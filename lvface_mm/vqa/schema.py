@@ -65,11 +65,12 @@ TARGET_FIELDS: dict[str, tuple[tuple[str, type | tuple[type, ...]], ...]] = {
     "counting": (("count", int),),
     "unknown": (),  # the asked-about person must not be named
     "text_qa": (("answer", str),),
+    "region": (("answer", str),),  # identity + picture ("What is Koren holding?"), scenes.py
     "other": (),
 }
 TASKS = tuple(TARGET_FIELDS)
 
-_KNOWN_SAMPLE_KEYS = {"id", "task", "image", "images", "faces", "conversations", "target", "meta"}
+_KNOWN_SAMPLE_KEYS = {"id", "task", "image", "images", "image_size", "faces", "conversations", "target", "meta"}
 _KNOWN_FACE_KEYS = {"identity", "name", "photo", "crop", "embedding", "image", "box", "landmarks"}
 _KNOWN_TURN_KEYS = {"from", "value", "role", "content"}
 
@@ -131,6 +132,9 @@ class Sample:
     images: tuple[str, ...] = ()
     target: Mapping[str, Any] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # (width, height) of the picture the faces' boxes live on; the scene image's own size when
+    # `images` is given, else a virtual canvas (face-only samples, built from crops).
+    image_size: tuple[int, int] | None = None
 
     # -- views used by training and evaluation -----------------------------------------------------
     def face_order(self) -> list[int]:
@@ -171,6 +175,8 @@ class Sample:
         out: dict[str, Any] = {"id": self.id, "task": self.task}
         if self.images:
             out["images"] = list(self.images)
+        if self.image_size is not None:
+            out["image_size"] = list(self.image_size)
         out["faces"] = [f.to_dict() for f in self.faces]
         out["conversations"] = [{"from": _LLAVA_ROLE[t.role], "value": t.text} for t in self.turns]
         if self.target:
@@ -384,6 +390,22 @@ def parse_sample(raw: object, index: int = 0) -> tuple[Sample | None, list[tuple
         err.add("faces", f"expected a list, got {type(faces_raw).__name__}")
         faces_raw = []
     faces = [_parse_face(f, i, len(images_raw), err) for i, f in enumerate(faces_raw)]
+    image_size = raw.get("image_size")
+    if image_size is not None:
+        ok = isinstance(image_size, Sequence) and len(image_size) == 2
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size):
+            err.add("image_size", f"expected [width, height] of positive ints, got {image_size!r}")
+            image_size = None
+        else:
+            image_size = (int(image_size[0]), int(image_size[1]))
+            for i, f in enumerate(faces):
+                if f is not None and f.box is not None:
+                    x1, y1, x2, y2 = f.box
+                    if x1 < 0 or y1 < 0 or x2 > image_size[0] or y2 > image_size[1]:
+                        err.add(
+                            f"faces[{i}].box",
+                            f"box {list(f.box)} falls outside the {image_size[0]} x {image_size[1]} picture",
+                        )
     turns = _parse_turns(raw.get("conversations"), err)
     if turns:
         _check_turn_order(turns, err)
@@ -403,6 +425,7 @@ def parse_sample(raw: object, index: int = 0) -> tuple[Sample | None, list[tuple
         images=tuple(images_raw),
         target=target,
         meta=dict(meta),
+        image_size=image_size,
     )
     return sample, []
 

@@ -42,6 +42,9 @@ class TinyLLMConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
     seed: int = 0
+    # Tied input/output embeddings let a tiny model copy a name it never produced in training
+    # (open-set binding): the copied token's input row is also its output row.
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for key in (
@@ -62,12 +65,28 @@ class TinyLLMConfig:
             )
 
 
+def grounding_words() -> set[str]:
+    """Words the one prompt format writes around the samples' text (the grounding paragraph, the
+    candidate block, positions and 0-1 box coordinates), so a word-level tokenizer never sees UNK."""
+    from ..vlm.grounding import GroundingTemplate
+
+    t = GroundingTemplate()
+    text = " ".join(str(getattr(t, name)) for name in t.__dataclass_fields__ if isinstance(getattr(t, name), str))
+    text += " faces face on the left in the centre on the right marked mark"
+    words = set(_WORD_RE.findall(re.sub(r"\{[a-z_]+\}", " ", text)))
+    words |= {str(i) for i in range(10)} | {f"{i:03d}" for i in range(1000)} | {str(i) for i in range(1001)}
+    return words
+
+
 def sample_words(samples: Iterable[Sample]) -> list[str]:
-    """Every word and punctuation mark in the samples' turns (placeholders removed), sorted."""
-    words: set[str] = set()
+    """Every word and punctuation mark in the samples' turns (placeholders removed) and in the
+    grounding paragraph the one prompt format adds, sorted."""
+    words: set[str] = grounding_words()
     for s in samples:
         for turn in s.turns:
             words.update(_WORD_RE.findall(FACE_REF_RE.sub(" ", turn.text)))
+        for ref in s.meta.get("references") or ():  # open-set candidates' names
+            words.update(_WORD_RE.findall(str(ref.get("name", ""))))
     return sorted(words)
 
 
@@ -101,7 +120,7 @@ def build_tiny_llm(tokenizer: Any, config: TinyLLMConfig = TinyLLMConfig()) -> t
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

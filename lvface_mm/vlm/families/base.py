@@ -27,6 +27,8 @@ class VLMFamily:
     # (`language_model.model.layers`) and the 5.x (`model.language_model.layers`) module paths.
     default_lora_targets: ClassVar[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
     auto_model_class: ClassVar[str] = "AutoModelForImageTextToText"
+    # How face boxes are written in prompts (`lvface_mm.vlm.boxes`): the family's native notation.
+    box_format: ClassVar[str] = "normalized"
 
     # -- matching ---------------------------------------------------------------------------------
     def config_classes(self) -> tuple[type, ...]:
@@ -52,6 +54,16 @@ class VLMFamily:
             if isinstance(value, int):
                 ids.add(value)
         return ids
+
+    def input_only_token_ids(self, config: Any, tokenizer: Any) -> set[int]:
+        """Ids a generated answer must never contain: the model's image/video markers (input-only)."""
+        return self.reserved_token_ids(config)
+
+    def format_box(self, box: Sequence[float], width: float, height: float) -> str:
+        """A face box (pixels of a `width` x `height` picture) in the family's native notation."""
+        from ..boxes import format_box
+
+        return format_box(self.box_format, box, width, height)
 
     def embedding_scale(self, model: nn.Module) -> float:
         """Factor the input-embedding module applies after the table lookup (1 for most models)."""
@@ -97,6 +109,48 @@ class VLMFamily:
                 "or pass a ready prompt to IdentityVLM.generate"
             )
         return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def render_answer(self, processor: Any, messages: list[dict[str, Any]], answer: str) -> str:
+        """Prompt + assistant answer as the chat template writes a finished turn (training text).
+
+        The result always starts with `render_prompt(messages)`. When the template closes an
+        assistant turn with nothing (llava-1.5's "ASSISTANT: answer"), the tokenizer's EOS is
+        appended: without it the model is never taught to stop.
+        """
+        prompt = self.render_prompt(processor, messages)
+        template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer_of(processor)
+        turn = {"role": "assistant", "content": self.user_content(answer, 0)}
+        full = template_owner.apply_chat_template([*messages, turn], add_generation_prompt=False, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(
+                "the chat template does not render turns incrementally (the prompt is not a prefix of prompt + "
+                "answer), so answer tokens cannot be located; use a template whose output for n turns extends n - 1"
+            )
+        if full.rstrip().endswith(answer.strip()):
+            eos = self.tokenizer_of(processor).eos_token
+            if not eos:
+                raise ValueError("the chat template writes no end of turn and the tokenizer has no EOS token")
+            full += eos
+        return full
+
+    def encode_answer(
+        self, processor: Any, prompt: str, full: str, answer: str, images: list[list[Any]] | None
+    ) -> dict[str, torch.Tensor]:
+        """One training example: the processor's inputs for `full` plus `labels` (-100 on the prompt,
+        its image tokens and padding; the answer's tokens, end of turn included, elsewhere)."""
+        prompt_ids = self.encode(processor, [prompt], images)["input_ids"][0]
+        inputs = self.encode(processor, [full], images)
+        ids = inputs["input_ids"][0]
+        n = len(prompt_ids)
+        if len(ids) <= n or not torch.equal(ids[:n], prompt_ids):
+            raise ValueError(
+                f"the answer {answer!r} does not tokenise as a continuation of its prompt; the prompt's tokens "
+                "change when the answer is appended"
+            )
+        labels = ids.clone()
+        labels[:n] = -100
+        inputs["labels"] = labels[None]
+        return inputs
 
     # -- processing -------------------------------------------------------------------------------
     def encode(self, processor: Any, texts: list[str], images: list[list[Any]] | None) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ Quirks handled here:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -22,6 +23,14 @@ class Idefics3Family(VLMFamily):
     name = "idefics3"
     config_class_names = ("transformers.Idefics3Config", "transformers.SmolVLMConfig")
     default_lora_targets = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+    def input_only_token_ids(self, config: Any, tokenizer: Any) -> set[int]:
+        # The image block's scaffolding (`<fake_token_around_image>`, `<global-img>`, `<row_i_col_j>`)
+        # is text to the model but only ever written by the processor.
+        ids = super().input_only_token_ids(config, tokenizer)
+        scaffold = re.compile(r"<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>")
+        ids |= {int(i) for tok, i in tokenizer.get_vocab().items() if scaffold.fullmatch(tok)}
+        return ids
 
     def encode(self, processor: Any, texts: list[str], images: list[list[Any]] | None) -> dict[str, torch.Tensor]:
         if images is None or not any(images):

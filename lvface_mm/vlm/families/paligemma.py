@@ -26,6 +26,7 @@ from .base import VLMFamily, register_family
 class PaliGemmaFamily(VLMFamily):
     name = "paligemma"
     config_class_names = ("transformers.PaliGemmaConfig",)
+    box_format = "paligemma"  # <locNNNN> x4, y before x, 1024 bins
 
     def embedding_scale(self, model: nn.Module) -> float:
         scale = getattr(model.get_input_embeddings(), "embed_scale", None)
@@ -41,6 +42,19 @@ class PaliGemmaFamily(VLMFamily):
             for item in content:
                 parts.append(processor.image_token if item["type"] == "image" else item["text"])
         return "".join(parts)
+
+    def render_answer(self, processor: Any, messages: list[dict[str, Any]], answer: str) -> str:
+        # No chat template: the answer is the processor's `suffix` (see `encode_answer`).
+        return self.render_prompt(processor, messages)
+
+    def encode_answer(
+        self, processor: Any, prompt: str, full: str, answer: str, images: list[list[Any]] | None
+    ) -> dict[str, torch.Tensor]:
+        # PaliGemma's processor writes the answer after the prefix's "\n", appends EOS, masks the
+        # prefix (image, BOS, prompt) in `labels` and marks the suffix in `token_type_ids`.
+        if images is None or not all(images):
+            raise ValueError("PaliGemma needs at least one image per prompt (its processor has no text-only mode)")
+        return dict(processor(text=[prompt], images=images, suffix=[answer], return_tensors="pt", padding=True))
 
     def encode(self, processor: Any, texts: list[str], images: list[list[Any]] | None) -> dict[str, torch.Tensor]:
         if images is None or not all(images):

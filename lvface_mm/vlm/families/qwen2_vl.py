@@ -23,6 +23,7 @@ from .base import VLMFamily, register_family
 class Qwen2VLFamily(VLMFamily):
     name = "qwen2_vl"
     config_class_names = ("transformers.Qwen2VLConfig", "transformers.Qwen2_5_VLConfig")
+    box_format = "qwen"  # <|box_start|>(x1,y1),(x2,y2)<|box_end|> on the 0-1000 grid
 
     def reserved_token_ids(self, config: Any) -> set[int]:
         ids = super().reserved_token_ids(config)
