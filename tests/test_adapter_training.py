@@ -246,7 +246,7 @@ def test_encoder_lora_with_identity_preservation(tmp_path):
             "--stages=[2]",
             "--stage2.max_steps=3",
             "--stage2.batch_size=4",
-            "--encoder_lora.rank=4",
+            "--encoder_lora.r=4",
             "--preservation_weight=1.0",
             "--eval.max_per_task=6",
             "--eval.max_new_tokens=4",
@@ -298,6 +298,6 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(SystemExit, match="unknown key 'stage2.lrate'"):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--stage2.lrate=1"])
     with pytest.raises(SystemExit, match="encoder_lora needs data.face_input: crop"):
-        main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--encoder_lora.rank=4"])
+        main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--encoder_lora.r=4"])
     with pytest.raises(SystemExit, match="stages must be"):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--stages=[2, 1]"])

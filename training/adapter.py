@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from lvface_mm.distributed import get_rank, is_distributed
-from lvface_mm.tasks.encoder_lora import EncoderLoraConfig, add_lora, save_adapter
+from lvface_mm.lora import lora_config
+from lvface_mm.tasks.encoder_lora import add_lora, encoder_lora_config, save_adapter
 from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
 from lvface_mm.vqa.harness import ENCODER_LORA_DIR
-from lvface_mm.vqa.testing import TinyLLMConfig
 
 from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load_config, save_config
 from .loop import Trainer
@@ -63,7 +63,8 @@ class AdapterModelConfig:
         projector, num_id_tokens, projector_hidden_dim: override the card's.
         gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
             and the injected identity tokens still get gradients).
-        tiny: the tiny Llama's shape (card "tiny").
+        tiny: the tiny Llama's shape for card "tiny": `lvface_mm.vqa.testing.TinyLLMConfig` arguments
+            (hidden_size, intermediate_size, num_hidden_layers, ...; unset ones keep its defaults).
     """
 
     card: str = "tiny"
@@ -77,23 +78,29 @@ class AdapterModelConfig:
     num_id_tokens: int | None = None
     projector_hidden_dim: int | None = None
     gradient_checkpointing: bool = False
-    tiny: TinyLLMConfig = field(default_factory=TinyLLMConfig)
-
-
-@dataclass(frozen=True)
-class LLMLoraConfig:
-    """LoRA on the LLM in stage 2 (PEFT). `target_modules` is a full-match regex; None = the family's
-    default (the language model's attention projections, never the vision tower)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | None = None
-    modules_to_save: tuple[str, ...] = ()
+    tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"need r >= 1, alpha > 0, 0 <= dropout < 1; got {self.r}, {self.alpha}, {self.dropout}")
+        if self.card == "tiny":
+            _tiny_llm_config(self.tiny)  # unknown keys and bad shapes fail at load time
+        elif self.tiny:
+            raise ValueError(f"model.tiny is only read with model.card: tiny (card is {self.card!r})")
+
+
+def _tiny_llm_config(values: dict[str, Any]) -> Any:
+    # The tiny Llama is a test model the program builds on request (card "tiny"); its shape class
+    # lives with the other test builders and is imported only here.
+    from lvface_mm.vqa.testing import TinyLLMConfig
+
+    try:
+        return TinyLLMConfig(**values)
+    except TypeError as err:
+        raise ValueError(f"model.tiny: {err} (keys are TinyLLMConfig fields)") from err
+
+
+# LoRA on the LLM in stage 2: `peft.LoraConfig` arguments. `target_modules` None = the family's
+# default (the language model's attention projections, never the vision tower).
+DEFAULT_LLM_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
 
 @dataclass(frozen=True)
@@ -164,8 +171,8 @@ class AdapterRunConfig:
     stages: tuple[int, ...] = (1, 2)
     model: AdapterModelConfig = field(default_factory=AdapterModelConfig)
     data: AdapterDataConfig = field(default_factory=lambda: AdapterDataConfig(path="."))
-    lora: LLMLoraConfig = field(default_factory=LLMLoraConfig)
-    encoder_lora: EncoderLoraConfig | None = None
+    lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LLM_LORA))
+    encoder_lora: dict[str, Any] | None = None
     preservation_weight: float = 1.0
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(
@@ -186,6 +193,10 @@ class AdapterRunConfig:
             raise ValueError("encoder_lora needs data.face_input: crop (the encoder must see pixels to be tuned)")
         if self.preservation_weight < 0:
             raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}")
+        # Unknown keys and bad values fail when the config is read, not in stage 2.
+        lora_config(self.lora, "lora")
+        if self.encoder_lora is not None:
+            encoder_lora_config(self.encoder_lora, "encoder_lora")
 
 
 # -- building the model -----------------------------------------------------------------------------
@@ -205,16 +216,10 @@ def _precision(loop: LoopConfig) -> LoopConfig:
 
 
 def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
-    from lvface_mm.vlm import IdentityAdapterConfig, LoraSpec, load_adapter_card
+    from lvface_mm.vlm import IdentityAdapterConfig, load_adapter_card
 
     m = config.model
-    lora = LoraSpec(
-        r=config.lora.r,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        modules_to_save=config.lora.modules_to_save,
-    )
+    lora = lora_config(config.lora, "lora")
     if m.card == "tiny":
         card = IdentityAdapterConfig(
             name="tiny-llm",
@@ -242,9 +247,9 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> An
     if m.card == "tiny":
         base = run_dir / "base"
         if get_rank() == 0 and not (base / "config.json").is_file():
-            from lvface_mm.vqa.testing import tiny_llm_for_samples
+            from lvface_mm.vqa.testing import tiny_llm_for_samples  # card "tiny": the program chose a test model
 
-            model, tokenizer = tiny_llm_for_samples(samples, m.tiny)
+            model, tokenizer = tiny_llm_for_samples(samples, _tiny_llm_config(m.tiny))
             model.save_pretrained(str(base))
             tokenizer.save_pretrained(str(base))
         _barrier()
@@ -518,7 +523,7 @@ __all__ = [
     "AdapterEvalConfig",
     "AdapterModelConfig",
     "AdapterRunConfig",
-    "LLMLoraConfig",
+    "DEFAULT_LLM_LORA",
     "StageConfig",
     "build_optimizer",
     "build_vlm",
