@@ -297,6 +297,8 @@ class IdentityVLM:
         if isinstance(indices, (list, tuple)) and any(isinstance(t, str) for t in indices):
             ids = [self._single_token_id(t) if isinstance(t, str) else int(t) for t in indices]
             config = dataclasses.replace(config, trainable_token_indices=ids)
+        # The card records the LoRA actually applied, so a saved adapter says what it holds.
+        self.config = self.adapter.config = self.config.replace(lora=dataclasses.replace(config))
         self.model = get_peft_model(self.model, config)
         self.injector.reattach(self.model)
         return self.model
