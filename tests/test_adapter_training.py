@@ -301,3 +301,13 @@ def test_config_errors_name_the_key(tmp_path):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--encoder_lora.r=4"])
     with pytest.raises(SystemExit, match="stages must be"):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--stages=[2, 1]"])
+
+
+def test_final_adapter_has_a_model_card_with_data_and_harness_table(trained):
+    _, run = trained
+    card = (run / "adapter" / "README.md").read_text()
+    assert "base_model:" in card and "| Identity tokens per face (K) | 2 |" in card
+    assert "- samples: " in card and "- stage 2: 200 steps" in card
+    harness = (run / "eval" / "report.md").read_text().strip().splitlines()[0]
+    assert harness in card  # the harness table itself, not a pointer to it
+    assert "PEFT LoRA r=16, alpha=32" in card

@@ -24,9 +24,12 @@ Overrides: any config field as `--section.key=value` (e.g. `--stage2.optim.lr=1e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -276,6 +279,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def seeded(seed: int, what: str) -> Iterator[None]:
+    """Draw `what`'s initial weights from their own seed, leaving the global random state as it was.
+
+    LoRA's A matrices are random at creation. Drawn from the global state, they would depend on
+    whether stage 1 ran in the same process (a run killed in stage 2 before its first checkpoint
+    would restart with a different adapter); seeded per (run seed, what), every restart is the same.
+    """
+    offset = zlib.crc32(what.encode())  # a stable per-purpose offset (Python's hash() is salted)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed + offset) % 2**63)
+        yield
+
+
 def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: nn.Module | None) -> nn.Module | None:
     """Freeze everything, then unfreeze what `stage` trains. Returns the PEFT-wrapped encoder, if tuned."""
     from peft import PeftModel
@@ -286,7 +303,8 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
     if stage == 1:
         return None
     if not isinstance(vlm.model, PeftModel):
-        vlm.apply_lora()  # the card's LoRA spec (set from the run config)
+        with seeded(config.loop.seed, "llm_lora"):
+            vlm.apply_lora()  # the card's LoRA (set from the run config)
     for name, p in vlm.model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
             p.requires_grad_(True)
@@ -296,7 +314,8 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         vlm.model.enable_input_require_grads()
     if config.encoder_lora is not None and encoder_lora is None:
-        encoder_lora = add_lora(vlm.adapter.encoder, config.encoder_lora)
+        with seeded(config.loop.seed, "encoder_lora"):
+            encoder_lora = add_lora(vlm.adapter.encoder, config.encoder_lora)
     if encoder_lora is not None:
         for name, p in encoder_lora.named_parameters():
             p.requires_grad_("lora_" in name or "modules_to_save" in name)
@@ -325,20 +344,41 @@ def stage_done(output_dir: Path, stage: int) -> bool:
     return (output_dir / f"stage{stage}" / "adapter" / "stage.json").is_file()
 
 
-def save_stage_adapter(vlm: Any, encoder_lora: nn.Module | None, directory: Path, info: dict[str, Any]) -> Path:
-    """Adapter-only files: projector + config, PEFT LoRA beside them, encoder LoRA in a subfolder.
-    `stage.json` goes last and marks the directory complete."""
-    from peft import PeftModel
-
-    vlm.adapter.save_pretrained(directory)
-    if isinstance(vlm.model, PeftModel):
-        # The placeholder's embedding row is frozen and rebuilt identically whenever the adapter is
-        # attached, so the (possibly huge) resized embedding table is not copied into the adapter.
-        vlm.model.save_pretrained(str(directory), save_embedding_layers=False)
+def save_stage_adapter(
+    vlm: Any,
+    encoder_lora: nn.Module | None,
+    directory: Path,
+    info: dict[str, Any],
+    training_data: dict[str, Any] | None = None,
+) -> Path:
+    """Adapter-only files (`IdentityVLM.save_pretrained`: card, projector, PEFT LoRA without the
+    embedding table, added placeholder rows, README), the encoder LoRA in a subfolder, and
+    `stage.json` last: it marks the directory complete."""
+    vlm.save_pretrained(directory, training_data=training_data)
     if encoder_lora is not None:
         save_adapter(encoder_lora, directory / ENCODER_LORA_DIR)
     (directory / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
     return directory
+
+
+def training_data_summary(config: AdapterRunConfig, train: list[Any], evaluation: list[Any]) -> dict[str, Any]:
+    """What the model card says about the data and the schedule."""
+    from lvface_mm.vqa.builder import load_manifest
+
+    manifest = load_manifest(config.data.path)
+    summary: dict[str, Any] = {
+        "dataset": f"`{config.data.path}` (lvface-mm build-vqa, kind {manifest.get('kind', 'faces')!r})",
+        "samples": f"{len(train)} train, {len(evaluation)} evaluation",
+        "face input": config.data.face_input,
+    }
+    tasks = manifest.get("config", {}).get("tasks")
+    if tasks:
+        summary["tasks"] = ", ".join(tasks)
+    for stage in config.stages:
+        s = config.stage1 if stage == 1 else config.stage2
+        length = f"{s.max_steps} steps" if s.max_steps is not None else f"{s.epochs} epoch(s)"
+        summary[f"stage {stage}"] = f"{length}, batch {s.batch_size}/process, lr {s.optim.lr:g}"
+    return summary
 
 
 def run_stage(
@@ -428,9 +468,14 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
             return summary  # stopped early (loop.stop_at_step): run again to continue
     if get_rank() == 0:
         last = out / f"stage{config.stages[-1]}" / "adapter"
-        save_stage_adapter(vlm, encoder_lora, out / "adapter", json.loads((last / "stage.json").read_text()))
+        data_summary = training_data_summary(config, train, evaluation)
+        final = out / "adapter"
+        save_stage_adapter(vlm, encoder_lora, final, json.loads((last / "stage.json").read_text()), data_summary)
         if config.eval.enabled:
             summary["eval"] = evaluate_run(vlm, config, train, evaluation, encoder_lora)
+            report = out / "eval" / "report.md"
+            if report.is_file():  # the model card carries the harness table
+                vlm.adapter.write_model_card(final, training_data=data_summary, evaluation=report.read_text())
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
