@@ -92,3 +92,45 @@ def test_two_gloo_processes_shard_and_train_like_one(tmp_path: Path) -> None:
     # Training moved the adapters (the comparison is not between two untouched copies).
     untouched = {k: v for k, v in _lora_llama().state_dict().items() if "lora_" in k}
     assert any(not torch.allclose(untouched[k], expected[k]) for k in expected)
+
+
+# -- QLoRA: a 4-bit base on one GPU (the GPU part runs in benchmarks/device/adapter_fsdp_qlora.py) ------
+QLORA = ROOT / "training" / "configs" / "adapter" / "llava15_7b_qlora.yaml"
+
+
+def test_qlora_recipe_loads_and_asks_for_nf4_on_this_process_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from training.adapter import AdapterRunConfig, quantization_kwargs
+    from training.config import ConfigError, load_config
+
+    config = load_config(AdapterRunConfig, QLORA, ["--data.path=data/vqa"])
+    m = config.model
+    assert m.load_in_4bit and m.dtype == "bf16" and m.gradient_checkpointing
+    assert config.lora == {
+        "r": 64,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "target_modules": config.lora["target_modules"],
+    }
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        quantization_kwargs(m, torch.device("cpu"))
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r'needs bitsandbytes: pip install "lvface-mm\[qlora\]"'):
+        quantization_kwargs(m, torch.device("cuda", 1))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    kwargs = quantization_kwargs(m, torch.device("cuda", 1))
+    quant = kwargs["quantization_config"]
+    assert kwargs["device_map"] == {"": 1}  # the weights are quantised on this process's GPU
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+
+    with pytest.raises(ConfigError, match="load_in_4bit computes in bf16"):
+        load_config(AdapterRunConfig, QLORA, ["--data.path=data/vqa", "--model.dtype=fp32"])
+    assert quantization_kwargs(load_config(AdapterRunConfig, None, ["--data.path=x"]).model, None) == {}

@@ -66,6 +66,10 @@ class AdapterModelConfig:
         projector, num_id_tokens, projector_hidden_dim: override the card's.
         gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
             and the injected identity tokens still get gradients).
+        load_in_4bit: QLoRA: load the frozen model's linear layers in 4-bit NF4 (double quantisation,
+            bf16 compute) with bitsandbytes, on this process's GPU; LoRA trains in bf16 on top
+            (`training/configs/adapter/llava15_7b_qlora.yaml`: a 7B VLM on one 24 GB GPU). Needs CUDA
+            and `pip install "lvface-mm[qlora]"`.
         tiny: the tiny Llama's shape for card "tiny": `lvface_mm.vqa.testing.TinyLLMConfig` arguments
             (hidden_size, intermediate_size, num_hidden_layers, ...; unset ones keep its defaults).
     """
@@ -81,6 +85,7 @@ class AdapterModelConfig:
     num_id_tokens: int | None = None
     projector_hidden_dim: int | None = None
     gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,8 @@ class AdapterModelConfig:
             _tiny_llm_config(self.tiny)  # unknown keys and bad shapes fail at load time
         elif self.tiny:
             raise ValueError(f"model.tiny is only read with model.card: tiny (card is {self.card!r})")
+        if self.load_in_4bit and self.dtype == "fp32":
+            raise ValueError("model.load_in_4bit computes in bf16: set model.dtype: bf16")
 
 
 def _tiny_llm_config(values: dict[str, Any]) -> Any:
@@ -242,8 +249,31 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     return card.replace(**changes)
 
 
-def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> Any:
-    """The `IdentityVLM` to train, on the CPU, with a fresh projector and no LoRA yet."""
+def quantization_kwargs(m: AdapterModelConfig, device: torch.device | None) -> dict[str, Any]:
+    """transformers `from_pretrained` arguments for a 4-bit (QLoRA) base on `device`; {} otherwise."""
+    if not m.load_in_4bit:
+        return {}
+    import importlib.util
+
+    if device is None or device.type != "cuda":
+        raise ValueError(f"model.load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); this process has {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError('model.load_in_4bit needs bitsandbytes: pip install "lvface-mm[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    # QLoRA's recipe (Dettmers et al. 2023): NF4 weights, quantised quantisation constants, bf16 compute.
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_DTYPES[m.dtype],
+    )
+    return {"quantization_config": quant, "device_map": {"": device.index or 0}}
+
+
+def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, device: torch.device | None = None) -> Any:
+    """The `IdentityVLM` to train with a fresh projector and no LoRA yet: on the CPU, or for a 4-bit
+    base (`model.load_in_4bit`) on `device`, where bitsandbytes keeps the quantised weights."""
     from lvface_mm.vlm import IdentityVLM
 
     m = config.model
@@ -259,7 +289,7 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> An
         card = _card(config, vlm_id=str(base.resolve()))
     else:
         card = _card(config)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[m.dtype]}
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[m.dtype], **quantization_kwargs(m, device)}
     if m.gguf_file is not None:
         kwargs["gguf_file"] = m.gguf_file
     torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank
@@ -303,6 +333,15 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
     if stage == 1:
         return None
     if not isinstance(vlm.model, PeftModel):
+        if getattr(vlm.model, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            # fp32 norms and input gradients for the 4-bit base; checkpointing as the config says.
+            vlm.model = prepare_model_for_kbit_training(
+                vlm.model,
+                use_gradient_checkpointing=config.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         with seeded(config.loop.seed, "llm_lora"):
             vlm.apply_lora()  # the card's LoRA (set from the run config)
     for name, p in vlm.model.named_parameters():
@@ -450,7 +489,7 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
     load_manifest(root)
     train = load_samples(root / "train.json")
     evaluation = load_samples(root / "eval.json")
-    vlm = build_vlm(config, train + evaluation, out)
+    vlm = build_vlm(config, train + evaluation, out, device)
     encoder_lora = None
     summary: dict[str, Any] = {"stages": {}}
     for stage in config.stages:
@@ -572,6 +611,7 @@ __all__ = [
     "StageConfig",
     "build_optimizer",
     "build_vlm",
+    "quantization_kwargs",
     "main",
     "prepare_stage",
     "train_adapter",
