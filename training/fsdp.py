@@ -81,7 +81,11 @@ def shard_model(
         The names of the sharded layers (for logs and tests). Collective: every process calls it.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import fully_shard
 
     config = config or FsdpConfig()
     if not torch.distributed.is_initialized():
