@@ -147,7 +147,7 @@ def train_steps(
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {
-        "loss": float(out.loss),
+        "loss": out.loss.item(),
         "s_per_step_median": sorted(times)[len(times) // 2],
         "tokens_per_step": int(inputs.inputs["input_ids"].numel()),
     }
