@@ -144,6 +144,7 @@ def test_missing_file_and_offline_messages(tmp_path: Path) -> None:
     assert "HF_HUB_OFFLINE is set" in message and "hf download someone/not-cached --revision v1" in message
     assert str(cache / "models--someone--not-cached" / "snapshots") in message
     assert not (cache / "models--someone--not-cached" / "snapshots").exists()  # nothing half-written
+    assert "No local folder 'someone/not-cached' exists either" in message  # a mistyped folder reads as a repo id
 
     with pytest.raises(FileNotFoundError, match="neither a saved identity adapter folder nor a Hub repo id"):
         IdentityAdapter.from_pretrained(tmp_path / "nothing" / "here")

@@ -126,6 +126,8 @@ def not_available_message(
     rev = revision or "main"
     target = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "<commit>"
     reason = "HF_HUB_OFFLINE is set and it is not cached" if offline else f"{exc.__class__.__name__}: {exc}"
+    # "runs/adapter" reads as a repo id too: say so when it was probably a mistyped folder.
+    local = f"\n(No local folder {repo_id!r} exists either, if a folder was meant.)"
     return (
         f"identity adapter {repo_id} (revision {rev}) is not available ({reason}).\n"
         f"Fetch it on a machine with internet access:\n"
@@ -133,6 +135,7 @@ def not_available_message(
         f"then copy that machine's Hugging Face cache folder here (set HF_HUB_CACHE to it); it lands in\n"
         f"  {target}\n"
         f"or pass the adapter folder directly: IdentityVLM.from_pretrained(model, adapter='/path/to/adapter')."
+        f"{local}"
     )
 
 
