@@ -89,10 +89,8 @@ class AdapterModelConfig:
     tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.card == "tiny":
-            _tiny_llm_config(self.tiny)  # unknown keys and bad shapes fail at load time
-        elif self.tiny:
-            raise ValueError(f"model.tiny is only read with model.card: tiny (card is {self.card!r})")
+        if self.tiny:
+            _tiny_llm_config(self.tiny)  # unknown keys and bad shapes fail at load time (ignored for real cards)
         if self.load_in_4bit and self.dtype == "fp32":
             raise ValueError("model.load_in_4bit computes in bf16: set model.dtype: bf16")
 
