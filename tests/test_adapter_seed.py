@@ -39,3 +39,18 @@ def test_kill_at_stage2_step1_resumes_to_the_same_adapter(tmp_path):
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_lora_sections_are_loraconfig_arguments_with_clear_errors():
+    from tests.test_adapter_training import CONFIG
+    from training.adapter import AdapterRunConfig
+    from training.config import ConfigError, load_config
+
+    config = load_config(AdapterRunConfig, CONFIG, ["--data.path=x", "--encoder_lora.r=4", "--data.face_input=crop"])
+    assert config.lora["lora_alpha"] == 32 and config.encoder_lora == {"r": 4}
+    with pytest.raises(ConfigError, match=r"lora: unknown LoRA key 'alpha' \(did you mean 'lora_alpha'\?\)"):
+        load_config(AdapterRunConfig, CONFIG, ["--data.path=x", "--lora.alpha=8"])
+    with pytest.raises(ConfigError, match=r"encoder_lora: r must be an int >= 1"):
+        load_config(AdapterRunConfig, CONFIG, ["--data.path=x", "--data.face_input=crop", "--encoder_lora.r=0"])
+    with pytest.raises(ConfigError, match=r"model.tiny: .*unexpected keyword argument 'hidden_sise'"):
+        load_config(AdapterRunConfig, CONFIG, ["--data.path=x", "--model.tiny.hidden_sise=8"])
