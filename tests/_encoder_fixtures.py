@@ -79,10 +79,16 @@ def official_state_dict(
     return state
 
 
-def lay_out_hub_cache(cache_dir: Path, filename: str, payload: Path, revision: str = HUB_REVISION) -> Path:
+def lay_out_hub_cache(
+    cache_dir: Path,
+    filename: str,
+    payload: Path,
+    revision: str = HUB_REVISION,
+    repo_id: str = "bytedance-research/LVFace",
+) -> Path:
     """Place `payload` in a Hugging Face cache the way `hf download` does: a blob, a snapshot
     symlink at the pinned revision, and refs/main naming that revision."""
-    repo = cache_dir / "models--bytedance-research--LVFace"
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
     blob = repo / "blobs" / hashlib.sha256(payload.read_bytes()).hexdigest()  # LFS blobs are named by sha256
     blob.parent.mkdir(parents=True, exist_ok=True)
     if not blob.exists():

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lvface_mm.vlm import IdentityVLM, build_tiny_vlm, list_tiny_builds, tiny_card
-from lvface_mm.vlm.testing import TinyVLM, random_face_crops
+from lvface_mm.vlm import IdentityVLM
+from lvface_mm.vlm.testing import TinyVLM, build_tiny_vlm, list_tiny_builds, random_face_crops, tiny_card
+from lvface_mm.vlm.testing import tiny_identity_vlm as _tiny_identity_vlm
 
 TINY_BUILDS = tuple(list_tiny_builds())
 # Builds whose real processor runs in tests: all of them (tiny SmolVLM uses Idefics3's processor).
@@ -23,7 +24,7 @@ PROCESSOR_BUILDS = TINY_BUILDS
 
 def tiny_identity_vlm(build: str, seed: int = 0, **card_changes: Any) -> IdentityVLM:
     """An IdentityVLM around a tiny random model (`lvface_tiny` encoder, K=2 unless changed)."""
-    return IdentityVLM.from_pretrained(tiny_card(build, **card_changes), encoder_pretrained=False)
+    return _tiny_identity_vlm(build, adapter=tiny_card(build, **card_changes), seed=seed)
 
 
 def base_model(build: str, seed: int = 0) -> TinyVLM:

@@ -244,7 +244,7 @@ def test_encoder_lora_with_identity_preservation(tmp_path):
             "--stages=[2]",
             "--stage2.max_steps=3",
             "--stage2.batch_size=4",
-            "--encoder_lora.rank=4",
+            "--encoder_lora.r=4",
             "--preservation_weight=1.0",
             "--eval.max_per_task=6",
             "--eval.max_new_tokens=4",
@@ -296,6 +296,16 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(SystemExit, match="unknown key 'stage2.lrate'"):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--stage2.lrate=1"])
     with pytest.raises(SystemExit, match="encoder_lora needs data.face_input: crop"):
-        main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--encoder_lora.rank=4"])
+        main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--encoder_lora.r=4"])
     with pytest.raises(SystemExit, match="stages must be"):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--stages=[2, 1]"])
+
+
+def test_final_adapter_has_a_model_card_with_data_and_harness_table(trained):
+    _, run = trained
+    card = (run / "adapter" / "README.md").read_text()
+    assert "base_model:" in card and "| Identity tokens per face (K) | 2 |" in card
+    assert "- samples: " in card and "- stage 2: 200 steps" in card
+    harness = (run / "eval" / "report.md").read_text().strip().splitlines()[0]
+    assert harness in card  # the harness table itself, not a pointer to it
+    assert "PEFT LoRA r=16, alpha=32" in card

@@ -69,7 +69,7 @@ def test_smollm2_with_lora_learns_to_name_held_out_photos(tmp_path):
         "--lora.target_modules=null",
         "--lora.modules_to_save=[]",
         "--lora.r=16",
-        "--lora.alpha=32",
+        "--lora.lora_alpha=32",
         "--stage1.max_steps=40",
         "--stage1.batch_size=4",
         "--stage2.max_steps=100",

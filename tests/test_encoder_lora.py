@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig
 
 from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig
 from lvface_mm.models import create_model
-from lvface_mm.tasks import EncoderLoraConfig, add_lora, images_to_input, load_adapter, merge_adapter, save_adapter
+from lvface_mm.tasks import add_lora, encoder_lora_config, images_to_input, load_adapter, merge_adapter, save_adapter
 from training.checkpoint import read_checkpoint
 from training.encoder import main
 
@@ -26,17 +27,19 @@ def tiny_encoder() -> torch.nn.Module:
 
 
 def test_add_lora_trains_only_adapters_and_checks_targets(tmp_path: Path) -> None:
-    model = add_lora(tiny_encoder(), EncoderLoraConfig(rank=4))
+    model = add_lora(tiny_encoder(), {"r": 4})
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     # 2 blocks x 4 targets (qkv, proj, fc1, fc2) x (A, B)
     assert len(trainable) == 16 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     with pytest.raises(ValueError, match=r"LoRA target\(s\) \['attn.qkvv'\] match no Linear layer"):
-        add_lora(tiny_encoder(), EncoderLoraConfig(target_modules=("attn.qkvv",)))
-    with pytest.raises(ValueError, match="rank must be an int >= 1"):
-        EncoderLoraConfig(rank=0)
+        add_lora(tiny_encoder(), {"target_modules": ["attn.qkvv"]})
+    with pytest.raises(ValueError, match="r must be an int >= 1"):
+        encoder_lora_config({"r": 0})
+    with pytest.raises(ValueError, match=r"unknown LoRA key 'rank' \(did you mean 'r'\?\)"):
+        encoder_lora_config({"rank": 4})
     with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
         load_adapter(tiny_encoder(), tmp_path)
-    head = add_lora(tiny_encoder(), EncoderLoraConfig(rank=4, train_embedding_head=True))
+    head = add_lora(tiny_encoder(), LoraConfig(r=4, modules_to_save=["feature"]))  # PEFT's own config
     assert any("feature" in n and "modules_to_save" in n for n, p in head.named_parameters() if p.requires_grad)
 
 
@@ -48,7 +51,7 @@ def test_lora_run_freezes_the_base_and_round_trips(tmp_path: Path) -> None:
           "--eval.synthetic_pairs=false", "--data.synthetic.num_identities=16",
           "--data.synthetic.images_per_identity=8", "--data.batch_size=16", "--loop.max_steps=6",
           "--head.kind=partial_fc", "--head.sample_rate=1.0", f"--model.checkpoint_path={base_path}",
-          "--lora.rank=4", "--optim.lr=1e-2", f"--output_dir={tmp_path / 'run'}"])
+          "--lora.r=4", "--optim.lr=1e-2", f"--output_dir={tmp_path / 'run'}"])
 
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tb").iterdir())
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006")

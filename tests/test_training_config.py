@@ -79,13 +79,16 @@ def test_bad_values_name_key_and_expectation(override: str, pattern: str) -> Non
 
 def test_yaml_float_without_dot_and_lora_section(tmp_path: Path) -> None:
     # PyYAML reads `1e-3` as a string; the float field still accepts it.
-    cfg = write(tmp_path / "run.yaml", "optim:\n  lr: 1e-3\nlora:\n  rank: 4\n")
+    cfg = write(tmp_path / "run.yaml", "optim:\n  lr: 1e-3\nlora:\n  r: 4\n")
     loaded = load_config(EncoderRunConfig, cfg)
     assert loaded.optim.lr == pytest.approx(1e-3)
-    assert loaded.lora is not None and loaded.lora.rank == 4 and loaded.lora.alpha == 16.0
+    assert loaded.lora == {"r": 4}  # peft.LoraConfig arguments, read over the encoder's defaults
     assert load_config(EncoderRunConfig, cfg, ["--lora=null"]).lora is None
     # A LoRA section can also be switched on from the command line alone.
-    assert load_config(EncoderRunConfig, None, ["--lora.rank=2"]).lora.rank == 2
+    assert load_config(EncoderRunConfig, None, ["--lora.r=2"]).lora == {"r": 2}
+    # The old field names are not LoraConfig's: the error names the key and the right one.
+    with pytest.raises(ConfigError, match=r"unknown LoRA key 'rank'.*'r'"):
+        load_config(EncoderRunConfig, None, ["--lora.rank=2"])
 
 
 def test_base_inheritance_merges_sections_and_reports_the_right_file(tmp_path: Path) -> None:
@@ -117,7 +120,7 @@ def test_parse_overrides_forms_and_errors() -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(EncoderRunConfig, CONFIG_DIR / "tiny_synthetic.yaml", ["--optim.lr=3e-3", "--lora.rank=4"])
+    cfg = load_config(EncoderRunConfig, CONFIG_DIR / "tiny_synthetic.yaml", ["--optim.lr=3e-3", "--lora.r=4"])
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(EncoderRunConfig, tmp_path / "config.yaml")
     assert again == cfg

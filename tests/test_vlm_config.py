@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from peft import LoraConfig
 
-from lvface_mm.vlm import IdentityAdapterConfig, LoraSpec, list_adapter_cards, load_adapter_card
+from lvface_mm.vlm import IdentityAdapterConfig, list_adapter_cards, load_adapter_card
 from lvface_mm.vlm.config import add_card_dir, default_card_dir, find_card_for_model
-from lvface_mm.vlm.testing import list_tiny_builds
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "adapters"
 CARD_FILES = sorted(CARD_DIR.glob("*.json"))
@@ -35,11 +35,12 @@ def test_every_card_validates_and_round_trips(path: Path) -> None:
     assert IdentityAdapterConfig.from_dict(json.loads(card.to_json_string())) == card
 
 
-def test_cards_cover_every_supported_model_and_tiny_build() -> None:
+def test_cards_cover_every_supported_model() -> None:
     assert default_card_dir() == CARD_DIR
     cards = [load_adapter_card(name) for name in list_adapter_cards()]
     assert {c.vlm_id for c in cards} >= REQUIRED_MODELS
-    assert {c.tiny for c in cards if c.tiny} == set(list_tiny_builds())
+    # Cards describe models; test models are built by tests (lvface_mm.vlm.testing), never named in a card.
+    assert not any("tiny" in json.loads(p.read_text()) for p in CARD_FILES)
     assert find_card_for_model("Qwen/Qwen2-VL-2B-Instruct").family == "qwen2_vl"
     assert find_card_for_model("nobody/nothing") is None
 
@@ -54,13 +55,51 @@ def test_config_save_and_load(tmp_path: Path) -> None:
         projector="resampler",
         projector_hidden_dim=64,
         num_id_tokens=3,
-        lora=LoraSpec(r=4, target_modules=r".*q_proj", modules_to_save=("lm_head",), trainable_tokens=("<face>",)),
+        lora=LoraConfig(
+            r=4, target_modules=r".*q_proj", modules_to_save=["lm_head"], trainable_token_indices=["<face>"]
+        ),
     )
     path = card.save_pretrained(tmp_path)
     assert path.name == "identity_adapter_config.json"
+    # The saved LoRA is a readable mapping of LoraConfig arguments: the set ones, not PEFT's 40 defaults.
+    saved = json.loads(path.read_text())
+    assert saved["lora"] == {
+        "r": 4,
+        "target_modules": ".*q_proj",
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "modules_to_save": ["lm_head"],
+        "trainable_token_indices": ["<face>"],
+    }
+    assert "tiny" not in saved and saved["schema_version"] == 2
     again = IdentityAdapterConfig.from_pretrained(tmp_path)
-    assert again == card and again.lora.modules_to_save == ("lm_head",)
+    assert isinstance(again.lora, LoraConfig) and again == card and again.lora.modules_to_save == ["lm_head"]
     assert card.placeholder_stem == "face"
+    # A mapping is PEFT's LoraConfig once inside the card.
+    from_mapping = card.replace(
+        lora={
+            "r": 4,
+            "target_modules": r".*q_proj",
+            "modules_to_save": ["lm_head"],
+            "trainable_token_indices": ["<face>"],
+        }
+    )
+    assert from_mapping == card
+
+
+def test_schema_1_cards_are_read_and_tiny_cards_say_what_to_do() -> None:
+    old = {
+        "name": "x",
+        "vlm_id": "m",
+        "family": "llava",
+        "schema_version": 1,
+        "lora": {"r": 4, "alpha": 16, "dropout": 0.1, "trainable_tokens": ["<face>"]},
+    }
+    card = IdentityAdapterConfig.from_dict(old)
+    assert (card.lora.r, card.lora.lora_alpha, card.lora.lora_dropout) == (4, 16, 0.1)
+    assert card.lora.trainable_token_indices == ["<face>"] and card.schema_version == 2
+    with pytest.raises(ValueError, match=r"names tiny build 'llava'.*build_tiny_vlm"):
+        IdentityAdapterConfig.from_dict({**old, "tiny": "llava"})
 
 
 @pytest.mark.parametrize(
@@ -73,8 +112,9 @@ def test_config_save_and_load(tmp_path: Path) -> None:
         ({"num_id_tokens": 0}, r"num_id_tokens must be an int in \[1, 256\]"),
         ({"placeholder_token": "face"}, "placeholder_token must look like a tag"),
         ({"projector": "resampler", "embedding_source": "pooled"}, "projector 'resampler' reads"),
-        ({"tiny": "llava", "family": "qwen2_vl"}, "tiny build 'llava' is a 'llava' model"),
-        ({"schema_version": 2}, "schema_version 2 is not supported"),
+        ({"schema_version": 3}, "schema_version 3 is not supported"),
+        ({"lora": {"r": 0}}, "r must be an int >= 1"),
+        ({"lora": {"lora_dropout": 1.5}}, r"lora_dropout must be in \[0, 1\)"),
     ],
 )
 def test_bad_config_values_name_the_field(changes: dict, message: str) -> None:
@@ -84,14 +124,12 @@ def test_bad_config_values_name_the_field(changes: dict, message: str) -> None:
 
 
 def test_bad_lora_and_unknown_fields() -> None:
-    with pytest.raises(ValueError, match="LoraSpec.r must be a positive int"):
-        LoraSpec(r=0)
-    with pytest.raises(ValueError, match="not a valid regex"):
-        LoraSpec(target_modules="(")
     with pytest.raises(ValueError, match=r"unknown adapter card field\(s\) \['num_tokens'\]"):
         IdentityAdapterConfig.from_dict({"name": "x", "vlm_id": "m", "family": "llava", "num_tokens": 2})
-    with pytest.raises(ValueError, match=r"unknown lora field\(s\) \['rank'\]"):
+    with pytest.raises(ValueError, match=r"adapter card 'x': lora: unknown LoRA key 'rank' \(did you mean 'r'\?\)"):
         IdentityAdapterConfig.from_dict({"name": "x", "vlm_id": "m", "family": "llava", "lora": {"rank": 2}})
+    with pytest.raises(ValueError, match="lora must be a mapping of peft.LoraConfig arguments"):
+        IdentityAdapterConfig(name="x", vlm_id="m", family="llava", lora=[4])
     with pytest.raises(ValueError, match="invalid adapter card"):
         IdentityAdapterConfig.from_dict({"name": "x"})
     with pytest.raises(FileNotFoundError, match="no adapter card named 'nope'"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lvface_mm.vlm import IdentityVLM, LoraSpec
 from lvface_mm.vlm.processing import ensure_embedding_row
 from lvface_mm.vlm.testing import random_face_crops
+from lvface_mm.vlm.testing import tiny_identity_vlm as tiny_vlm_with_adapter
 from tests._vlm_fixtures import TINY_BUILDS, base_model, tiny_identity_vlm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,13 +40,13 @@ def test_adapter_save_load_gives_identical_outputs(build: str, tmp_path) -> None
     inputs, tokens = face_inputs(vlm, build)
     before = logits(vlm, inputs, tokens)
     vlm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "identity_adapter.safetensors",
-        "identity_adapter_config.json",
-    ]
+    rows = ["placeholder_rows.safetensors"] if vlm.model_changes.rows_added else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["README.md", "identity_adapter.safetensors", "identity_adapter_config.json", *rows]
+    )
     assert json.loads((tmp_path / "identity_adapter_config.json").read_text())["family"] == vlm.family.name
 
-    loaded = IdentityVLM.from_pretrained("unused", adapter=tmp_path, encoder_pretrained=False)
+    loaded = tiny_vlm_with_adapter(build, adapter=tmp_path)
     assert loaded.identity_tokens is True  # a loaded adapter injects by default
     assert float(loaded.adapter.projector.output_norm) == float(vlm.adapter.projector.output_norm)
     inputs2, tokens2 = face_inputs(loaded, build)
@@ -61,12 +61,12 @@ def test_hook_survives_peft_and_lora_round_trips(build: str, variant: str, tmp_p
     vlm = tiny_identity_vlm(build)
     inputs, tokens = face_inputs(vlm, build)
     before = logits(vlm, inputs, tokens)
-    spec = LoraSpec(
+    spec = dict(  # peft.LoraConfig arguments; "<face>" becomes its id with this tokenizer
         r=4,
-        alpha=8,
-        dropout=0.0,
-        trainable_tokens=("<face>",) if variant == "trainable_tokens" else (),
-        modules_to_save=("embed_tokens",) if variant == "modules_to_save" else (),
+        lora_alpha=8,
+        lora_dropout=0.0,
+        trainable_token_indices=["<face>"] if variant == "trainable_tokens" else None,
+        modules_to_save=["embed_tokens"] if variant == "modules_to_save" else None,
     )
     original_embedding = vlm.model.get_input_embeddings()
     vlm.apply_lora(spec)
@@ -95,7 +95,7 @@ def test_hook_survives_peft_and_lora_round_trips(build: str, variant: str, tmp_p
     vlm.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
 
-    loaded = IdentityVLM.from_pretrained("unused", adapter=tmp_path, encoder_pretrained=False)
+    loaded = tiny_vlm_with_adapter(build, adapter=tmp_path)
     assert isinstance(loaded.model, PeftModel)
     inputs2, tokens2 = face_inputs(loaded, build)
     torch.testing.assert_close(logits(loaded, inputs2, tokens2), tuned, rtol=1e-6, atol=1e-6)

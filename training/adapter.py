@@ -24,9 +24,12 @@ Overrides: any config field as `--section.key=value` (e.g. `--stage2.optim.lr=1e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -35,10 +38,10 @@ import torch
 from torch import nn
 
 from lvface_mm.distributed import get_rank, is_distributed
-from lvface_mm.tasks.encoder_lora import EncoderLoraConfig, add_lora, save_adapter
+from lvface_mm.lora import lora_config
+from lvface_mm.tasks.encoder_lora import add_lora, encoder_lora_config, save_adapter
 from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
 from lvface_mm.vqa.harness import ENCODER_LORA_DIR
-from lvface_mm.vqa.testing import TinyLLMConfig
 
 from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load_config, save_config
 from .loop import Trainer
@@ -66,7 +69,12 @@ class AdapterModelConfig:
         projector, num_id_tokens, projector_hidden_dim: override the card's.
         gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
             and the injected identity tokens still get gradients).
-        tiny: the tiny Llama's shape (card "tiny").
+        load_in_4bit: QLoRA: load the frozen model's linear layers in 4-bit NF4 (double quantisation,
+            bf16 compute) with bitsandbytes, on this process's GPU; LoRA trains in bf16 on top
+            (`training/configs/adapter/llava15_7b_qlora.yaml`: a 7B VLM on one 24 GB GPU). Needs CUDA
+            and `pip install "lvface-mm[qlora]"`.
+        tiny: the tiny Llama's shape for card "tiny": `lvface_mm.vqa.testing.TinyLLMConfig` arguments
+            (hidden_size, intermediate_size, num_hidden_layers, ...; unset ones keep its defaults).
     """
 
     card: str = "tiny"
@@ -80,23 +88,30 @@ class AdapterModelConfig:
     num_id_tokens: int | None = None
     projector_hidden_dim: int | None = None
     gradient_checkpointing: bool = False
-    tiny: TinyLLMConfig = field(default_factory=TinyLLMConfig)
-
-
-@dataclass(frozen=True)
-class LLMLoraConfig:
-    """LoRA on the LLM in stage 2 (PEFT). `target_modules` is a full-match regex; None = the family's
-    default (the language model's attention projections, never the vision tower)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | None = None
-    modules_to_save: tuple[str, ...] = ()
+    load_in_4bit: bool = False
+    tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"need r >= 1, alpha > 0, 0 <= dropout < 1; got {self.r}, {self.alpha}, {self.dropout}")
+        if self.tiny:
+            _tiny_llm_config(self.tiny)  # unknown keys and bad shapes fail at load time (ignored for real cards)
+        if self.load_in_4bit and self.dtype == "fp32":
+            raise ValueError("model.load_in_4bit computes in bf16: set model.dtype: bf16")
+
+
+def _tiny_llm_config(values: dict[str, Any]) -> Any:
+    # The tiny Llama is a test model the program builds on request (card "tiny"); its shape class
+    # lives with the other test builders and is imported only here.
+    from lvface_mm.vqa.testing import TinyLLMConfig
+
+    try:
+        return TinyLLMConfig(**values)
+    except TypeError as err:
+        raise ValueError(f"model.tiny: {err} (keys are TinyLLMConfig fields)") from err
+
+
+# LoRA on the LLM in stage 2: `peft.LoraConfig` arguments. `target_modules` None = the family's
+# default (the language model's attention projections, never the vision tower).
+DEFAULT_LLM_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
 
 @dataclass(frozen=True)
@@ -173,8 +188,8 @@ class AdapterRunConfig:
     stages: tuple[int, ...] = (1, 2)
     model: AdapterModelConfig = field(default_factory=AdapterModelConfig)
     data: AdapterDataConfig = field(default_factory=lambda: AdapterDataConfig(path="."))
-    lora: LLMLoraConfig = field(default_factory=LLMLoraConfig)
-    encoder_lora: EncoderLoraConfig | None = None
+    lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LLM_LORA))
+    encoder_lora: dict[str, Any] | None = None
     preservation_weight: float = 1.0
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(
@@ -195,6 +210,10 @@ class AdapterRunConfig:
             raise ValueError("encoder_lora needs data.face_input: crop (the encoder must see pixels to be tuned)")
         if self.preservation_weight < 0:
             raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}")
+        # Unknown keys and bad values fail when the config is read, not in stage 2.
+        lora_config(self.lora, "lora")
+        if self.encoder_lora is not None:
+            encoder_lora_config(self.encoder_lora, "encoder_lora")
 
 
 # -- building the model -----------------------------------------------------------------------------
@@ -214,16 +233,10 @@ def _precision(loop: LoopConfig) -> LoopConfig:
 
 
 def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
-    from lvface_mm.vlm import IdentityAdapterConfig, LoraSpec, load_adapter_card
+    from lvface_mm.vlm import IdentityAdapterConfig, load_adapter_card
 
     m = config.model
-    lora = LoraSpec(
-        r=config.lora.r,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        modules_to_save=config.lora.modules_to_save,
-    )
+    lora = lora_config(config.lora, "lora")
     if m.card in _TINY_CARDS:
         card = IdentityAdapterConfig(
             name=f"{m.card}-llm" if m.card == "tiny" else m.card,
@@ -243,21 +256,45 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     return card.replace(**changes)
 
 
-def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> Any:
-    """The `IdentityVLM` to train, on the CPU, with a fresh projector and no LoRA yet."""
+def quantization_kwargs(m: AdapterModelConfig, device: torch.device | None) -> dict[str, Any]:
+    """transformers `from_pretrained` arguments for a 4-bit (QLoRA) base on `device`; {} otherwise."""
+    if not m.load_in_4bit:
+        return {}
+    import importlib.util
+
+    if device is None or device.type != "cuda":
+        raise ValueError(f"model.load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); this process has {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError('model.load_in_4bit needs bitsandbytes: pip install "lvface-mm[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    # QLoRA's recipe (Dettmers et al. 2023): NF4 weights, quantised quantisation constants, bf16 compute.
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_DTYPES[m.dtype],
+    )
+    return {"quantization_config": quant, "device_map": {"": device.index or 0}}
+
+
+def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, device: torch.device | None = None) -> Any:
+    """The `IdentityVLM` to train with a fresh projector and no LoRA yet: on the CPU, or for a 4-bit
+    base (`model.load_in_4bit`) on `device`, where bitsandbytes keeps the quantised weights."""
     from lvface_mm.vlm import IdentityVLM
 
     m = config.model
     if m.card in _TINY_CARDS:
         base = run_dir / "base"
         if get_rank() == 0 and not (base / "config.json").is_file():
-            from lvface_mm.vqa.testing import tiny_llm_for_samples
+            from lvface_mm.vqa.testing import tiny_llm_for_samples  # card "tiny": the program chose a test model
 
-            model, tokenizer = tiny_llm_for_samples(samples, m.tiny)
+            tiny_config = _tiny_llm_config(m.tiny)
+            model, tokenizer = tiny_llm_for_samples(samples, tiny_config)
             if m.card == "tiny-llava":
                 from lvface_mm.vlm.testing import llava_from_causal_lm
 
-                tiny = llava_from_causal_lm(model, tokenizer, image_size=112, patch_size=16, seed=m.tiny.seed)
+                tiny = llava_from_causal_lm(model, tokenizer, image_size=112, patch_size=16, seed=tiny_config.seed)
                 tiny.model.save_pretrained(str(base))
                 tiny.processor.save_pretrained(str(base))
             else:
@@ -267,7 +304,7 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path) -> An
         card = _card(config, vlm_id=str(base.resolve()))
     else:
         card = _card(config)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[m.dtype]}
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[m.dtype], **quantization_kwargs(m, device)}
     if m.gguf_file is not None:
         kwargs["gguf_file"] = m.gguf_file
     torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank
@@ -287,6 +324,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def seeded(seed: int, what: str) -> Iterator[None]:
+    """Draw `what`'s initial weights from their own seed, leaving the global random state as it was.
+
+    LoRA's A matrices are random at creation. Drawn from the global state, they would depend on
+    whether stage 1 ran in the same process (a run killed in stage 2 before its first checkpoint
+    would restart with a different adapter); seeded per (run seed, what), every restart is the same.
+    """
+    offset = zlib.crc32(what.encode())  # a stable per-purpose offset (Python's hash() is salted)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed + offset) % 2**63)
+        yield
+
+
 def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: nn.Module | None) -> nn.Module | None:
     """Freeze everything, then unfreeze what `stage` trains. Returns the PEFT-wrapped encoder, if tuned."""
     from peft import PeftModel
@@ -297,7 +348,17 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
     if stage == 1:
         return None
     if not isinstance(vlm.model, PeftModel):
-        vlm.apply_lora()  # the card's LoRA spec (set from the run config)
+        if getattr(vlm.model, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            # fp32 norms and input gradients for the 4-bit base; checkpointing as the config says.
+            vlm.model = prepare_model_for_kbit_training(
+                vlm.model,
+                use_gradient_checkpointing=config.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        with seeded(config.loop.seed, "llm_lora"):
+            vlm.apply_lora()  # the card's LoRA (set from the run config)
     for name, p in vlm.model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
             p.requires_grad_(True)
@@ -307,7 +368,8 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         vlm.model.enable_input_require_grads()
     if config.encoder_lora is not None and encoder_lora is None:
-        encoder_lora = add_lora(vlm.adapter.encoder, config.encoder_lora)
+        with seeded(config.loop.seed, "encoder_lora"):
+            encoder_lora = add_lora(vlm.adapter.encoder, config.encoder_lora)
     if encoder_lora is not None:
         for name, p in encoder_lora.named_parameters():
             p.requires_grad_("lora_" in name or "modules_to_save" in name)
@@ -336,20 +398,41 @@ def stage_done(output_dir: Path, stage: int) -> bool:
     return (output_dir / f"stage{stage}" / "adapter" / "stage.json").is_file()
 
 
-def save_stage_adapter(vlm: Any, encoder_lora: nn.Module | None, directory: Path, info: dict[str, Any]) -> Path:
-    """Adapter-only files: projector + config, PEFT LoRA beside them, encoder LoRA in a subfolder.
-    `stage.json` goes last and marks the directory complete."""
-    from peft import PeftModel
-
-    vlm.adapter.save_pretrained(directory)
-    if isinstance(vlm.model, PeftModel):
-        # The placeholder's embedding row is frozen and rebuilt identically whenever the adapter is
-        # attached, so the (possibly huge) resized embedding table is not copied into the adapter.
-        vlm.model.save_pretrained(str(directory), save_embedding_layers=False)
+def save_stage_adapter(
+    vlm: Any,
+    encoder_lora: nn.Module | None,
+    directory: Path,
+    info: dict[str, Any],
+    training_data: dict[str, Any] | None = None,
+) -> Path:
+    """Adapter-only files (`IdentityVLM.save_pretrained`: card, projector, PEFT LoRA without the
+    embedding table, added placeholder rows, README), the encoder LoRA in a subfolder, and
+    `stage.json` last: it marks the directory complete."""
+    vlm.save_pretrained(directory, training_data=training_data)
     if encoder_lora is not None:
         save_adapter(encoder_lora, directory / ENCODER_LORA_DIR)
     (directory / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
     return directory
+
+
+def training_data_summary(config: AdapterRunConfig, train: list[Any], evaluation: list[Any]) -> dict[str, Any]:
+    """What the model card says about the data and the schedule."""
+    from lvface_mm.vqa.builder import load_manifest
+
+    manifest = load_manifest(config.data.path)
+    summary: dict[str, Any] = {
+        "dataset": f"`{config.data.path}` (lvface-mm build-vqa, kind {manifest.get('kind', 'faces')!r})",
+        "samples": f"{len(train)} train, {len(evaluation)} evaluation",
+        "face input": config.data.face_input,
+    }
+    tasks = manifest.get("config", {}).get("tasks")
+    if tasks:
+        summary["tasks"] = ", ".join(tasks)
+    for stage in config.stages:
+        s = config.stage1 if stage == 1 else config.stage2
+        length = f"{s.max_steps} steps" if s.max_steps is not None else f"{s.epochs} epoch(s)"
+        summary[f"stage {stage}"] = f"{length}, batch {s.batch_size}/process, lr {s.optim.lr:g}"
+    return summary
 
 
 def run_stage(
@@ -421,7 +504,7 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
     load_manifest(root)
     train = load_samples(root / "train.json")
     evaluation = load_samples(root / "eval.json")
-    vlm = build_vlm(config, train + evaluation, out)
+    vlm = build_vlm(config, train + evaluation, out, device)
     encoder_lora = None
     summary: dict[str, Any] = {"stages": {}}
     for stage in config.stages:
@@ -439,9 +522,14 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
             return summary  # stopped early (loop.stop_at_step): run again to continue
     if get_rank() == 0:
         last = out / f"stage{config.stages[-1]}" / "adapter"
-        save_stage_adapter(vlm, encoder_lora, out / "adapter", json.loads((last / "stage.json").read_text()))
+        data_summary = training_data_summary(config, train, evaluation)
+        final = out / "adapter"
+        save_stage_adapter(vlm, encoder_lora, final, json.loads((last / "stage.json").read_text()), data_summary)
         if config.eval.enabled:
             summary["eval"] = evaluate_run(vlm, config, train, evaluation, encoder_lora)
+            report = out / "eval" / "report.md"
+            if report.is_file():  # the model card carries the harness table
+                vlm.adapter.write_model_card(final, training_data=data_summary, evaluation=report.read_text())
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -561,10 +649,11 @@ __all__ = [
     "AdapterEvalConfig",
     "AdapterModelConfig",
     "AdapterRunConfig",
-    "LLMLoraConfig",
+    "DEFAULT_LLM_LORA",
     "StageConfig",
     "build_optimizer",
     "build_vlm",
+    "quantization_kwargs",
     "main",
     "prepare_stage",
     "train_adapter",

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from lvface_mm.data.synthetic import SyntheticFacesConfig
-from lvface_mm.tasks.encoder_lora import EncoderLoraConfig
 
 T = TypeVar("T")
 
@@ -282,7 +281,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EncoderRunConfig:
-    """Everything `python -m training.encoder` needs. `lora: {...}` switches to LoRA fine-tuning."""
+    """Everything `python -m training.encoder` needs. `lora: {...}` switches to LoRA fine-tuning: its keys
+    are `peft.LoraConfig` arguments, read over `lvface_mm.tasks.encoder_lora.ENCODER_LORA_DEFAULTS`."""
 
     output_dir: str = "runs/encoder"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -292,7 +292,13 @@ class EncoderRunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    lora: EncoderLoraConfig | None = None
+    lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lora is not None:
+            from lvface_mm.tasks.encoder_lora import encoder_lora_config
+
+            encoder_lora_config(self.lora, "lora")  # unknown keys and bad values fail here, not mid-run
 
 
 def _check(ok: bool, message: str) -> None:
@@ -496,6 +502,10 @@ def _coerce(value: Any, tp: Any, key: str, sources: _Sources) -> Any:
         if not isinstance(value, str):
             fail("a string")
         return str(value)
+    if origin is dict or tp is dict:  # free-form mappings (e.g. peft.LoraConfig arguments), checked by their owner
+        if not isinstance(value, Mapping):
+            fail("a mapping")
+        return {str(k): _parse_cli(v) if isinstance(v, _Cli) else v for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             fail(f"a list ({_type_name(tp)})")

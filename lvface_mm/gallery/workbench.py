@@ -165,9 +165,9 @@ class Workbench:
         from ..vlm import IdentityVLM
 
         if self.config.tiny:
-            from ..vlm import tiny_card
+            from ..vlm.testing import tiny_identity_vlm  # --tiny: the program chose test models
 
-            return IdentityVLM.from_pretrained(tiny_card(TINY_VLM), adapter=self.config.adapter)
+            return tiny_identity_vlm(TINY_VLM, adapter=self.config.adapter)
         try:
             cfg = self.config
             return IdentityVLM.from_pretrained(cfg.vlm, encoder=cfg.face_model, adapter=cfg.adapter,

@@ -5,8 +5,9 @@ One task per training mode, all driven by the same loop (`training/loop.py`).
 
 from .encoder_lora import (
     DEFAULT_TARGETS,
-    EncoderLoraConfig,
+    ENCODER_LORA_DEFAULTS,
     add_lora,
+    encoder_lora_config,
     load_adapter,
     merge_adapter,
     save_adapter,
@@ -16,9 +17,10 @@ from .face_recognition import FaceRecognitionTask, images_to_input
 
 __all__ = [
     "DEFAULT_TARGETS",
-    "EncoderLoraConfig",
+    "ENCODER_LORA_DEFAULTS",
     "FaceRecognitionTask",
     "add_lora",
+    "encoder_lora_config",
     "images_to_input",
     "load_adapter",
     "merge_adapter",

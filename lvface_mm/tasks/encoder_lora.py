@@ -9,49 +9,40 @@ The encoder's BatchNorm layers (in the embedding head) should keep the base mode
 statistics while the adapter trains (`FaceRecognitionTask(freeze_norm_stats=True)`): then the base
 weights plus the adapter file fully define the fine-tuned model.
 
+The configuration is PEFT's `LoraConfig` itself (or a mapping of its arguments), like every LoRA
+in the library (`lvface_mm.lora`).
+
 Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; PEFT's
 custom-model LoRA (`LoraConfig(target_modules=...)` on any `nn.Module`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..lora import lora_config, with_default_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import LoraConfig
+
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# What a mapping of LoraConfig arguments starts from: every block's projections, r 8, alpha 16.
+# `modules_to_save: [feature]` also trains (and saves) the embedding head.
+ENCODER_LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": list(DEFAULT_TARGETS)}
 
 
-@dataclass(frozen=True)
-class EncoderLoraConfig:
-    """Where and how large the adapters are.
-
-    Args:
-        rank: LoRA rank r.
-        alpha: LoRA scaling numerator (the update is scaled by alpha / r).
-        dropout: dropout on the adapter input.
-        target_modules: module-name suffixes that get adapters (every block's matching Linear).
-        train_embedding_head: also train a full copy of the embedding head (`feature`: the
-            flatten -> Linear -> BN -> Linear -> BN that makes the 512-d embedding); it is saved
-            with the adapter.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    train_embedding_head: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"EncoderLoraConfig.rank must be an int >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"EncoderLoraConfig.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"EncoderLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"EncoderLoraConfig.target_modules must be non-empty names, got {self.target_modules!r}")
+def encoder_lora_config(
+    config: LoraConfig | Mapping[str, Any] | None = None, where: str = "encoder lora"
+) -> LoraConfig:
+    """A `peft.LoraConfig` for the encoder: a mapping is read over `ENCODER_LORA_DEFAULTS`; a
+    `LoraConfig` without `target_modules` gets `DEFAULT_TARGETS`."""
+    if config is None or isinstance(config, Mapping):
+        return lora_config({**ENCODER_LORA_DEFAULTS, **(config or {})}, where)
+    return with_default_targets(lora_config(config, where), DEFAULT_TARGETS)
 
 
 def _check_targets(encoder: nn.Module, targets: tuple[str, ...]) -> None:
@@ -62,24 +53,23 @@ def _check_targets(encoder: nn.Module, targets: tuple[str, ...]) -> None:
         raise ValueError(f"LoRA target(s) {missing} match no Linear layer of the encoder; Linear layers: {suffixes}")
 
 
-def add_lora(encoder: nn.Module, config: EncoderLoraConfig) -> nn.Module:
-    """Wrap `encoder` in a PEFT LoRA model: only the adapters (and optionally the embedding head) train.
+def add_lora(encoder: nn.Module, config: LoraConfig | Mapping[str, Any] | None = None) -> nn.Module:
+    """Wrap `encoder` in a PEFT LoRA model: only the adapters (and any `modules_to_save`) train.
 
-    The encoder is modified in place (PEFT swaps the target Linears for LoRA layers); call it on the
-    encoder with its base weights already loaded. Returns the `PeftModel`, which embeds like the
-    encoder: `model(x) -> (B, 512)`.
+    Args:
+        encoder: the FaceViT, its base weights already loaded. Modified in place (PEFT swaps the
+            target Linears for LoRA layers).
+        config: a `peft.LoraConfig` or a mapping of its arguments (see `encoder_lora_config`);
+            None = `ENCODER_LORA_DEFAULTS`. `modules_to_save=["feature"]` trains the embedding head.
+
+    Returns the `PeftModel`, which embeds like the encoder: `model(x) -> (B, 512)`.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    _check_targets(encoder, config.target_modules)
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
-        modules_to_save=["feature"] if config.train_embedding_head else None,
-        bias="none",
-    )
+    lora = encoder_lora_config(config)
+    targets = lora.target_modules
+    if isinstance(targets, (list, set, tuple)):  # a regex string is PEFT's to match
+        _check_targets(encoder, tuple(sorted(targets)))
     return get_peft_model(encoder, lora)
 
 
@@ -122,8 +112,9 @@ def unwrap_encoder(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "DEFAULT_TARGETS",
-    "EncoderLoraConfig",
+    "ENCODER_LORA_DEFAULTS",
     "add_lora",
+    "encoder_lora_config",
     "load_adapter",
     "merge_adapter",
     "save_adapter",

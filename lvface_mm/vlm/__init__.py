@@ -3,12 +3,15 @@
 Needs the `vlm` extra (`pip install "lvface-mm[vlm]"`: transformers 5.x, peft, accelerate).
 
 Main entry points:
-    IdentityVLM.from_pretrained(card_or_model, encoder=..., adapter=...)   caption / ask / generate
+    IdentityVLM.from_pretrained(base_model, adapter=..., encoder=...)    caption / ask / generate
+    IdentityAdapter.from_pretrained / save_pretrained / push_to_hub        adapters on the Hub (`hub`)
     IdentityAdapterConfig, load_adapter_card, list_adapter_cards             adapter cards
     create_projector, list_projectors                                        projectors
     IdentityInjector, IdentityTokens, inject_identity_tokens                 injection
     ground_faces, grounded_messages, render_grounded_prompt                  prompt grounding
-    build_tiny_vlm                                                           tiny random models (tests, demos)
+
+Tiny random models for tests and `--tiny` demos live in `lvface_mm.vlm.testing` (imported from
+there explicitly; nothing in the library imports it).
 """
 
 try:
@@ -21,7 +24,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from .adapter import IdentityAdapter
 from .config import (
     IdentityAdapterConfig,
-    LoraSpec,
     add_card_dir,
     default_card_dir,
     list_adapter_cards,
@@ -29,12 +31,12 @@ from .config import (
 )
 from .families import VLMFamily, family_for_config, family_for_model, get_family, list_families, register_family
 from .grounding import GroundingTemplate, ground_faces, grounded_messages, grounding_text, render_grounded_prompt
+from .hub import resolve_adapter
 from .injection import FaceCountError, IdentityInjector, IdentityTokens, inject_identity_tokens
-from .model import AnswerStream, IdentityVLM
+from .model import AnswerStream, IdentityVLM, ModelChanges
 from .processing import IdentityInputs, IdentityProcessor, expand_face_placeholders
 from .projectors import FaceFeatures, Projector, ProjectorSpec, create_projector, list_projectors, register_projector
 from .results import GroundedFace, IdentityAnswer, NameMention, find_mentions
-from .testing import build_tiny_vlm, list_tiny_builds, tiny_card
 
 __all__ = [
     "AnswerStream",
@@ -50,13 +52,12 @@ __all__ = [
     "IdentityProcessor",
     "IdentityTokens",
     "IdentityVLM",
-    "LoraSpec",
+    "ModelChanges",
     "NameMention",
     "Projector",
     "ProjectorSpec",
     "VLMFamily",
     "add_card_dir",
-    "build_tiny_vlm",
     "create_projector",
     "default_card_dir",
     "expand_face_placeholders",
@@ -71,10 +72,9 @@ __all__ = [
     "list_adapter_cards",
     "list_families",
     "list_projectors",
-    "list_tiny_builds",
     "load_adapter_card",
     "register_family",
     "register_projector",
     "render_grounded_prompt",
-    "tiny_card",
+    "resolve_adapter",
 ]

@@ -17,61 +17,26 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..lora import lora_config, lora_kwargs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import LoraConfig
 
 EmbeddingSource = Literal["pooled", "patch", "both"]
 EMBEDDING_SOURCES: tuple[str, ...] = ("pooled", "patch", "both")
 
 CONFIG_NAME = "identity_adapter_config.json"
-SCHEMA_VERSION = 1
+# 2: `lora` is a mapping of peft.LoraConfig arguments; the `tiny` field is gone (tests build tiny models).
+SCHEMA_VERSION = 2
+# Version 1 wrote lora with lvface-mm's own field names; they map one to one onto LoraConfig's.
+_V1_LORA_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "trainable_tokens": "trainable_token_indices"}
 
 # A placeholder looks like a tag, e.g. "<face>"; "<face_3>" is then reserved for "the face with index 3".
 _PLACEHOLDER_RE = re.compile(r"^<([A-Za-z][A-Za-z0-9-]*)>$")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """Where LoRA goes on the VLM when the adapter is fine-tuned with PEFT.
-
-    Attributes:
-        r: LoRA rank.
-        alpha: LoRA scaling numerator (`lora_alpha`).
-        dropout: dropout on the LoRA input.
-        target_modules: a full-match regex over module names (PEFT's string form), or None for the
-            family's default (attention projections of the language model only, never the vision tower).
-        modules_to_save: modules of the VLM trained and saved in full (e.g. "lm_head").
-        trainable_tokens: tokens whose embedding rows are trained with PEFT's trainable tokens
-            (each must be one token of the tokenizer, e.g. a name token or the placeholder).
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | None = None
-    modules_to_save: tuple[str, ...] = ()
-    trainable_tokens: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraSpec.r must be a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            if not isinstance(self.target_modules, str) or not self.target_modules:
-                raise ValueError(f"LoraSpec.target_modules must be a regex string or None, got {self.target_modules!r}")
-            try:
-                re.compile(self.target_modules)
-            except re.error as err:
-                raise ValueError(
-                    f"LoraSpec.target_modules is not a valid regex: {self.target_modules!r} ({err})"
-                ) from err
-        # JSON gives lists; keep tuples so the frozen config stays hashable.
-        object.__setattr__(self, "modules_to_save", _str_tuple(self.modules_to_save, "LoraSpec.modules_to_save"))
-        object.__setattr__(self, "trainable_tokens", _str_tuple(self.trainable_tokens, "LoraSpec.trainable_tokens"))
 
 
 @dataclass(frozen=True)
@@ -91,9 +56,11 @@ class IdentityAdapterConfig:
             ("resampler": 512).
         num_id_tokens: K, identity tokens per face (one `<face>` in a prompt becomes K copies).
         placeholder_token: the special token added to the tokenizer.
-        lora: LoRA placement for fine-tuning, or None for projector-only adapters.
-        tiny: name of a tiny random build from `lvface_mm.vlm.testing.list_tiny_builds()` to use
-            instead of loading `vlm_id` (test and demo cards; no download), or None.
+        lora: PEFT's `LoraConfig` for fine-tuning the LLM (a mapping of its arguments is converted),
+            or None for projector-only adapters. `target_modules=None` means the family's default
+            (the language model's attention projections, never the vision tower);
+            `trainable_token_indices` may name tokens as strings (e.g. "<face>"): they become ids
+            with the model's tokenizer when LoRA is applied.
         description: free text shown by `list_adapter_cards`.
     """
 
@@ -106,8 +73,7 @@ class IdentityAdapterConfig:
     projector_hidden_dim: int | None = None
     num_id_tokens: int = 1
     placeholder_token: str = "<face>"
-    lora: LoraSpec | None = None
-    tiny: str | None = None
+    lora: LoraConfig | None = None
     description: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -146,12 +112,8 @@ class IdentityAdapterConfig:
                 f"IdentityAdapterConfig.schema_version {self.schema_version!r} is not supported "
                 f"(expected {SCHEMA_VERSION})"
             )
-        if isinstance(self.lora, dict):
-            object.__setattr__(self, "lora", LoraSpec(**self.lora))
-        elif self.lora is not None and not isinstance(self.lora, LoraSpec):
-            raise ValueError(
-                f"IdentityAdapterConfig.lora must be a LoraSpec, a dict or None, got {type(self.lora).__name__}"
-            )
+        if self.lora is not None:
+            object.__setattr__(self, "lora", lora_config(self.lora, "IdentityAdapterConfig.lora"))
         self._check_registries()
 
     def _check_registries(self) -> None:
@@ -168,18 +130,6 @@ class IdentityAdapterConfig:
             raise ValueError(
                 f"IdentityAdapterConfig.encoder {self.encoder!r} is unknown; known: {', '.join(list_models())}"
             )
-        if self.tiny is not None:
-            from .testing import TINY_FAMILY
-
-            if self.tiny not in TINY_FAMILY:
-                raise ValueError(
-                    f"IdentityAdapterConfig.tiny {self.tiny!r} is unknown; known: {', '.join(sorted(TINY_FAMILY))}"
-                )
-            if TINY_FAMILY[self.tiny] != self.family:
-                raise ValueError(
-                    f"tiny build {self.tiny!r} is a {TINY_FAMILY[self.tiny]!r} model, "
-                    f"but the card says family {self.family!r}"
-                )
         projector_cls = get_projector_class(self.projector)
         if self.embedding_source not in projector_cls.supported_sources:
             raise ValueError(
@@ -197,10 +147,8 @@ class IdentityAdapterConfig:
 
     # -- JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if self.lora is not None:
-            data["lora"]["modules_to_save"] = list(self.lora.modules_to_save)
-            data["lora"]["trainable_tokens"] = list(self.lora.trainable_tokens)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["lora"] = None if self.lora is None else lora_kwargs(self.lora)
         return data
 
     @classmethod
@@ -208,17 +156,14 @@ class IdentityAdapterConfig:
         if not isinstance(data, dict):
             raise ValueError(f"an adapter card must be a JSON object, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys are allowed
+        if data.get("schema_version") == 1:
+            data = _from_schema_1(data)
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"unknown adapter card field(s) {unknown}; allowed: {sorted(allowed)}")
-        lora = data.get("lora")
-        if isinstance(lora, dict):
-            lora_allowed = {f.name for f in fields(LoraSpec)}
-            bad = sorted(set(lora) - lora_allowed)
-            if bad:
-                raise ValueError(f"unknown lora field(s) {bad}; allowed: {sorted(lora_allowed)}")
-            data = {**data, "lora": LoraSpec(**lora)}
+        if data.get("lora") is not None:
+            data = {**data, "lora": lora_config(data["lora"], f"adapter card {data.get('name', '?')!r}: lora")}
         try:
             return cls(**data)
         except TypeError as err:  # a required field is missing
@@ -252,10 +197,18 @@ class IdentityAdapterConfig:
         return replace(self, **changes)
 
 
-def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of strings, got {value!r}")
-    return tuple(value)
+def _from_schema_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 card in today's form: LoRA names mapped onto LoraConfig's, no `tiny`."""
+    if data.get("tiny") is not None:
+        raise ValueError(
+            f"adapter card {data.get('name', '?')!r} names tiny build {data['tiny']!r}: cards no longer build test "
+            "models; build it with lvface_mm.vlm.testing.build_tiny_vlm and pass the model to "
+            "IdentityVLM.from_pretrained(model, processor=..., adapter=card)"
+        )
+    data = {k: v for k, v in data.items() if k != "tiny"}
+    if isinstance(data.get("lora"), dict):
+        data["lora"] = {_V1_LORA_NAMES.get(k, k): v for k, v in data["lora"].items()}
+    return {**data, "schema_version": SCHEMA_VERSION}
 
 
 # -- cards ------------------------------------------------------------------------------------------
@@ -350,7 +303,6 @@ __all__ = [
     "EMBEDDING_SOURCES",
     "EmbeddingSource",
     "IdentityAdapterConfig",
-    "LoraSpec",
     "add_card_dir",
     "default_card_dir",
     "find_card_for_model",

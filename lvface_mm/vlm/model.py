@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +27,40 @@ import torch
 from torch import nn
 
 from ..faces.alignment import align_face, to_model_input
-from ..models import FaceViT, create_model, get_model_spec
-from .adapter import WEIGHTS_NAME, IdentityAdapter
-from .config import (
-    CONFIG_NAME,
-    IdentityAdapterConfig,
-    LoraSpec,
-    find_card_for_model,
-    list_adapter_cards,
-    load_adapter_card,
-)
+from ..models import FaceViT
+from .adapter import IdentityAdapter, build_encoder, saved_hidden_size
+from .config import CONFIG_NAME, IdentityAdapterConfig, find_card_for_model, list_adapter_cards, load_adapter_card
 from .families import VLMFamily, family_for_model, get_family
 from .grounding import GalleryLike, GroundingTemplate, Reference, family_prompt, ground_faces
+from .hub import PEFT_CONFIG_NAME, ROWS_NAME, is_repo_id, push_folder, resolve_adapter
 from .injection import IdentityInjector, IdentityTokens
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
 from .results import GroundedFace, IdentityAnswer, find_mentions
 from .set_of_mark import draw_marks
 
 CAPTION_REQUEST = "Describe the picture in one or two sentences. Name the people you were told about."
-PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class ModelChanges:
+    """What `IdentityVLM` changed on the model and tokenizer it was given (nothing else is touched).
+
+    Attributes:
+        placeholder_token: the token the identity tokens replace, e.g. "<face>".
+        placeholder_id: its id.
+        token_added: the tokenizer did not have it and it was added.
+        rows_added: (first, end) embedding rows added for it (the table, and an untied LM head, were
+            resized; new rows are the mean of the old ones), or None when it fit the existing table.
+        pad_token_set: the tokenizer had no pad token; its eos token was made the pad token.
+        padding_side: the tokenizer's padding side before (now "left", for batched generation).
+    """
+
+    placeholder_token: str
+    placeholder_id: int
+    token_added: bool
+    rows_added: tuple[int, int] | None
+    pad_token_set: bool
+    padding_side: str
 
 
 class FacesInPicture:
@@ -97,6 +113,11 @@ class IdentityVLM:
             False keeps the norm stored in loaded weights.
         identity_tokens: default for `ask`/`caption`: inject identity tokens (True), or use prompt
             grounding only (False); None = True when adapter weights were loaded.
+
+    The model and tokenizer passed in are changed in place, and only as `model_changes` records: the
+    placeholder token is added to the tokenizer (when missing), the embedding table (and an untied
+    LM head) grows by one mean-initialised row when the token does not fit it, a missing pad token
+    becomes the eos token, and padding goes to the left. Pass copies to keep the originals.
     """
 
     def __init__(
@@ -118,6 +139,7 @@ class IdentityVLM:
         self.config = adapter.config
         self.detector = detector
         self.identity_tokens = identity_tokens
+        had_token = self.config.placeholder_token in getattr(processor, "tokenizer", processor).get_vocab()
         self.processor = IdentityProcessor(processor, self.config, self.family)
         tokenizer = self.processor.tokenizer
         placeholder_id = self.processor.placeholder_id
@@ -131,11 +153,22 @@ class IdentityVLM:
             real_rows = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
             exclude = [i for i in range(real_rows, model.get_input_embeddings().weight.shape[0])] + [placeholder_id]
             adapter.projector.calibrate(self.family.token_embedding_norm(model, exclude=exclude))
-        ensure_embedding_row(model, placeholder_id, len(tokenizer))
-        if tokenizer.pad_token_id is None:
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        resized = ensure_embedding_row(model, placeholder_id, len(tokenizer))
+        pad_token_set = tokenizer.pad_token_id is None
+        if pad_token_set:
             tokenizer.pad_token = tokenizer.eos_token
+        padding_side = tokenizer.padding_side
         # Batched generation needs left padding so every row's last token is real.
         tokenizer.padding_side = "left"
+        self.model_changes = ModelChanges(
+            placeholder_token=self.config.placeholder_token,
+            placeholder_id=placeholder_id,
+            token_added=not had_token,
+            rows_added=(old_rows, model.get_input_embeddings().weight.shape[0]) if resized else None,
+            pad_token_set=pad_token_set,
+            padding_side=padding_side,
+        )
         embedding = model.get_input_embeddings()
         self.adapter.to(embedding.weight.device)
         self.injector = IdentityInjector(model, placeholder_id, self.config.placeholder_token)
@@ -144,11 +177,14 @@ class IdentityVLM:
     @classmethod
     def from_pretrained(
         cls,
-        vlm: str | os.PathLike[str] | IdentityAdapterConfig | nn.Module,
-        encoder: str | FaceViT | None = None,
-        adapter: str | os.PathLike[str] | None = None,
+        base_model: str | os.PathLike[str] | IdentityAdapterConfig | nn.Module,
+        adapter: str | os.PathLike[str] | IdentityAdapterConfig | None = None,
         *,
         processor: Any = None,
+        encoder: str | FaceViT | None = None,
+        adapter_revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         device_map: str | dict[str, Any] | None = None,
         dtype: torch.dtype | str | None = None,
         local_files_only: bool | None = None,
@@ -158,30 +194,45 @@ class IdentityVLM:
         identity_tokens: bool | None = None,
         **model_kwargs: Any,
     ) -> IdentityVLM:
-        """Build from a card name/path, a hub id or local directory, or a loaded model.
+        """A base model, its processor, an identity adapter and an encoder, put together.
+
+            IdentityVLM.from_pretrained("llava-hf/llava-1.5-7b-hf", adapter="user/llava-identity")
+            IdentityVLM.from_pretrained(model, processor=processor, adapter="llava-1.5-7b")  # a fresh card
+            IdentityVLM.from_pretrained("smolvlm-256m-instruct")                            # a card alone
 
         Args:
-            vlm: an adapter card (name from `list_adapter_cards()`, JSON path, or config object),
-                a saved adapter directory, a hub id / local model directory (its card is looked up by
-                `vlm_id`, else a default card is made), or a loaded model (then pass `processor`).
-            encoder: LVFace encoder name (default: the card's, else "lvface_b") or a FaceViT.
-            adapter: a directory written by `save_pretrained`: projector weights, its config and
-                any PEFT LoRA weights beside them.
-            processor: the model's processor when `vlm` is a loaded model (or to override loading).
+            base_model: the VLM/LLM: a Hub id or local model folder, or a loaded model (then pass
+                `processor`; it is changed in place as `IdentityVLM` says). An adapter card (name,
+                JSON path or `IdentityAdapterConfig`) or a saved adapter folder also works: the model
+                is then loaded from the card's `vlm_id`.
+            adapter: a trained adapter (a folder written by `save_pretrained`, or a Hub repo id
+                "user/repo": projector, card and any PEFT LoRA beside them), or a card for a fresh
+                adapter (card name, JSON path or `IdentityAdapterConfig`). None: the card found for
+                `base_model`'s id, else a default card (K=1, mlp2x_gelu, lvface_b).
+            processor: the model's processor (its tokenizer for text-only LLMs); loaded when None.
+            encoder: LVFace encoder name (default: the card's) or a built FaceViT.
+            adapter_revision, token, cache_dir: where the adapter repo comes from (a pinned commit,
+                a token for private repos); `token` and `cache_dir` also reach transformers.
             device_map, dtype, local_files_only, **model_kwargs: passed to transformers'
-                `from_pretrained` (e.g. `gguf_file=`, `revision=`).
+                `from_pretrained` (e.g. `revision=` of the base model, `gguf_file=`).
             encoder_checkpoint: a local LVFace checkpoint to load instead of the official weights.
             encoder_pretrained: load the official encoder weights; None = yes when they exist.
             detector: face detector for pictures passed without `faces`.
             identity_tokens: see `IdentityVLM`.
         """
-        card, adapter_dir = _resolve_card(vlm, adapter)
+        card, adapter_dir, model_id = _resolve_card(
+            base_model,
+            adapter,
+            dict(revision=adapter_revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only),
+        )
         hub_kwargs = {
             k: v
-            for k, v in dict(device_map=device_map, dtype=dtype, local_files_only=local_files_only).items()
+            for k, v in dict(
+                device_map=device_map, dtype=dtype, local_files_only=local_files_only, token=token, cache_dir=cache_dir
+            ).items()
             if v is not None
         }
-        model, processor, family = _load_model(vlm, card, processor, hub_kwargs, model_kwargs)
+        model, processor, family = _load_model(base_model, model_id, card, processor, hub_kwargs, model_kwargs)
         if card is None:
             name = getattr(model.config, "name_or_path", "") or family.name
             card = IdentityAdapterConfig(name=name, vlm_id=name, family=family.name)
@@ -189,19 +240,24 @@ class IdentityVLM:
             raise ValueError(
                 f"card {card.name!r} is for family {card.family!r}, but the model is a {family.name!r} model"
             )
-        encoder_name = card.encoder
         if isinstance(encoder, str) and encoder != card.encoder:
             if adapter_dir is not None:
                 raise ValueError(
                     f"the adapter at {adapter_dir} was trained with encoder {card.encoder!r}, not {encoder!r}"
                 )
-            card, encoder_name = card.replace(encoder=encoder), encoder
+            card = card.replace(encoder=encoder)
         face_vit = (
             encoder
             if isinstance(encoder, FaceViT)
-            else _build_encoder(encoder_name, encoder_checkpoint, encoder_pretrained)
+            else build_encoder(card.encoder, encoder_checkpoint, encoder_pretrained)
         )
-        identity = IdentityAdapter(card, face_vit, family.hidden_size(model.config))
+        hidden = family.hidden_size(model.config)
+        if adapter_dir is not None and saved_hidden_size(adapter_dir) != hidden:
+            raise ValueError(
+                f"the adapter at {adapter_dir} projects to width {saved_hidden_size(adapter_dir)}, "
+                f"but this model's hidden size is {hidden}: it was trained for another model"
+            )
+        identity = IdentityAdapter(card, face_vit, hidden)
         if adapter_dir is not None:
             identity.load_adapter_weights(adapter_dir)
         vlm_obj = cls(
@@ -215,26 +271,36 @@ class IdentityVLM:
             if identity_tokens is not None
             else (True if adapter_dir is not None else None),
         )
-        if adapter_dir is not None and (Path(adapter_dir) / PEFT_CONFIG_NAME).is_file():
-            vlm_obj.load_lora(adapter_dir)
+        if adapter_dir is not None:
+            vlm_obj._load_placeholder_rows(adapter_dir)
+            if (adapter_dir / PEFT_CONFIG_NAME).is_file():
+                vlm_obj.load_lora(adapter_dir)
         return vlm_obj
 
     # -- PEFT -----------------------------------------------------------------------------------
-    def apply_lora(self, spec: LoraSpec | None = None) -> nn.Module:
-        """Wrap the model with PEFT LoRA (card's spec by default) and re-hook the embedding."""
-        from peft import LoraConfig, get_peft_model
+    def apply_lora(self, config: Any = None) -> nn.Module:
+        """Wrap the model with PEFT LoRA and re-hook the embedding.
 
-        spec = spec or self.config.lora or LoraSpec()
-        token_ids = [self._single_token_id(t) for t in spec.trainable_tokens]
-        lora_config = LoraConfig(
-            r=spec.r,
-            lora_alpha=spec.alpha,
-            lora_dropout=spec.dropout,
-            target_modules=spec.target_modules or self.family.default_lora_targets,
-            modules_to_save=list(spec.modules_to_save) or None,
-            trainable_token_indices=token_ids or None,
-        )
-        self.model = get_peft_model(self.model, lora_config)
+        Args:
+            config: a `peft.LoraConfig` or a mapping of its arguments; None = the card's (else
+                PEFT's defaults). `target_modules=None` becomes the family's default targets, and
+                token strings in `trainable_token_indices` become ids with this model's tokenizer.
+        """
+        import dataclasses
+
+        from peft import get_peft_model
+
+        from ..lora import lora_config, with_default_targets
+
+        config = lora_config(config if config is not None else (self.config.lora or {}), "apply_lora")
+        config = with_default_targets(config, self.family.default_lora_targets)
+        indices = config.trainable_token_indices
+        if isinstance(indices, (list, tuple)) and any(isinstance(t, str) for t in indices):
+            ids = [self._single_token_id(t) if isinstance(t, str) else int(t) for t in indices]
+            config = dataclasses.replace(config, trainable_token_indices=ids)
+        # The card records the LoRA actually applied, so a saved adapter says what it holds.
+        self.config = self.adapter.config = self.config.replace(lora=dataclasses.replace(config))
+        self.model = get_peft_model(self.model, config)
         self.injector.reattach(self.model)
         return self.model
 
@@ -255,16 +321,84 @@ class IdentityVLM:
         return int(ids[0])
 
     # -- save -----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
-        """Write the adapter alone: config JSON + projector safetensors, and PEFT LoRA weights beside them.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *,
+        training_data: Mapping[str, Any] | str | None = None,
+        evaluation: str | None = None,
+        repo_id: str | None = None,
+    ) -> Path:
+        """Write the adapter alone: card, projector, PEFT LoRA, added embedding rows and a README.
 
-        The LoRA files are PEFT's own (`adapter_config.json`, `adapter_model.safetensors`), loadable
-        with `PeftModel.from_pretrained(base, directory)` once the base has the placeholder token.
+        The LoRA files are PEFT's own (`adapter_config.json`, `adapter_model.safetensors`), written
+        with `save_embedding_layers=False`: when the table grew for the placeholder, only the added
+        rows go into `placeholder_rows.safetensors` (a few KB), never a copy of the whole embedding
+        table and LM head. `PeftModel.from_pretrained(base, directory)` loads the LoRA once the base
+        has the placeholder row. `training_data` and `evaluation` go into the model card.
         """
-        directory = self.adapter.save_pretrained(save_directory)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
         if _is_peft(self.model):
-            self.model.save_pretrained(str(directory))
-        return directory
+            self.model.save_pretrained(str(directory), save_embedding_layers=False)
+        self._save_placeholder_rows(directory)
+        # The adapter goes last: its README describes the files already in the folder.
+        return self.adapter.save_pretrained(
+            directory, training_data=training_data, evaluation=evaluation, repo_id=repo_id
+        )
+
+    def push_to_hub(
+        self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None, **kwargs: Any
+    ) -> Any:
+        """Upload what `save_pretrained` writes to the Hub repo `repo_id` in one commit.
+
+        `kwargs`: `training_data`, `evaluation` (model card) and `revision`, `commit_message`,
+        `create_pr` (upload). Returns huggingface_hub's commit info.
+        """
+        card_keys = ("training_data", "evaluation")
+        card = {k: kwargs.pop(k) for k in card_keys if k in kwargs}
+        return push_folder(
+            lambda d: self.save_pretrained(d, repo_id=repo_id, **card), repo_id, token=token, private=private, **kwargs
+        )
+
+    def _save_placeholder_rows(self, directory: Path) -> None:
+        rows = self.model_changes.rows_added
+        if rows is None:
+            return
+        from safetensors.torch import save_file
+
+        start, end = rows
+        embedding = self.model.get_input_embeddings().weight
+        state = {"input_rows": embedding[start:end].detach().cpu().contiguous()}  # (added, d)
+        output = self.model.get_output_embeddings()
+        if output is not None and output.weight.data_ptr() != embedding.data_ptr():
+            state["output_rows"] = output.weight[start:end].detach().cpu().contiguous()  # untied head
+        save_file(state, str(directory / ROWS_NAME), metadata={"first_row": str(start), "end_row": str(end)})
+
+    def _load_placeholder_rows(self, directory: Path) -> None:
+        path = directory / ROWS_NAME
+        rows = self.model_changes.rows_added
+        if not path.is_file():
+            return
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        saved = (int(meta["first_row"]), int(meta["end_row"]))
+        state = load_file(str(path))
+        if rows != saved:
+            added = "none" if rows is None else f"{rows[0]}..{rows[1] - 1}"
+            raise ValueError(
+                f"{path} holds embedding rows {saved[0]}..{saved[1] - 1}, but this model added {added}: "
+                "the adapter was saved for another base model"
+            )
+        embedding = self.model.get_input_embeddings().weight
+        with torch.no_grad():
+            embedding[saved[0] : saved[1]] = state["input_rows"].to(embedding.device, embedding.dtype)
+            output = self.model.get_output_embeddings()
+            if "output_rows" in state and output is not None:
+                output.weight[saved[0] : saved[1]] = state["output_rows"].to(output.weight.device, output.weight.dtype)
 
     # -- faces ----------------------------------------------------------------------------------
     def find_faces(self, image: Any, faces: Sequence[Any] | None = None) -> FacesInPicture:
@@ -588,80 +722,97 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _resolve_card(vlm: Any, adapter: str | os.PathLike[str] | None) -> tuple[IdentityAdapterConfig | None, Path | None]:
+def _resolve_card(
+    base_model: Any, adapter: Any, hub: dict[str, Any]
+) -> tuple[IdentityAdapterConfig | None, Path | None, str | None]:
+    """The card, a trained adapter's local folder (or None), and the model id to load (None: given).
+
+    `adapter` wins; else `base_model` may itself name a card or a saved adapter (the model is then
+    the card's `vlm_id`); else the card registered for `base_model`'s id (None: a default card is
+    made once the model is known).
+    """
+    card: IdentityAdapterConfig | None
+    folder: Path | None = None
+    model_id: str | None = None
+    if isinstance(base_model, IdentityAdapterConfig):
+        card, model_id = base_model, base_model.vlm_id
+    elif isinstance(base_model, nn.Module):
+        card = None
+    else:
+        path = Path(base_model)
+        if path.is_dir() and (path / CONFIG_NAME).is_file():
+            card, folder = _card_or_adapter(path, {})
+            model_id = card.vlm_id
+        elif path.suffix == ".json" or str(base_model) in list_adapter_cards():
+            card = load_adapter_card(base_model)
+            model_id = card.vlm_id
+        else:
+            card, model_id = find_card_for_model(str(base_model)), str(base_model)
     if adapter is not None:
-        adapter_dir = Path(adapter)
-        if not (adapter_dir / CONFIG_NAME).is_file() or not (adapter_dir / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(
-                f"{adapter_dir} is not a saved identity adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
-            )
-        card = IdentityAdapterConfig.from_pretrained(adapter_dir)
-        if isinstance(vlm, IdentityAdapterConfig) and (vlm.family != card.family or vlm.vlm_id != card.vlm_id):
-            raise ValueError(f"adapter at {adapter_dir} is for {card.vlm_id!r}, not {vlm.vlm_id!r}")
-        return card, adapter_dir
-    if isinstance(vlm, IdentityAdapterConfig):
-        return vlm, None
-    if isinstance(vlm, nn.Module):
-        return None, None
-    path = Path(vlm)
-    if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-        return IdentityAdapterConfig.from_pretrained(path), path
-    if path.suffix == ".json" or str(vlm) in list_adapter_cards():
-        return load_adapter_card(vlm), None
-    return find_card_for_model(str(vlm)), None
+        given, folder = _card_or_adapter(adapter, hub)
+        if (
+            card is not None
+            and isinstance(base_model, IdentityAdapterConfig)
+            and (card.family != given.family or card.vlm_id != given.vlm_id)
+        ):
+            raise ValueError(f"adapter {adapter} is for {given.vlm_id!r}, not {card.vlm_id!r}")
+        card = given
+    return card, folder, model_id
+
+
+def _card_or_adapter(value: Any, hub: dict[str, Any]) -> tuple[IdentityAdapterConfig, Path | None]:
+    """A card (object, card name, JSON path) for a fresh adapter, or a trained adapter's folder (path or repo id)."""
+    if isinstance(value, IdentityAdapterConfig):
+        return value, None
+    text = str(value)
+    path = Path(value)
+    if path.suffix == ".json" and path.is_file() or (not path.exists() and text in list_adapter_cards()):
+        if hub.get("revision") is not None:
+            raise ValueError(f"adapter_revision was given, but {text!r} is an adapter card, not a repo")
+        return load_adapter_card(value), None
+    if not path.exists() and not is_repo_id(text):
+        known = ", ".join(list_adapter_cards()) or "none found"
+        raise FileNotFoundError(
+            f"adapter {text!r} is not a saved adapter folder, a Hub repo id ('user/name') or an adapter card "
+            f"(cards: {known})"
+        )
+    folder = resolve_adapter(value, **hub)
+    return IdentityAdapterConfig.from_pretrained(folder), folder
 
 
 def _load_model(
-    vlm: Any,
+    base_model: Any,
+    model_id: str | None,
     card: IdentityAdapterConfig | None,
     processor: Any,
     hub_kwargs: dict[str, Any],
     model_kwargs: dict[str, Any],
 ) -> tuple[nn.Module, Any, VLMFamily]:
-    """The model, its processor and family: given, built tiny from the card, or loaded with transformers."""
-    if isinstance(vlm, nn.Module):
+    """The model, its processor and family: given, or loaded with transformers."""
+    if model_id is None:
         if processor is None:
             raise ValueError("IdentityVLM.from_pretrained(model): pass `processor=` (the tokenizer for text-only LLMs)")
-        return vlm, processor, family_for_model(vlm)
-    if card is not None and card.tiny is not None:
-        from .testing import build_tiny_vlm
-
-        tiny = build_tiny_vlm(card.tiny)
-        return tiny.model, processor or tiny.processor, get_family(card.family)
-    model_id = card.vlm_id if card is not None else str(vlm)
+        return base_model, processor, family_for_model(base_model)
     local_only = hub_kwargs.get("local_files_only")
-    family = get_family(card.family) if card is not None else _family_of_checkpoint(model_id, local_only)
+    family = get_family(card.family) if card is not None else _family_of_checkpoint(model_id, hub_kwargs)
     model = family.load_model(model_id, **hub_kwargs, **model_kwargs)
     if processor is None:
-        shared = ("gguf_file", "revision", "trust_remote_code", "cache_dir", "token")
+        shared = ("gguf_file", "revision", "trust_remote_code")
         proc_kwargs = {k: v for k, v in model_kwargs.items() if k in shared}
+        proc_kwargs.update({k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir")})
         if local_only is not None:
             proc_kwargs["local_files_only"] = local_only
         processor = family.load_processor(model_id, **proc_kwargs)
     return model, processor, family
 
 
-def _family_of_checkpoint(model_id: str, local_files_only: bool | None) -> VLMFamily:
+def _family_of_checkpoint(model_id: str, hub_kwargs: dict[str, Any]) -> VLMFamily:
     from transformers import AutoConfig
 
     from .families import family_for_config
 
-    kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in ("local_files_only", "token", "cache_dir")}
     return family_for_config(AutoConfig.from_pretrained(model_id, **kwargs))
 
 
-def _build_encoder(name: str, checkpoint: str | os.PathLike[str] | None, pretrained: bool | None) -> FaceViT:
-    if checkpoint is not None:
-        return create_model(name, checkpoint_path=checkpoint)
-    if pretrained is None:
-        pretrained = get_model_spec(name).weights is not None
-    if pretrained:
-        return create_model(name, pretrained=True)
-    # A random encoder (tests, tiny demos, benchmarks) is seeded, so a saved adapter reloads against
-    # the very encoder it was trained with.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_model(name)
-
-
-__all__ = ["CAPTION_REQUEST", "AnswerStream", "FacesInPicture", "IdentityVLM", "load_image"]
+__all__ = ["CAPTION_REQUEST", "AnswerStream", "FacesInPicture", "IdentityVLM", "ModelChanges", "load_image"]

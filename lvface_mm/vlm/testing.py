@@ -444,11 +444,23 @@ def tiny_card(name: str, **changes: Any) -> Any:
         embedding_source="pooled",
         projector="mlp2x_gelu",
         num_id_tokens=2,
-        tiny=name,
         description=f"random tiny {name} for tests",
     )
     fields.update(changes)
     return IdentityAdapterConfig(**fields)
+
+
+def tiny_identity_vlm(name: str, adapter: Any = None, seed: int = 0, **kwargs: Any) -> Any:
+    """`IdentityVLM` around `build_tiny_vlm(name, seed)`: the tiny card (or `adapter`: a saved adapter
+    folder or repo id, or a card) and a seeded random `lvface_tiny` encoder. `kwargs` go to
+    `IdentityVLM.from_pretrained`."""
+    from .model import IdentityVLM
+
+    tiny = build_tiny_vlm(name, seed=seed)
+    kwargs.setdefault("encoder_pretrained", False)
+    return IdentityVLM.from_pretrained(
+        tiny.model, processor=tiny.processor, adapter=adapter if adapter is not None else tiny_card(name), **kwargs
+    )
 
 
 CHATML_TEMPLATE = (
@@ -534,5 +546,6 @@ __all__ = [
     "list_tiny_builds",
     "random_face_crops",
     "tiny_card",
+    "tiny_identity_vlm",
     "tiny_tokenizer",
 ]
