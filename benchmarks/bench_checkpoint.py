@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for classes, layout, r, save_x, load_x in rows:
         lines.append(
-            f"| {classes:,} | {layout} | {r['save_mb'][0]:.0f} / {r['save_mb'][1]:.0f} | {save_x:.2f} | "
+            f"| {classes:,} | {layout} | {r['save_mb'][0]:.0f} / {r['save_mb'][1]:.0f} | {save_x:.3f} | "
             f"{r['load_mb'][0]:.0f} / {r['load_mb'][1]:.0f} | {load_x:.2f} | {r['save_s']:.2f} | {r['load_s']:.2f} | "
             f"{r['size_mb']:.0f} |"
         )
