@@ -164,3 +164,31 @@ def test_calibrate_from_a_folder_saves_the_threshold_with_its_encoder(tmp_path, 
     with Gallery(db, create=False) as g:
         assert g.threshold == pytest.approx(result["threshold"])
         assert g.encoder == {"model": "lvface_tiny", "tiny": True, "seed": 2}
+
+
+def test_a_remembered_checkpoint_is_checked_by_its_bytes(tmp_path, crops, capsys):
+    import torch
+
+    from lvface_mm.models import create_model
+
+    torch.manual_seed(5)
+    ckpt = tmp_path / "mine.pt"
+    torch.save(create_model("lvface_tiny").state_dict(), ckpt)
+    db = str(tmp_path / "g.db")
+    assert main(["gallery", "enrol", "Ann", crops[0], "--db", db, "--model", "lvface_tiny", "--checkpoint", str(ckpt),
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert main(["gallery", "identify", crops[0], "--db", db, "--json", "-q"]) == 0  # the checkpoint, remembered
+    assert json.loads(capsys.readouterr().out)["score"] > 0.999
+    moved = tmp_path / "moved.pt"
+    ckpt.rename(moved)
+    assert main(["gallery", "identify", crops[0], "--db", db, "-q"]) == 2
+    assert "is no longer there" in capsys.readouterr().err
+    assert main(["gallery", "identify", crops[0], "--db", db, "--model", "lvface_tiny", "--checkpoint", str(moved),
+                 "--json", "-q"]) == 0  # same bytes elsewhere: fine
+    assert json.loads(capsys.readouterr().out)["name"] == "Ann"
+    torch.manual_seed(6)
+    torch.save(create_model("lvface_tiny").state_dict(), moved)  # other weights under the same name
+    assert main(["gallery", "identify", crops[0], "--db", db, "--model", "lvface_tiny", "--checkpoint", str(moved),
+                 "-q"]) == 2
+    assert "not comparable" in capsys.readouterr().err

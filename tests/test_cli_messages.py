@@ -79,7 +79,10 @@ def test_checkpoint_messages_are_one_line_in_cli_terms(tmp_path, crop, capsys):
     assert main(["embed", *common, "--model", "lvface_t", "--checkpoint", str(tiny)]) == 2
     err = _err_lines(capsys)
     assert len(err) == 1 and "pass --model lvface_tiny" in err[0] and "create_model(" not in err[0]
-    assert not out.exists()
+    assert main(["export-onnx", "--model", "lvface_t", "--checkpoint", str(tiny), "-o", str(tmp_path / "t.onnx")]) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and err[0].endswith("pass --model lvface_tiny.")
+    assert not out.exists() and not (tmp_path / "t.onnx").exists()
 
 
 def test_verify_json_reports_errors_as_json(tmp_path, crop, capsys):

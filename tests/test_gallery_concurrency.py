@@ -56,9 +56,9 @@ def test_a_commit_between_the_cache_read_and_the_version_read_is_not_missed(tmp_
 def _create_and_enrol(paths: list[str], who: int, barrier: object, results: object) -> None:
     from lvface_mm.gallery import Gallery
 
-    barrier.wait()  # all processes start creating the same new files at the same moment
     errors = []
     for path in paths:
+        barrier.wait()  # all processes start creating each new file at the same moment
         try:
             with Gallery(path, model_name="lvface_tiny") as g:
                 g.enrol(f"p{who}", unit(who))

@@ -143,5 +143,7 @@ def cache_path(args: argparse.Namespace, stem: str) -> Path | None:
 
 
 def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    from ._common import cli_terms
+
+    print(f"error: {cli_terms(message)}", file=sys.stderr)
     return 2

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
         path = export_onnx(model, args.output, opset=args.opset, batch_size=args.batch_size)
     except (ValueError, OSError, ImportError, WeightsNotAvailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from ._common import cli_terms
+
+        print(f"error: {cli_terms(str(exc))}", file=sys.stderr)
         return 2
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({size_mb:.1f} MB): input 'data' (N, 3, 112, 112) in [-1, 1] -> (N, 512) raw embedding")

@@ -123,7 +123,7 @@ def _resolve_encoder(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"gallery {args.db} was made with {_describe(stored)}, but this command asks for "
                          f"{_describe(asked)}: embeddings of different encoders are not comparable. Leave out "
                          "the model flags to use the gallery's own encoder, or pass another --db")
-    info = stored or asked or {"model": "lvface_b"}
+    info = asked or stored or {"model": "lvface_b"}  # flags that agree may point at a moved checkpoint
     if info.get("checkpoint") and asked is None:
         _check_remembered_checkpoint(args.db, info)
     args.tiny, args.model = bool(info.get("tiny")), info["model"]
@@ -195,7 +195,8 @@ def _enrol(args: argparse.Namespace) -> int:
     import numpy as np
 
     with _open(args, model=encoder["model"], store_faces=args.store_faces) as gallery:
-        gallery.remember_encoder(encoder)
+        if gallery.encoder is None:
+            gallery.remember_encoder(encoder)
         identity_id = gallery.enrol(name, np.stack(embeddings), quality=qualities, metadata=metadata,
                                     face_images=crops if args.store_faces else None, replace=args.replace)
         person = gallery.get(identity_id)
@@ -271,7 +272,7 @@ def _calibrate(args: argparse.Namespace) -> int:
           + (f", TAR {cal.tar:.4f}" if cal.tar is not None else ""))
     if args.save:
         with _open(args) as gallery:
-            if encoder is not None:  # the threshold belongs to this encoder's scores
+            if encoder is not None and gallery.encoder is None:  # the threshold belongs to this encoder
                 gallery.remember_encoder(encoder)
             gallery.save_threshold(cal.threshold, far=cal.far, source=f"calibrated on {args.folder or args.npz}")
         print(f"saved in {args.db}", file=sys.stderr if args.json else sys.stdout)
