@@ -47,11 +47,11 @@ from lvface_mm.models.inference import bf16_auto_decision, cpu_has_native_bf16  
 TINY = ROOT / "training" / "configs" / "encoder" / "tiny_synthetic.yaml"
 
 
-def train_tiny(run_dir: Path, quick: bool) -> list[float]:
+def train_tiny(run_dir: Path, quick: bool, seed: int) -> list[float]:
     """Train the tiny encoder into `run_dir`; returns the held-out accuracies logged during training."""
     from training.encoder import main
 
-    args = ["--config", str(TINY), f"--output_dir={run_dir}", "--data.num_workers=0",
+    args = ["--config", str(TINY), f"--output_dir={run_dir}", "--data.num_workers=0", f"--loop.seed={seed}",
             "--loop.progress_bar=false", "--loop.tensorboard=false"]
     if quick:  # the setting of tests/test_training_learns.py: 64 identities, 4 epochs = 64 steps
         args += ["--data.synthetic.num_identities=64", "--loop.epochs=4", "--eval.every_steps=0"]
@@ -67,11 +67,13 @@ def load_trained(run_dir: Path) -> torch.nn.Module:
     return create_model("lvface_tiny", num_heads=2, checkpoint_path=run_dir / "model.pt")
 
 
-def heldout_pairs() -> tuple[list[np.ndarray], np.ndarray]:
+def heldout_pairs(num_pairs: int, identities: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Pairs of identities the encoder never saw (those after the 200 training identities of the config)."""
     from training.config import EncoderRunConfig, load_config
     from training.encoder import build_pair_sets
 
-    pairs = build_pair_sets(load_config(EncoderRunConfig, str(TINY), []))[0]
+    overrides = [f"--data.synthetic.num_pairs={num_pairs}", f"--data.synthetic.heldout_identities={identities}"]
+    pairs = build_pair_sets(load_config(EncoderRunConfig, str(TINY), overrides))[0]
     return pairs.images, pairs.issame
 
 
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 64-step training run instead of 300; T on 8 crops")
     parser.add_argument("--run-dir", type=Path, help="reuse (or keep) this training run instead of a temp folder")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (--loop.seed)")
+    parser.add_argument("--pairs", type=int, default=600, help="held-out verification pairs (multiple of 20)")
+    parser.add_argument("--heldout-identities", type=int, default=50, help="unseen identities the pairs are drawn from")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "encoder.md")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
@@ -147,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or Path(tmp) / "run"
         if not (run_dir / "model.pt").is_file():
-            logged = train_tiny(run_dir, args.quick)
+            logged = train_tiny(run_dir, args.quick, args.seed)
         else:
             logged = []
-        images, issame = heldout_pairs()
-        rows = {"lvface_tiny, trained (synthetic held-out pairs)": compare(load_trained(run_dir), images, issame)}
+        images, issame = heldout_pairs(args.pairs, args.heldout_identities)
+        label = f"lvface_tiny, trained seed {args.seed} ({len(issame)} pairs of {args.heldout_identities} unseen ids)"
+        rows = {label: compare(load_trained(run_dir), images, issame)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         official = create_model("lvface_t")
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"### bf16 against fp32: embeddings and verification ({datetime.date.today()})",
         "",
-        f"Command: `python benchmarks/bench_bf16.py{' --quick' if args.quick else ''}`  ",
+        f"Command: `python benchmarks/bench_bf16.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, native bf16: "
         f"{cpu_has_native_bf16()}; 1-min load {load_before:.1f}  ",
         "Training: tiny_synthetic.yaml" + (" with 64 identities, 4 epochs (64 steps)" if args.quick else " (300 steps)")
