@@ -16,6 +16,8 @@ Columns:
 - photos per CPU-second: photos / CPU time spent indexing (all threads of all workers; model
   building excluded on both sides). Does not depend on other work on the machine.
 - vs 1 worker: indexing photos/s with 2 workers / with 1 worker, same run.
+- cores used: CPU-seconds / indexing wall seconds, how many cores the indexing actually got. With
+  2 workers on an idle 2-core machine it approaches 2; less means other work held the cores.
 
 Writes benchmarks/results/indexing.md (and prints it).
 """
@@ -80,7 +82,8 @@ def bench_direct(spec, photos: Path, tmp: Path, n: int, repeats: int) -> dict:
             walls.append(wall)
             cpus.append(cpu)
     return {"photos_per_s": n / statistics.median(walls), "photos_per_cpu_s": n / statistics.median(cpus),
-            "steady_photos_per_s": n / statistics.median(walls)}  # warm models: start-up is not in the time
+            "steady_photos_per_s": n / statistics.median(walls),  # warm models: start-up is not in the time
+            "cores_used": statistics.median(cpus) / statistics.median(walls)}
 
 
 def bench_job(spec, photos: Path, tmp: Path, n: int, repeats: int, workers: int, shard_size: int) -> dict:
@@ -96,7 +99,8 @@ def bench_job(spec, photos: Path, tmp: Path, n: int, repeats: int, workers: int,
         cpus.append(report.worker_cpu_seconds)
         spans.append(report.indexing_span)
     return {"photos_per_s": n / statistics.median(walls), "photos_per_cpu_s": n / statistics.median(cpus),
-            "steady_photos_per_s": n / statistics.median(spans)}
+            "steady_photos_per_s": n / statistics.median(spans),
+            "cores_used": statistics.median(cpus) / statistics.median(spans)}
 
 
 def machine() -> str:
@@ -151,15 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Photos: {n} (portraits, mirrored / rotated copies), {shard_size} per shard; median of {repeats} run(s)",
         "",
         "| models | path | photos/s wall, end to end | photos/s wall, indexing | vs 1 worker (indexing) "
-        "| photos per CPU-second | vs today (CPU) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| photos per CPU-second | vs today (CPU) | cores used |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, direct, one, two in rows:
         for name, r in (("today: `PhotoIndex.add`, 1 process", direct), ("sharded job, 1 worker (1 thread)", one),
                         ("sharded job, 2 local workers (1 thread each)", two)):
             lines.append(f"| {label} | {name} | {r['photos_per_s']:.2f} | {r['steady_photos_per_s']:.2f} | "
                          f"{r['steady_photos_per_s'] / one['steady_photos_per_s']:.2f}x | "
-                         f"{r['photos_per_cpu_s']:.2f} | {r['photos_per_cpu_s'] / direct['photos_per_cpu_s']:.2f}x |")
+                         f"{r['photos_per_cpu_s']:.2f} | {r['photos_per_cpu_s'] / direct['photos_per_cpu_s']:.2f}x | "
+                         f"{r['cores_used']:.2f} |")
     lines += [
         "",
         "End-to-end wall-clock includes spawning the workers and building their models, which a short run "
