@@ -106,6 +106,10 @@ def test_damaged_index_is_moved_aside_and_rebuilt_losing_nothing(tmp_path, galle
     assert len(list(tmp_path.glob("people.idx.broken-*"))) == 1  # kept for inspection, not deleted
     assert_same_as_gallery(index, gallery, queries)
     index.close()
+    (tmp_path / "people.idx" / "manifest.json").write_text("[]")  # damaged again within the same second
+    with pytest.warns(IndexRebuiltWarning, match="format 'list'"):
+        GalleryIndex(tmp_path / "people.idx", tmp_path / "people.db", CONFIG).close()
+    assert len(list(tmp_path.glob("people.idx.broken-*"))) == 2
 
 
 def test_index_of_another_gallery_is_not_trusted(tmp_path, gallery):

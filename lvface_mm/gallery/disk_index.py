@@ -116,8 +116,9 @@ class Stage(ABC):
         """Rows whose ``alive[row]`` is False were deleted: stop proposing them (may be lazy)."""
 
     @abstractmethod
-    def candidates(self, queries: np.ndarray, k: int, alive: np.ndarray) -> np.ndarray:
-        """(Q, >=k) candidate rows per query, best first, -1 padded; may include dead rows."""
+    def candidates(self, queries: np.ndarray, k: int, row_ids: np.ndarray) -> np.ndarray:
+        """(Q, >=k) candidate rows per query, best first, -1 padded; may include dead rows
+        (``row_ids[row] == -1``)."""
 
     def train(self, sample: np.ndarray) -> None:  # noqa: B027 - most stages need no training
         """Fit to a sample of the data (float32 (N, dim)) before the first ``add``."""
@@ -198,12 +199,12 @@ class FlatStage(Stage):
         self._rows = np.searchsorted(live, rows[keep]).astype(np.int64)
         self._size = len(keep)
 
-    def candidates(self, queries: np.ndarray, k: int, alive: np.ndarray) -> np.ndarray:
+    def candidates(self, queries: np.ndarray, k: int, row_ids: np.ndarray) -> np.ndarray:
         n = self._size
         if n == 0:
             return np.full((len(queries), 0), -1, np.int64)
         scores = queries @ self._vectors[:n].T  # (Q, n)
-        scores[:, ~alive[self._rows[:n]]] = -np.inf
+        scores[:, row_ids[self._rows[:n]] < 0] = -np.inf
         return self._rows[:n][_top_k(scores, k)]
 
 
@@ -277,7 +278,7 @@ class PQFastScanStage(Stage):
         self.purge(alive)
         self._rows = np.searchsorted(live, self._rows).astype(np.int64)
 
-    def candidates(self, queries: np.ndarray, k: int, alive: np.ndarray) -> np.ndarray:
+    def candidates(self, queries: np.ndarray, k: int, row_ids: np.ndarray) -> np.ndarray:
         if self._stale:
             self._repack()
         total = int(self._fast.ntotal)
@@ -699,10 +700,10 @@ class DiskIndex:
         out_i = np.full((len(queries), k), -1, np.int64)
         if len(self) == 0:
             return out_s, out_i
-        alive = self._ids[: self._rows] >= 0
-        cand = self._stage.candidates(queries, k, alive)  # (Q, C) rows, -1 padded
+        # No (rows,)-sized temporaries here: at 10M rows one would cost more than the whole query.
+        cand = self._stage.candidates(queries, k, self._ids)  # (Q, C) rows, -1 padded
         ok = cand >= 0
-        ok[ok] = alive[cand[ok]]
+        ok[ok] = self._ids[cand[ok]] >= 0
         rows = np.where(ok, cand, 0)
         # One gather from the memory map for all queries: sorted unique rows read the file in order.
         uniq, inverse = np.unique(rows[ok], return_inverse=True)

@@ -125,7 +125,12 @@ class GalleryIndex:
 
     def _rebuild(self, problem: str, start: float) -> tuple[DiskIndex, SyncReport]:
         if self.index_path.exists():
-            aside = self.index_path.with_name(f"{self.index_path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            stem = f"{self.index_path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = self.index_path.with_name(stem)
+            n = 0
+            while aside.exists():  # two rebuilds in one second: never overwrite the earlier copy
+                n += 1
+                aside = self.index_path.with_name(f"{stem}-{n}")
             self.index_path.rename(aside)
             problem += f"; the old folder was moved to {aside}"
         warnings.warn(f"{problem}; rebuilding the index from {self.gallery_path}", IndexRebuiltWarning, stacklevel=3)
