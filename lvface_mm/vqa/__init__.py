@@ -12,7 +12,8 @@
     report    JSON + markdown + plot
     testing   a tiny random LLM whose vocabulary covers a VQA set
 
-`data`, `rendering`, `harness`, `scenes` and `testing` need torch and the `vlm` extra and are imported from their modules.
+`data`, `rendering`, `harness`, `scenes` and `testing` need torch and the `vlm` extra and are
+imported from their modules.
 """
 
 from .builder import FacePhoto, VQABuildConfig, build_vqa, check_splits, load_manifest, split_photos
