@@ -8,11 +8,11 @@ cd "$(dirname "$0")"
   echo "Each section below is written by its benchmark script (\`python benchmarks/<script>.py --quick\`)"
   echo "and states its command, date and machine. All numbers come from the project's 2-core"
   echo "AMD EPYC CPU machine (no GPU was lent to these tasks). Encoder, face pipeline, verification"
-  echo "memory and adapter training were measured on the idle machine; the other sections while other"
+  echo "memory and adapter training were measured on the idle machine; the other sections (and everything added in session 3) while other"
   echo "jobs loaded it (load average 10-19 on 2 cores): there the ratios, measured side by side in one"
   echo "run, are the meaningful numbers, and absolute throughputs are pessimistic."
   echo
-  for area in encoder faces datasets_and_eval losses training vlm_bridge adapter_training gallery_and_demo; do
+  for area in encoder faces datasets_and_eval losses checkpoints training vlm_bridge adapter_training gallery_and_demo demo indexing search; do
     f="results/$area.md"
     [ -f "$f" ] || continue
     echo

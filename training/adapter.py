@@ -39,6 +39,7 @@ from torch import nn
 
 from lvface_mm.distributed import get_rank, is_distributed
 from lvface_mm.lora import lora_config
+from lvface_mm.models.inference import resolve_dtype
 from lvface_mm.tasks.encoder_lora import add_lora, encoder_lora_config, save_adapter
 from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
 from lvface_mm.vqa.harness import ENCODER_LORA_DIR
@@ -46,7 +47,6 @@ from lvface_mm.vqa.harness import ENCODER_LORA_DIR
 from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load_config, save_config
 from .loop import Trainer
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TINY_CARDS = {"tiny": "causal_lm", "tiny-llava": "llava"}  # random bases built around the data's words
 
 
@@ -273,7 +273,7 @@ def quantization_kwargs(m: AdapterModelConfig, device: torch.device | None) -> d
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=_DTYPES[m.dtype],
+        bnb_4bit_compute_dtype=resolve_dtype(m.dtype),
     )
     return {"quantization_config": quant, "device_map": {"": device.index or 0}}
 
@@ -304,7 +304,7 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
         card = _card(config, vlm_id=str(base.resolve()))
     else:
         card = _card(config)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[m.dtype], **quantization_kwargs(m, device)}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(m.dtype), **quantization_kwargs(m, device)}
     if m.gguf_file is not None:
         kwargs["gguf_file"] = m.gguf_file
     torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lvface_mm.distributed import all_reduce_max, all_reduce_mean, get_rank, get_world_size, is_distributed
+from lvface_mm.models.inference import resolve_dtype
 
 from .checkpoint import (
     CheckpointCorruptError,
@@ -66,7 +67,6 @@ from .data import GlobalBatchSampler
 from .sharded_checkpoint import FORMAT as SHARDED_FORMAT
 from .sharded_checkpoint import load_sharded
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -330,7 +330,7 @@ class Trainer:
         self.scheduler = WarmupPolyDecay(optimizer, self.total_steps, min(warmup, self.total_steps),
                                          optim.decay_power, optim.min_lr_ratio)
         self.clip_grad_norm = optim.clip_grad_norm
-        self.autocast_dtype = _DTYPES[loop.precision]
+        self.autocast_dtype = None if loop.precision == "fp32" else resolve_dtype(loop.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=loop.precision == "fp16")
         self.sharded = sharded_modules(task)
         layout = checkpoint.format if checkpoint.format != "auto" else "sharded" if self.sharded else "single_file"
