@@ -68,7 +68,6 @@ from .sharded_checkpoint import FORMAT as SHARDED_FORMAT
 from .sharded_checkpoint import load_sharded
 
 
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stopped before the optimizer applied it."""
 
