@@ -299,3 +299,19 @@ def test_cli_rejects_bad_job_options(tmp_path, capsys):
     assert main(["index", str(tmp_path), "--db", db, "--tiny", "--shard-size", "0"]) == 2
     assert "shard_size=0" in capsys.readouterr().err
     assert not Path(db).exists()  # refused before anything was written
+
+
+def test_cli_pixel_budget_and_detector_screening_reach_the_workers():
+    from lvface_mm.cli import build_parser
+    from lvface_mm.cli.index import encoder_spec
+
+    args = build_parser().parse_args(["index", "photos", "--db", "x.db", "--tiny", "--faces-only", "--max-pixels",
+                                      "1000", "--min-detection-score", "0.6", "--no-landmark-check"])
+    spec = encoder_spec(args)
+    assert (spec.max_image_pixels, spec.min_detection_score, spec.landmark_check) == (1000, 0.6, False)
+    embedder = spec.build().embedder
+    assert embedder.config.max_image_pixels == 1000
+    assert embedder.config.min_detection_score == 0.6
+    assert embedder.config.landmark_check is None
+    default = encoder_spec(build_parser().parse_args(["index", "photos", "--db", "x.db", "--tiny", "--faces-only"]))
+    assert default.build().embedder.config.landmark_check is not None

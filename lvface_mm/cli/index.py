@@ -66,7 +66,8 @@ def encoder_spec(args: argparse.Namespace):  # noqa: ANN201 - EncoderSpec, impor
         tiny_seed=args.seed if args.tiny else None, detector=args.detector,
         detector_weights=str(args.detector_weights) if args.detector_weights else None, device=args.device,
         backend=args.backend, dtype=args.dtype, batch_size=args.batch_size, min_face_size=args.min_face_size,
-        max_faces=args.max_faces, clip_model=None if args.faces_only else args.clip_model,
+        max_faces=args.max_faces, max_image_pixels=args.max_pixels, min_detection_score=args.min_detection_score,
+        landmark_check=args.landmark_check, clip_model=None if args.faces_only else args.clip_model,
         clip_pretrained=args.clip_pretrained, tiny_clip_seed=args.seed if args.tiny and not args.faces_only else None)
 
 

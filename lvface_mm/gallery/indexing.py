@@ -62,7 +62,8 @@ class EncoderSpec:
         checkpoint: local checkpoint instead of the official weights.
         detector, detector_weights: detector name and, for the ONNX detectors, its file.
         device: torch device ("cuda" under torchrun means this rank's local GPU); None: CUDA if available.
-        backend, dtype, flip_test, batch_size, min_face_size, max_faces: see ``FaceEmbedder``.
+        backend, dtype, flip_test, batch_size, min_face_size, max_faces, max_image_pixels,
+            min_detection_score, landmark_check: see ``FaceEmbedder``.
         clip_model, clip_pretrained: open_clip architecture and weights; ``clip_model=None``: faces only.
         tiny_clip_seed: a tiny random CLIP instead (tests).
     """
@@ -80,6 +81,9 @@ class EncoderSpec:
     batch_size: int = 64
     min_face_size: float = 20.0
     max_faces: int | None = None
+    max_image_pixels: int | None = None
+    min_detection_score: float | None = None
+    landmark_check: bool = True
     clip_model: str | None = "ViT-B-32"
     clip_pretrained: str | None = "laion2b_s34b_b79k"
     tiny_clip_seed: int | None = None
@@ -116,7 +120,10 @@ class EncoderSpec:
         common: dict[str, Any] = dict(
             detector=self.detector, device=self.device, dtype=self.dtype, flip_test=self.flip_test,
             batch_size=self.batch_size, min_face_size=self.min_face_size, max_faces=self.max_faces,
-            detector_kwargs={"model_path": self.detector_weights} if self.detector_weights else None)
+            detector_kwargs={"model_path": self.detector_weights} if self.detector_weights else None,
+            min_detection_score=self.min_detection_score, landmark_check=self.landmark_check)
+        if self.max_image_pixels is not None:
+            common["max_image_pixels"] = self.max_image_pixels
         if self.tiny_seed is not None:
             embedder = FaceEmbedder.from_tiny(seed=self.tiny_seed, backend=self.backend, **common)
         elif self.random_seed is not None:
