@@ -45,6 +45,7 @@ from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
 from lvface_mm.vqa.harness import ENCODER_LORA_DIR
 
 from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load_config, save_config
+from .fsdp import FsdpConfig, full_state_dict, shard_model, unsharded, uses_fsdp
 from .loop import Trainer
 
 _TINY_CARDS = {"tiny": "causal_lm", "tiny-llava": "llava"}  # random bases built around the data's words
@@ -198,6 +199,7 @@ class AdapterRunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: AdapterEvalConfig = field(default_factory=AdapterEvalConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
     def __post_init__(self) -> None:
         if (
@@ -214,6 +216,14 @@ class AdapterRunConfig:
         lora_config(self.lora, "lora")
         if self.encoder_lora is not None:
             encoder_lora_config(self.encoder_lora, "encoder_lora")
+        if self.fsdp.enabled and self.model.load_in_4bit:
+            raise ValueError(
+                "fsdp.enabled with model.load_in_4bit is not supported: a 4-bit base trains on one GPU "
+                "(llava15_7b_qlora.yaml); several GPUs shard a bf16 base (llava15_7b_fsdp.yaml)"
+            )
+        if self.fsdp.enabled and self.checkpoint.format == "sharded":
+            raise ValueError("fsdp.enabled checkpoints gathered adapter state: checkpoint.format must be auto or "
+                             "single_file, not 'sharded'")
 
 
 # -- building the model -----------------------------------------------------------------------------
@@ -342,23 +352,17 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
     """Freeze everything, then unfreeze what `stage` trains. Returns the PEFT-wrapped encoder, if tuned."""
     from peft import PeftModel
 
+    # FSDP shards the model once, before its first stage runs, and PEFT cannot add LoRA to a sharded
+    # model: a run that reaches stage 2 adds it already for stage 1, frozen there (LoRA B starts at
+    # zero, so stage 1 computes exactly what it would without it).
+    lora_now = stage == 2 or (config.fsdp.enabled and 2 in config.stages)
+    if lora_now and not isinstance(vlm.model, PeftModel):
+        _apply_llm_lora(vlm, config)
     vlm.model.requires_grad_(False)
     vlm.adapter.requires_grad_(False)
     vlm.adapter.projector.requires_grad_(True)
     if stage == 1:
         return None
-    if not isinstance(vlm.model, PeftModel):
-        if getattr(vlm.model, "is_loaded_in_4bit", False):
-            from peft import prepare_model_for_kbit_training
-
-            # fp32 norms and input gradients for the 4-bit base; checkpointing as the config says.
-            vlm.model = prepare_model_for_kbit_training(
-                vlm.model,
-                use_gradient_checkpointing=config.model.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
-        with seeded(config.loop.seed, "llm_lora"):
-            vlm.apply_lora()  # the card's LoRA (set from the run config)
     for name, p in vlm.model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
             p.requires_grad_(True)
@@ -374,6 +378,32 @@ def prepare_stage(vlm: Any, config: AdapterRunConfig, stage: int, encoder_lora: 
         for name, p in encoder_lora.named_parameters():
             p.requires_grad_("lora_" in name or "modules_to_save" in name)
     return encoder_lora
+
+
+def _apply_llm_lora(vlm: Any, config: AdapterRunConfig) -> None:
+    """The card's LoRA (set from the run config) on the LLM, from its own seed."""
+    if getattr(vlm.model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and input gradients for the 4-bit base; checkpointing as the config says.
+        vlm.model = prepare_model_for_kbit_training(
+            vlm.model,
+            use_gradient_checkpointing=config.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    with seeded(config.loop.seed, "llm_lora"):
+        vlm.apply_lora()
+
+
+def shard_vlm(vlm: Any, config: AdapterRunConfig, device: torch.device) -> list[str]:
+    """FSDP2 over `vlm.model` (`fsdp:` section): decoder layers, then the root. The identity adapter
+    (encoder, projector) stays whole on every process. Collective; returns the sharded layers."""
+    if not is_distributed():
+        raise ValueError(
+            "fsdp.enabled needs several processes: torchrun --nproc_per_node N -m training.adapter --config ... "
+            "(or accelerate launch --num_processes N -m training.adapter ...)"
+        )
+    return shard_model(vlm.model, config.fsdp, device)
 
 
 def build_optimizer(task: IdentityAdapterTask, stage_cfg: StageConfig) -> torch.optim.AdamW:
@@ -404,15 +434,50 @@ def save_stage_adapter(
     directory: Path,
     info: dict[str, Any],
     training_data: dict[str, Any] | None = None,
+    lora_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Adapter-only files (`IdentityVLM.save_pretrained`: card, projector, PEFT LoRA without the
     embedding table, added placeholder rows, README), the encoder LoRA in a subfolder, and
-    `stage.json` last: it marks the directory complete."""
-    vlm.save_pretrained(directory, training_data=training_data)
+    `stage.json` last: it marks the directory complete.
+
+    `lora_state`: the PEFT model's LoRA tensors gathered in full (an FSDP-sharded model, whose own
+    state_dict holds shards); written in PEFT's format in place of the model's state_dict."""
+    if lora_state is None:
+        vlm.save_pretrained(directory, training_data=training_data)
+    else:  # IdentityVLM.save_pretrained's three parts, the LoRA from the gathered tensors
+        # The rows first: they read the root's embedding table, gathered by the caller, and PEFT's save
+        # calls state_dict(), which puts FSDP's shards back in place.
+        directory.mkdir(parents=True, exist_ok=True)
+        vlm._save_placeholder_rows(directory)
+        vlm.model.save_pretrained(str(directory), save_embedding_layers=False, state_dict=lora_state)
+        vlm.adapter.save_pretrained(directory, training_data=training_data)
     if encoder_lora is not None:
         save_adapter(encoder_lora, directory / ENCODER_LORA_DIR)
     (directory / "stage.json").write_text(json.dumps(info, indent=2) + "\n")
     return directory
+
+
+def _is_lora_key(key: str) -> bool:
+    return "lora_" in key or "modules_to_save" in key
+
+
+def write_adapter(
+    vlm: Any,
+    encoder_lora: nn.Module | None,
+    directory: Path,
+    info: dict[str, Any],
+    training_data: dict[str, Any] | None = None,
+) -> None:
+    """`save_stage_adapter` on rank 0. Call it on every rank: an FSDP-sharded model's LoRA tensors
+    and embedding rows are first gathered (collectives), then rank 0 writes."""
+    if not uses_fsdp(vlm.model):
+        if get_rank() == 0:
+            save_stage_adapter(vlm, encoder_lora, directory, info, training_data)
+        return
+    lora = full_state_dict(vlm.model, keep=_is_lora_key)  # adapter-sized: only LoRA rows are gathered
+    with unsharded(vlm.model):
+        if get_rank() == 0:
+            save_stage_adapter(vlm, encoder_lora, directory, info, training_data, lora_state=lora)
 
 
 def training_data_summary(config: AdapterRunConfig, train: list[Any], evaluation: list[Any]) -> dict[str, Any]:
@@ -468,8 +533,8 @@ def run_stage(
             "total_steps": trainer.total_steps,
             "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
         }
-        if finished and get_rank() == 0:
-            save_stage_adapter(vlm, encoder_lora, run_dir / "adapter", info)
+        if finished:
+            write_adapter(vlm, encoder_lora, run_dir / "adapter", info)
         _barrier()
         return {**info, "finished": finished}
     finally:
@@ -516,21 +581,27 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
         if stage == 2 and 1 not in config.stages and stage_done(out, 1):
             load_stage_adapter(vlm, out / "stage1" / "adapter", None)
         dataset = _dataset(vlm, config, train)
+        if config.fsdp.enabled and not uses_fsdp(vlm.model):
+            shard_vlm(vlm, config, device)  # once, before the first stage that trains (LoRA already added)
         result = run_stage(vlm, config, stage, dataset, encoder_lora, device)
         summary["stages"][stage] = result
         if not result["finished"]:
             return summary  # stopped early (loop.stop_at_step): run again to continue
-    if get_rank() == 0:
+    # A sharded model needs every rank for the final save and the evaluation (each forward gathers
+    # the layers' weights from all ranks); rank 0 writes. Otherwise rank 0 does both alone.
+    if get_rank() == 0 or uses_fsdp(vlm.model):
         last = out / f"stage{config.stages[-1]}" / "adapter"
         data_summary = training_data_summary(config, train, evaluation)
         final = out / "adapter"
-        save_stage_adapter(vlm, encoder_lora, final, json.loads((last / "stage.json").read_text()), data_summary)
+        write_adapter(vlm, encoder_lora, final, json.loads((last / "stage.json").read_text()), data_summary)
         if config.eval.enabled:
-            summary["eval"] = evaluate_run(vlm, config, train, evaluation, encoder_lora)
+            with unsharded(vlm.model):  # generation calls the inner model, past the root's hooks
+                summary["eval"] = evaluate_run(vlm, config, train, evaluation, encoder_lora)
             report = out / "eval" / "report.md"
-            if report.is_file():  # the model card carries the harness table
+            if report.is_file() and get_rank() == 0:  # the model card carries the harness table
                 vlm.adapter.write_model_card(final, training_data=data_summary, evaluation=report.read_text())
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if get_rank() == 0:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -588,13 +659,14 @@ def evaluate_run(
         if encoder_lora is not None and name == "eval":
             verification = _verification(encoder_lora, samples, faces)
         out = Path(config.output_dir) / name
-        write_report(
-            results,
-            out,
-            verification=verification,
-            info={"model": vlm.config.name, "data": config.data.path, "split": name, "adapter": config.output_dir},
-        )
-        (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+        if get_rank() == 0:  # every rank evaluates a sharded model; one writes
+            write_report(
+                results,
+                out,
+                verification=verification,
+                info={"model": vlm.config.name, "data": config.data.path, "split": name, "adapter": config.output_dir},
+            )
+            (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
         key = "results" if name == "eval" else "seen_results"
         summary[key] = results
         if name == "eval":

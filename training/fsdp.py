@@ -1,31 +1,38 @@
 """Shard a VLM/LLM that does not fit one device over the processes with PyTorch FSDP2 (`fully_shard`).
 
-    shard_model(vlm.model, FsdpConfig())        # after LoRA is applied, before the optimizer is built
+    shard_model(vlm.model, FsdpConfig(enabled=True), device)   # after LoRA is applied, before the optimizer
 
 Every decoder layer becomes one FSDP unit (its frozen base weights and its LoRA weights are split by
-rows over the processes and gathered only while the layer runs), then the root module. Gradients of
-the trainable (LoRA) parameters are reduce-scattered and averaged over the processes, so N processes
-with batch B each step exactly like one process with batch N*B.
+rows over the processes and gathered only while the layer runs), then the root module (embeddings,
+LM head, vision tower). Gradients of the sharded trainable (LoRA) parameters are reduce-scattered and
+averaged over the processes, so N processes with batch B each step exactly like one process with
+batch N*B. Small trainable modules outside the model (the identity projector, an encoder LoRA) stay
+whole on every process; the loop averages their gradients (`sync_replicated_grads`) instead of DDP.
+
+`training.adapter` turns it on with the run config's `fsdp:` section (`enabled: true`); the loop
+(`training.loop.Trainer`) sees FSDP units in the task and then: skips DDP, delays the gradient
+reduce-scatter to the last micro-batch of a step, clips the global norm over sharded and whole
+gradients together (`clip_grad_norm_`), and checkpoints through
+`torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict` with full (gathered) state
+dicts, in the same single-file format as an unsharded run (`full_training_state`), so a checkpoint
+resumes on any number of processes, with or without FSDP.
 
 Why `fully_shard` and not accelerate's `FullyShardedDataParallelPlugin`: accelerate 1.16 enables FSDP
-only for GPU-type process groups (`AcceleratorState` keeps `MULTI_CPU` and ignores the plugin), and
-our loop owns the wrapping of the task (DDP today). FSDP2 itself runs on any process group accelerate
-or torchrun starts (gloo on CPU, NCCL on GPUs), so the same code is tested here on CPU.
-
-Status: the sharding is tested (tests/test_adapter_fsdp.py: 2 gloo processes train LoRA exactly like
-one process). `training.adapter` does not call it yet: the shared loop wraps the task in DDP and
-checkpoints replicated tensors, and both need an FSDP path (skip DDP for a task whose trainable
-parameters are all FSDP-managed; gather DTensor model and optimizer state with
-`torch.distributed.checkpoint.state_dict.get_state_dict(..., full_state_dict=True)`).
+only for GPU-type process groups (on a CPU group `AcceleratorState` stays `MULTI_CPU` and ignores the
+plugin, so it cannot be tested here), and our loop owns the wrapping of the task (DDP otherwise).
+FSDP2 itself runs on any process group that accelerate or torchrun starts (gloo on CPU, NCCL on
+GPUs), so the same code runs in the tests on CPU and on GPUs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -34,12 +41,14 @@ class FsdpConfig:
     """How the model is sharded.
 
     Args:
+        enabled: shard the model (run configs: the `fsdp:` section); off = one process or DDP.
         layer_classes: class names of the modules that become FSDP units; () = the model's own
             `_no_split_modules` (transformers lists its decoder layers there, e.g. "LlamaDecoderLayer").
         reshard_after_forward: free each layer's gathered weights after its forward (least memory;
             gathered again in backward). False keeps them until backward (faster, more memory).
     """
 
+    enabled: bool = False
     layer_classes: tuple[str, ...] = ()
     reshard_after_forward: bool = True
 
@@ -66,15 +75,21 @@ def layer_classes(model: nn.Module, config: FsdpConfig) -> tuple[str, ...]:
 
 
 def shard_model(
-    model: nn.Module, config: FsdpConfig | None = None, mesh: Any = None, extra: Sequence[nn.Module] = ()
+    model: nn.Module,
+    config: FsdpConfig | None = None,
+    device: torch.device | None = None,
+    mesh: Any = None,
+    extra: Sequence[nn.Module] = (),
 ) -> list[str]:
     """Apply FSDP2 to every layer of `layer_classes`, to each module of `extra`, then to `model`.
 
     Args:
-        model: the model, on this process's device, with LoRA already applied (PEFT must see the
-            original Linear modules).
+        model: the model with LoRA already applied (PEFT must see the original Linear modules). It
+            may still be on the CPU: `fully_shard` moves each unit to the mesh's device as it shards
+            it, so the whole model never has to fit one GPU.
         config: see `FsdpConfig`.
-        mesh: a 1-d `DeviceMesh` over the processes (None: all processes of the default group).
+        device: this process's device (None: where the model's parameters are).
+        mesh: a 1-d `DeviceMesh` over the processes (None: all processes of the default group on `device`).
         extra: other trainable modules to shard as their own units (e.g. the identity projector).
 
     Returns:
@@ -91,7 +106,7 @@ def shard_model(
     if not torch.distributed.is_initialized():
         raise RuntimeError("shard_model needs a process group (accelerate launch / torchrun)")
     if mesh is None:
-        device = next(model.parameters()).device
+        device = device if device is not None else next(model.parameters()).device
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     classes = layer_classes(model, config)
     sharded = []
@@ -123,4 +138,145 @@ def full_state_dict(module: nn.Module, keep: Any = None) -> dict[str, torch.Tens
     return out
 
 
-__all__ = ["FsdpConfig", "full_state_dict", "layer_classes", "shard_model"]
+def uses_fsdp(module: nn.Module) -> bool:
+    """True when `module` or one of its submodules was sharded with `fully_shard`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """A parameter (or gradient) that FSDP holds as a DTensor shard."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "to_local")
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter gradients after this backward (True) or keep accumulating locally (False):
+    FSDP's equivalent of DDP's `no_sync()` for all micro-batches but the last of a step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def sync_replicated_grads(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of parameters that every process holds whole (not FSDP-managed), in
+    one flat all-reduce. A parameter without a gradient on this process counts as zero. Collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # (sum of numel,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> float:
+    """Clip the global L2 norm of sharded (DTensor) and whole gradients together; returns the norm
+    before clipping, equal on every process. Collective when some gradients are sharded.
+
+    The sharded gradients' squared norms are summed over the processes (each holds other rows);
+    the whole ones are already identical everywhere and count once. Same coefficient as
+    `torch.nn.utils.clip_grad_norm_`: max_norm / (norm + 1e-6), capped at 1.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if is_dtensor(g)]
+    whole = [g for g in grads if not is_dtensor(g)]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq_sharded = torch.zeros((), device=device)
+    for g in sharded:
+        sq_sharded += g.to_local().float().pow(2).sum()
+    if sharded and dist.is_initialized():
+        dist.all_reduce(sq_sharded, op=dist.ReduceOp.SUM)
+    sq_whole = sum((g.float().pow(2).sum() for g in whole), torch.zeros((), device=device))
+    total = (sq_sharded + sq_whole).sqrt()
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    for g in grads:
+        g.mul_(coef)  # a DTensor scales its own rows
+    return float(total)
+
+
+def full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state, optimizer state) with every shard gathered, on the CPU of process 0 (the other
+    processes get empty dicts). Collective.
+
+    Both come from `torch.distributed.checkpoint.state_dict.get_state_dict(full_state_dict=True)`:
+    the model state is `model.state_dict()`'s keys with full tensors (for the adapter task: only the
+    trainable tensors and the projector's norm), the optimizer state is keyed by parameter name, the
+    same layout `training.checkpoint.optimizer_state` writes for unsharded runs.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
+    source: str = "checkpoint",
+) -> None:
+    """Load `full_training_state` output (read on every process) into the sharded model and its
+    optimizer: each process keeps its own rows. Keys are checked first, naming the file."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the model does not match the checkpoint: missing keys {missing[:8]}, unexpected keys "
+            f"{unexpected[:8]} (was it saved with another model, stage or LoRA setting?)"
+        )
+    names = {n for g in optim_state.get("param_groups", []) for n in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if names != trainable:
+        raise ValueError(
+            f"{source}: optimizer parameters differ from the checkpoint (only in checkpoint: "
+            f"{sorted(names - trainable)[:5]}, only here: {sorted(trainable - names)[:5]})"
+        )
+    options = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module) -> Iterator[None]:
+    """Keep `module`'s own FSDP parameters gathered (not its sub-units') for the block. Collective.
+
+    Generation calls the transformers model inside a PEFT wrapper directly, past the root's forward
+    hooks, so the root's weights (embeddings, LM head, vision tower) must stay gathered; the decoder
+    layers still gather and free theirs one at a time through their own hooks.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+__all__ = [
+    "FsdpConfig",
+    "clip_grad_norm_",
+    "full_state_dict",
+    "full_training_state",
+    "is_dtensor",
+    "layer_classes",
+    "load_full_training_state",
+    "set_gradient_sync",
+    "shard_model",
+    "sync_replicated_grads",
+    "unsharded",
+    "uses_fsdp",
+]

@@ -16,6 +16,12 @@ the other entries are averaged and logged. Optional task methods:
 
 Hooks (`Hook`) run after every optimizer step and at the end (evaluation, exports).
 
+FSDP (`training.fsdp`): a task holding `fully_shard` units (an LLM sharded by `training.adapter`)
+is not DDP-wrapped. Its sharded gradients are reduce-scattered by FSDP on the last micro-batch of
+a step, the gradients of its whole (unsharded) trainable parameters are averaged by one all-reduce,
+clipping takes the global norm over both, and checkpoints gather full state dicts through
+`torch.distributed.checkpoint.state_dict` into the usual single file.
+
 One optimizer step: `grad_accum_steps` micro-batches, each loss divided by that count, DDP
 gradient sync only on the last one; then (fp16) unscale, clip the replicated parameters'
 gradient norm, step, update the scaler, advance the warm-up + polynomial schedule by one.
@@ -64,6 +70,15 @@ from .checkpoint import (
 )
 from .config import CheckpointConfig, LoopConfig, OptimConfig
 from .data import GlobalBatchSampler
+from .fsdp import (
+    clip_grad_norm_,
+    full_training_state,
+    is_dtensor,
+    load_full_training_state,
+    set_gradient_sync,
+    sync_replicated_grads,
+    uses_fsdp,
+)
 from .sharded_checkpoint import FORMAT as SHARDED_FORMAT
 from .sharded_checkpoint import load_sharded
 
@@ -337,6 +352,16 @@ class Trainer:
         sharded_ids = {id(p) for m in self.sharded.values() for p in m.parameters()}
         self.replicated_params = [p for p in task.parameters() if p.requires_grad and id(p) not in sharded_ids]
         self.sharded_params = [p for p in task.parameters() if p.requires_grad and id(p) in sharded_ids]
+        self.fsdp = uses_fsdp(task)
+        if self.fsdp:
+            if self.sharded:
+                raise ValueError(f"{type(task).__name__}: FSDP units and row-sharded modules "
+                                 f"({sorted(self.sharded)}) in one task are not supported")
+            if layout != "single_file":
+                raise ValueError("an FSDP task checkpoints full (gathered) state dicts: set checkpoint.format to "
+                                 f"auto or single_file, not {checkpoint.format!r}")
+        # FSDP: trainable parameters every rank holds whole (projector); their gradients are averaged here.
+        self.fsdp_whole_params = [p for p in self.replicated_params if self.fsdp and not is_dtensor(p)]
         self._ddp: list[nn.Module] = []  # the DDP wrappers, for no_sync() during accumulation
         self.model = self._wrap_ddp(task)
         self.logger = RunLogger(self.run_dir, self.rank == 0, loop.tensorboard, loop.progress_bar, self.total_steps)
@@ -350,7 +375,7 @@ class Trainer:
         """DDP over the replicated parameters only: the whole task, or the part a task with sharded
         modules hands to `wrap` (sharded modules hold another slice on every rank: DDP must neither
         broadcast nor average them, and their gradients are already exact per shard)."""
-        if self.world_size == 1:
+        if self.world_size == 1 or self.fsdp:  # FSDP syncs the sharded gradients, the loop the whole ones
             return task
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -388,10 +413,15 @@ class Trainer:
         """Write a checkpoint of the current state (collective). Returns its path on rank 0."""
         if self.checkpoints.layout == "sharded":
             return self._save_sharded()
+        if self.fsdp:  # gathered to rank 0, keyed like an unsharded run's
+            model, optim = full_training_state(self.task, self.optimizer)
+            model, optim = {"replicated": model, "sharded": {}}, optim
+        else:
+            model, optim = model_state(self.task), optimizer_state(self.optimizer, self.task)
         payload = {
             "format": "lvface_mm.training/1",
-            "model": model_state(self.task),
-            "optimizer": optimizer_state(self.optimizer, self.task),
+            "model": model,
+            "optimizer": optim,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "progress": {**vars(self.progress), "samples_per_step": self.samples_per_step,
@@ -461,6 +491,12 @@ class Trainer:
         source = str(path)
         if path.is_dir():  # sharded: each rank reads its own rows
             load_sharded(self.task, self.optimizer, path, payload)
+        elif self.fsdp:  # each rank keeps its own rows of the full state
+            if payload["model"].get("sharded"):
+                raise ValueError(f"{source}: holds row-sharded modules {sorted(payload['model']['sharded'])}, "
+                                 "which an FSDP task does not have")
+            load_full_training_state(self.task, self.optimizer, payload["model"]["replicated"],
+                                     payload["optimizer"], source)
         else:
             load_model_state(self.task, payload["model"], source)
             load_optimizer_state(self.optimizer, self.task, payload["optimizer"], source)
@@ -525,6 +561,8 @@ class Trainer:
                 if i < accum - 1:  # DDP all-reduces only on the last micro-batch of the step
                     for ddp in self._ddp:
                         stack.enter_context(ddp.no_sync())
+                if self.fsdp and accum > 1:  # likewise FSDP's reduce-scatter
+                    set_gradient_sync(self.task, i == accum - 1)
                 with self._autocast():
                     out = self.model(_to_device(batch, self.device))
                 if "loss" not in out:
@@ -532,6 +570,7 @@ class Trainer:
                 self.scaler.scale(out["loss"] / accum).backward()
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float().reshape(())
+        sync_replicated_grads(self.fsdp_whole_params)
         keys = sorted(sums)
         values = all_reduce_mean(torch.stack([sums[k] for k in keys]) / accum)  # one collective per step
         return dict(zip(keys, values.tolist()))
@@ -557,7 +596,9 @@ class Trainer:
         self._agree_on_inf()
         self.scaler.unscale_(self.optimizer)
         norm = None
-        if self.clip_grad_norm is not None and self.replicated_params:
+        if self.clip_grad_norm is not None and self.replicated_params and self.fsdp:
+            norm = clip_grad_norm_(self.replicated_params, self.clip_grad_norm)  # sharded and whole together
+        elif self.clip_grad_norm is not None and self.replicated_params:
             norm = float(torch.nn.utils.clip_grad_norm_(self.replicated_params, self.clip_grad_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
