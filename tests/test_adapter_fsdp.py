@@ -1,9 +1,12 @@
 """FSDP2 on CPU (gloo): two processes, each holding half of every weight, train LoRA on a tiny Llama
-exactly like one process on the whole batch; and the recipe configs for big VLMs (QLoRA) load."""
+exactly like one process on the whole batch; `training.adapter` with `fsdp.enabled` on two processes
+trains, checkpoints, resumes, saves and evaluates like one process; and the recipe configs for big
+VLMs (FSDP, QLoRA) load."""
 
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,170 @@ def test_two_gloo_processes_shard_and_train_like_one(tmp_path: Path) -> None:
     # Training moved the adapters (the comparison is not between two untouched copies).
     untouched = {k: v for k, v in _lora_llama().state_dict().items() if "lora_" in k}
     assert any(not torch.allclose(untouched[k], expected[k]) for k in expected)
+
+
+# -- training.adapter end to end: FSDP on 2 gloo processes == 1 process ------------------------------
+ADAPTER = ROOT / "training" / "configs" / "adapter" / "tiny_synthetic.yaml"
+
+
+def _naming_set(out: Path) -> None:
+    from lvface_mm.vqa.builder import VQABuildConfig, build_vqa
+    from lvface_mm.vqa.sources import embedding_cluster_photos
+
+    photos = embedding_cluster_photos(8, 4, dim=512, seed=0)
+    config = VQABuildConfig(
+        num_train_unknown=1,
+        num_eval_unknown=1,
+        eval_photos_per_identity=1,
+        tasks=("naming",),
+        train_per_task=64,
+        eval_per_task=6,
+        max_faces=2,
+    )
+    build_vqa(photos, out, config)
+
+
+def _adapter_argv(data: Path, out: Path, batch: int, accum: int, *extra: str) -> list[str]:
+    # Global batch 8 either way: 1 process x 4 micro-batches of 2, or 2 processes x 2 micro-batches of 2.
+    # The loop gives micro-batch m of rank r chunk m*W + r of the global batch, so both average the
+    # same four per-micro-batch losses: the FSDP run must match to rounding.
+    return [
+        "--config",
+        str(ADAPTER),
+        f"--data.path={data}",
+        f"--output_dir={out}",
+        "--stage1.max_steps=3",
+        "--stage2.max_steps=4",
+        f"--stage1.batch_size={batch}",
+        f"--stage2.batch_size={batch}",
+        f"--loop.grad_accum_steps={accum}",
+        "--loop.log_every=1",
+        "--checkpoint.every_steps=2",
+        "--eval.modes=[token]",
+        "--eval.max_per_task=4",
+        *extra,
+    ]
+
+
+def _adapter_worker(rank: int, world: int, *runs: list[str]) -> dict:
+    from training.adapter import main
+
+    for argv in runs:  # one launch after the other in the same processes (a restart, without the spawn cost)
+        assert main(argv) == 0
+        gc.collect()  # the sharded model and its process-group handles go before the group does
+    return {}
+
+
+def _adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {f"projector/{k}": v for k, v in load_file(str(directory / "identity_adapter.safetensors")).items()}
+    lora = directory / "adapter_model.safetensors"
+    if lora.is_file():
+        out.update({f"lora/{k}": v for k, v in load_file(str(lora)).items()})
+    return out
+
+
+def _losses(run: Path, stage: int) -> list[float]:
+    lines = [json.loads(line) for line in (run / f"stage{stage}" / "log.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if line["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapter_fsdp")
+    data = root / "vqa"
+    _naming_set(data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from training.adapter import main
+
+        assert main(_adapter_argv(data, root / "one", 2, 4)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run_workers(_adapter_worker, 2, root, _adapter_argv(data, root / "two", 2, 2, "--fsdp.enabled=true"))
+    return root, data
+
+
+@pytest.mark.multiproc
+def test_adapter_program_with_fsdp_on_two_processes_equals_one_process(fsdp_runs: tuple[Path, Path]) -> None:
+    root, _ = fsdp_runs
+    one, two = root / "one", root / "two"
+    info = json.loads((two / "adapter" / "stage.json").read_text())
+    assert info["fsdp_processes"] == 2 and info["steps"] == 4
+    assert "fsdp_processes" not in json.loads((one / "adapter" / "stage.json").read_text())
+    for stage in (1, 2):
+        torch.testing.assert_close(_losses(two, stage), _losses(one, stage), rtol=1e-5, atol=1e-6)
+    expected, got = _adapter_weights(one / "adapter"), _adapter_weights(two / "adapter")
+    assert got.keys() == expected.keys() and any(k.startswith("lora/") for k in got)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # Stage 1 trains the projector alone (FSDP adds the frozen LoRA already, zero at its B side).
+    first = _adapter_weights(one / "stage1" / "adapter")
+    for key, value in first.items():
+        torch.testing.assert_close(_adapter_weights(two / "stage1" / "adapter")[key], value, rtol=1e-4, atol=1e-5)
+    # Evaluation ran on both processes through the sharded model and gave one process's answers.
+    assert json.loads((two / "eval" / "answers.json").read_text()) == json.loads(
+        (one / "eval" / "answers.json").read_text()
+    )
+    # The checkpoint holds gathered (full-size) adapter tensors only, keyed like an unsharded run's.
+    ckpt = torch.load(two / "stage2" / "checkpoints" / "step_00000004.pt", map_location="cpu", weights_only=False)
+    ref = torch.load(one / "stage2" / "checkpoints" / "step_00000004.pt", map_location="cpu", weights_only=False)
+    assert ckpt["model"]["replicated"].keys() == ref["model"]["replicated"].keys()
+    for key, value in ref["model"]["replicated"].items():
+        assert ckpt["model"]["replicated"][key].shape == value.shape, key
+    assert ckpt["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
+
+
+@pytest.mark.multiproc
+def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(
+    fsdp_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    root, data = fsdp_runs
+    resumed = tmp_path / "resumed"
+    for done in ("base", "stage1"):  # the uninterrupted run's finished stage 1: both runs start stage 2 alike
+        shutil.copytree(root / "two" / done, resumed / done)
+    argv = _adapter_argv(data, resumed, 2, 2, "--fsdp.enabled=true", "--eval.enabled=false")
+    # Stopped inside stage 2 after its step-3 checkpoint, then launched again: resumes at step 3.
+    run_workers(_adapter_worker, 2, tmp_path, [*argv, "--loop.stop_at_step=3"], argv)
+    assert (resumed / "stage2" / "checkpoints" / "step_00000003.pt").is_file()
+    log = (resumed / "stage2" / "log.jsonl").read_text()
+    # One line per step: the second launch continued at step 4 (a fresh start would log 1, 2, 3 again).
+    assert [json.loads(line)["step"] for line in log.splitlines() if '"train"' in line] == [1, 2, 3, 4]
+    expected, got = _adapter_weights(root / "two" / "adapter"), _adapter_weights(tmp_path / "resumed" / "adapter")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.multiproc
+def test_fsdp_trained_adapter_loads_in_one_process_with_the_same_answers(fsdp_runs: tuple[Path, Path]) -> None:
+    from lvface_mm.vqa.data import FaceStore
+    from lvface_mm.vqa.harness import generate_answers, load_trained_vlm, subsample
+    from lvface_mm.vqa.schema import load_samples
+
+    root, data = fsdp_runs
+    vlm = load_trained_vlm(root / "two" / "adapter")
+    samples = subsample(load_samples(data / "eval.json"), 4)
+    answers = generate_answers(vlm, samples, FaceStore.open(data, "embedding"))
+    assert answers == json.loads((root / "two" / "eval" / "answers.json").read_text())["token"]
+
+
+def test_fsdp_config_is_validated() -> None:
+    from training.adapter import AdapterRunConfig
+    from training.config import ConfigError, load_config
+
+    config = load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.enabled=true"])
+    assert config.fsdp.enabled and config.fsdp.reshard_after_forward
+    with pytest.raises(ConfigError, match="checkpoint.format must be auto or single_file"):
+        load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.enabled=true", "--checkpoint.format=sharded"])
+    with pytest.raises(ConfigError, match="fsdp.enabled with model.load_in_4bit is not supported"):
+        load_config(AdapterRunConfig, QLORA, ["--data.path=x", "--fsdp.enabled=true"])
+    with pytest.raises(ConfigError, match="fsdp"):
+        load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.layer_class=LlamaDecoderLayer"])
 
 
 # -- QLoRA: a 4-bit base on one GPU (the GPU part runs in benchmarks/device/adapter_fsdp_qlora.py) ------

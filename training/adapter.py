@@ -533,6 +533,8 @@ def run_stage(
             "total_steps": trainer.total_steps,
             "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
         }
+        if uses_fsdp(vlm.model):
+            info["fsdp_processes"] = trainer.world_size  # the LLM was sharded over this many processes
         if finished:
             write_adapter(vlm, encoder_lora, run_dir / "adapter", info)
         _barrier()
