@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -307,10 +308,6 @@ def _check(ok: bool, message: str) -> None:
 
 
 # -- loading ------------------------------------------------------------------------------------------
-class _Cli(str):
-    """A value typed on the command line: parsed as YAML unless the field is a string."""
-
-
 class _Sources:
     """Which file (or the command line) set each dotted key, for error messages."""
 
@@ -329,11 +326,13 @@ class _Sources:
         return ", ".join(found) if found else self.of(prefix)
 
     def of(self, key: str) -> str:
-        while key:
-            if key in self._by_key:
-                return self._by_key[key]
-            key = key.rpartition(".")[0]
-        return "defaults"
+        probe = key
+        while probe:
+            if probe in self._by_key:
+                return self._by_key[probe]
+            probe = probe.rpartition(".")[0]
+        below = sorted({src for k, src in self._by_key.items() if k.startswith(key + ".")})  # --x.y names x
+        return ", ".join(below) if below else "defaults"
 
 
 def read_yaml(path: str | Path, sources: _Sources | None = None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -398,7 +397,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     Args:
         cls: the run-config dataclass, e.g. `EncoderRunConfig`.
         path: YAML file; None starts from the dataclass defaults.
-        overrides: `["--optim.lr=1e-3", ...]` or {"optim.lr": "1e-3"}; values are parsed as YAML.
+        overrides: `["--optim.lr=1e-3", ...]` or {"optim.lr": "1e-3"}; values are parsed as YAML
+            unless the field takes a string (`--output_dir=123` stays "123").
 
     Raises:
         ConfigError: unknown key, wrong type or invalid value, naming the key and where it came from.
@@ -406,124 +406,137 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     sources = _Sources()
     data = read_yaml(path, sources) if path is not None else {}
     items = overrides.items() if isinstance(overrides, Mapping) else parse_overrides(list(overrides)).items()
-    for dotted, value in items:
+    for dotted, text in items:
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = _Cli(value)
+        node[parts[-1]] = _parse_cli(text, _annotation_at(cls, parts))
         sources.record({dotted: None}, f"command line (--{dotted})")
     return build(cls, data, sources)
 
 
-def build(cls: type[T], data: Mapping[str, Any], sources: _Sources | None = None, prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping, checking keys and types (see `load_config`)."""
+def build(cls: type[T], data: Mapping[str, Any], sources: _Sources | None = None) -> T:
+    """Build dataclass `cls` from a mapping with pydantic, which checks every key and type and runs
+    the dataclasses' own `__post_init__` checks; its errors are reworded to name the key and its source."""
+    from pydantic import ValidationError
+
     sources = sources or _Sources()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        where = prefix + str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            section = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(
-                f"{sources.of(where)}: unknown key {where!r}{hint}; keys allowed in {section}: {', '.join(names)}"
-            )
-        kwargs[key] = _coerce(value, hints[key], where, sources)
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        section = prefix[:-1] or cls.__name__
-        origin = sources.within(prefix[:-1]) if prefix else "config"
-        raise ConfigError(f"{origin}: invalid {section!r}: {exc}") from None
+        return _validator(cls).model_validate({"run": data}).run
+    except ValidationError as exc:
+        lines = [_explain(cls, {**err, "loc": err["loc"][1:]}, sources) for err in exc.errors()]  # loc[0]: "run"
+        raise ConfigError("\n".join(lines)) from None
+    except TypeError as exc:  # a __post_init__ that raises TypeError instead of ValueError
+        raise ConfigError(f"{sources.within('')}: invalid {cls.__name__!r}: {exc}") from None
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+@functools.cache
+def _validator(cls: type) -> Any:
+    """A one-field pydantic model around `cls`: its `extra="forbid"` reaches every nested dataclass
+    (pydantic hands a model's config down to the stdlib dataclasses in it), so unknown keys fail."""
+    from pydantic import ConfigDict, create_model
+
+    return create_model(f"{cls.__name__}Validator", __config__=ConfigDict(extra="forbid"), run=(cls, ...))
 
 
-def _coerce(value: Any, tp: Any, key: str, sources: _Sources) -> Any:
-    """Check (and for command-line strings, parse) `value` against the annotation `tp`."""
+# -- error messages: pydantic reports (type, location, input); we say which key, which file, what was expected
+def _explain(cls: type, err: Mapping[str, Any], sources: _Sources) -> str:
+    loc: tuple[str | int, ...] = err["loc"]
+    kind, value = err["type"], err["input"]
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(cls, loc, sources)
+    if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), Exception):
+        # A dataclass's __post_init__ rejected the section at `loc` as a whole.
+        section = _dotted(loc)
+        origin = sources.within(section) if section else "config"
+        return f"{origin}: invalid {section or cls.__name__!r}: {err['ctx']['error']}"
+    if kind == "missing" and loc and typing.get_origin(_annotation_at(cls, loc[:-1])) is tuple:
+        loc = loc[:-1]  # a fixed-length list with an item too few: the list is wrong, not item [i]
+    tp = _annotation_at(cls, loc)
+    key = _dotted(loc)
+    expected = _describe(tp) if tp is not None else err["msg"].removeprefix("Input should be ")
+    return f"{sources.of(key)}: {key} must be {expected}, got {str(value)!r}"
 
-    def fail(expected: str) -> typing.NoReturn:
-        raise ConfigError(f"{sources.of(key)}: {key} must be {expected}, got {str(value)!r}")
 
+def _unknown_key(cls: type, loc: tuple[str | int, ...], sources: _Sources) -> str:
+    owner = _annotation_at(cls, loc[:-1])
+    names = [f.name for f in dataclasses.fields(owner) if f.init] if dataclasses.is_dataclass(owner) else []
+    prefix, key = _dotted(loc[:-1]), _dotted(loc)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    section = f"'{prefix}'" if prefix else "the top level"
+    return f"{sources.of(key)}: unknown key {key!r}{hint}; keys allowed in {section}: {', '.join(names)}"
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """('optim', 'betas', 1) -> 'optim.betas[1]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _annotation_at(cls: type, loc: Sequence[str | int]) -> Any:
+    """The declared type at a key path of a config class (None for a key it does not declare)."""
+    tp: Any = cls
+    for part in loc:
+        tp = _without_none(tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(part, str):
+            tp = typing.get_type_hints(tp).get(part) if part in {f.name for f in dataclasses.fields(tp)} else None
+        elif origin is tuple and isinstance(part, int):
+            tp = args[0] if len(args) == 2 and args[1] is Ellipsis else (args[part] if part < len(args) else None)
+        elif origin is dict or tp is dict:
+            tp = args[1] if args else Any
+        elif tp is Any:
+            return Any
+        else:
+            return None
+        if tp is None:
+            return None
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    """What a value of annotation `tp` looks like, in a config file's words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    # A command-line string is parsed as YAML unless a string is a valid value for the field.
-    takes_str = tp is str or (origin in (typing.Union, types.UnionType) and str in args)
-    if isinstance(value, _Cli) and not takes_str:
-        value = _parse_cli(value)
-    if tp is Any:
-        return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, _Cli) and type(None) in args and value.strip().lower() in ("null", "none", "~"):
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, sources)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        fail(" or ".join(_type_name(a) for a in args))
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin is Literal:
-        if value not in args:
-            fail("one of " + ", ".join(repr(a) for a in args))
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            fail(f"a mapping of {tp.__name__} fields")
-        return build(tp, value, sources, key + ".")
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            fail("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        fail("a number")
-    if tp is str:
-        if not isinstance(value, str):
-            fail("a string")
-        return str(value)
-    if origin is dict or tp is dict:  # free-form mappings (e.g. peft.LoraConfig arguments), checked by their owner
-        if not isinstance(value, Mapping):
-            fail("a mapping")
-        return {str(k): _parse_cli(v) if isinstance(v, _Cli) else v for k, v in value.items()}
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            fail(f"a list ({_type_name(tp)})")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value))
-        if len(value) != len(args):
-            fail(f"a list of {len(args)} items")
-        return tuple(_coerce(v, a, f"{key}[{i}]", sources) for i, (v, a) in enumerate(zip(value, args)))
-    raise ConfigError(f"{key}: unsupported config field type {_type_name(tp)} (a bug in the config class)")
+        return "a list" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} items"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _parse_cli(text: str) -> Any:
+def _parse_cli(text: str, tp: Any) -> Any:
+    """A command-line value: YAML, unless the field takes a string (then as typed; `null` for optional ones)."""
     import yaml
 
+    takes_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+    if takes_str:
+        nullable = type(None) in typing.get_args(tp)
+        return None if nullable and text.strip().lower() in ("null", "none", "~") else text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
-        return str(text)
+        return text
 
 
 # -- writing ---------------------------------------------------------------------------------------
