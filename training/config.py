@@ -457,7 +457,7 @@ def _explain(cls: type, err: Mapping[str, Any], sources: _Sources) -> str:
         loc = loc[:-1]  # a fixed-length list with an item too few: the list is wrong, not item [i]
     tp = _annotation_at(cls, loc)
     key = _dotted(loc)
-    expected = _describe(tp) if tp is not None else err["msg"].removeprefix("Input should be ")
+    expected = describe_type(tp) if tp is not None else err["msg"].removeprefix("Input should be ")
     return f"{sources.of(key)}: {key} must be {expected}, got {str(value)!r}"
 
 
@@ -508,11 +508,11 @@ def _without_none(tp: Any) -> Any:
     return tp
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     """What a value of annotation `tp` looks like, in a config file's words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+        return " or ".join("null" if a is type(None) else describe_type(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
@@ -574,6 +574,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "build",
+    "describe_type",
     "load_config",
     "parse_overrides",
     "read_yaml",

@@ -13,7 +13,6 @@ LoRA runs also write `adapter/` and merge the adapter into `model.pt`).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from lvface_mm.models.registry import get_model_spec
 from lvface_mm.tasks import FaceRecognitionTask, add_lora, merge_adapter, save_adapter, unwrap_encoder
 
 from .checkpoint import atomic_torch_save
-from .config import ConfigError, EncoderRunConfig, load_config, read_yaml, save_config, to_dict
+from .config import ConfigError, EncoderRunConfig, read_yaml, save_config, to_dict
 from .data import open_face_source
+from .launch import launcher_precision, process_group, run_program
 from .loop import Trainer, build_adamw
 
 
@@ -162,18 +162,6 @@ def _clone(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-def _setup_distributed() -> torch.device:
-    """Join the process group torchrun describes (env RANK/WORLD_SIZE); one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not is_distributed():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def _write_resolved_config(config: EncoderRunConfig, run_dir: Path) -> None:
     """Save `config.yaml`; an older, different one is kept as `config.<n>.yaml` (nothing is lost)."""
     path = run_dir / "config.yaml"
@@ -187,74 +175,47 @@ def _write_resolved_config(config: EncoderRunConfig, run_dir: Path) -> None:
 
 def train_encoder(config: EncoderRunConfig) -> dict[str, float]:
     """Run one training job; returns the final evaluation metrics (rank 0; empty elsewhere)."""
-    created_group = not is_distributed()
-    device = _setup_distributed()
     run_dir = Path(config.output_dir)
     trainer = None
-    try:
-        rank = get_rank()
-        if rank == 0:
-            _write_resolved_config(config, run_dir)
-        data = open_face_source(config.data.source, config.data.path, config.data.synthetic, config.data.hflip)
-        if config.data.num_classes is not None and config.data.num_classes != data.num_classes:
-            raise ConfigError(f"data.num_classes is {config.data.num_classes} but {config.data.source} data "
-                              f"{config.data.path or ''} has {data.num_classes} identities")
-        torch.manual_seed(config.loop.seed)  # identical initial encoder on every rank and world size
-        encoder = build_encoder(config)
-        head, stage_scheduler = build_head(config, unwrap_encoder(encoder).feature_dim, data.num_classes)
-        task = FaceRecognitionTask(encoder, head, stage_scheduler, freeze_norm_stats=config.lora is not None)
-        task.to(device)
-        no_decay = unwrap_encoder(encoder).no_weight_decay()
-        optimizer = build_adamw(task, config.optim, no_decay)
-        hook = VerificationHook(build_pair_sets(config), config.eval.every_steps, config.eval.batch_size)
-        trainer = Trainer(
-            task, optimizer, data, config.data.batch_size, optim=config.optim, loop=config.loop,
-            checkpoint=config.checkpoint, run_dir=run_dir, device=device, hooks=[hook] if hook.sets else [],
-            num_workers=config.data.num_workers, with_seeds=True, data_seed=config.loop.seed,
-            extra_state={"config": to_dict(config)},
-        )
-        progress = trainer.fit()
-        results: dict[str, float] = {}
-        if progress.step >= trainer.total_steps and rank == 0:
-            path = export_encoder(task, config, run_dir)
-            print(f"encoder weights: {path}", flush=True)
-            results = {f"{name}/best": acc for name, acc in hook.best.items()}
-        return results
-    finally:
-        if trainer is not None:
-            trainer.close()
-        del trainer
-        if created_group and is_distributed():
-            import gc
-
-            gc.collect()
-            dist.destroy_process_group()
+    with process_group() as device:
+        try:
+            rank = get_rank()
+            if rank == 0:
+                _write_resolved_config(config, run_dir)
+            data = open_face_source(config.data.source, config.data.path, config.data.synthetic, config.data.hflip)
+            if config.data.num_classes is not None and config.data.num_classes != data.num_classes:
+                raise ConfigError(f"data.num_classes is {config.data.num_classes} but {config.data.source} data "
+                                  f"{config.data.path or ''} has {data.num_classes} identities")
+            torch.manual_seed(config.loop.seed)  # identical initial encoder on every rank and world size
+            encoder = build_encoder(config)
+            head, stage_scheduler = build_head(config, unwrap_encoder(encoder).feature_dim, data.num_classes)
+            task = FaceRecognitionTask(encoder, head, stage_scheduler, freeze_norm_stats=config.lora is not None)
+            task.to(device)
+            no_decay = unwrap_encoder(encoder).no_weight_decay()
+            optimizer = build_adamw(task, config.optim, no_decay)
+            hook = VerificationHook(build_pair_sets(config), config.eval.every_steps, config.eval.batch_size)
+            trainer = Trainer(
+                task, optimizer, data, config.data.batch_size, optim=config.optim,
+                loop=launcher_precision(config.loop), checkpoint=config.checkpoint, run_dir=run_dir, device=device,
+                hooks=[hook] if hook.sets else [], num_workers=config.data.num_workers, with_seeds=True,
+                data_seed=config.loop.seed, extra_state={"config": to_dict(config)},
+            )
+            progress = trainer.fit()
+            results: dict[str, float] = {}
+            if progress.step >= trainer.total_steps and rank == 0:
+                path = export_encoder(task, config, run_dir)
+                print(f"encoder weights: {path}", flush=True)
+                results = {f"{name}/best": acc for name, acc in hook.best.items()}
+            return results
+        finally:
+            if trainer is not None:
+                trainer.close()  # releases the DDP wrapper before the process group ends
+            del trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    config_path = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise SystemExit("--config needs a YAML path")
-        config_path = args[i + 1]
-        del args[i : i + 2]
-    else:
-        for i, arg in enumerate(args):
-            if arg.startswith("--config="):
-                config_path = arg.split("=", 1)[1]
-                del args[i]
-                break
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    try:
-        config = load_config(EncoderRunConfig, config_path, args)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
-    train_encoder(config)
-    return 0
+    status, _ = run_program(EncoderRunConfig, train_encoder, sys.argv[1:] if argv is None else argv, __doc__)
+    return status
 
 
 __all__ = ["PairSet", "VerificationHook", "build_encoder", "build_head", "build_pair_sets", "export_encoder",
