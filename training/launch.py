@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import os
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from lvface_mm.distributed import is_distributed
 
-from .config import ConfigError, LoopConfig, describe_type, load_config
+from .config import ConfigError, LoopConfig, describe_type, load_config, to_dict
 
 T = TypeVar("T")
 
@@ -79,17 +80,18 @@ def parse_program_args(argv: Sequence[str]) -> ProgramArgs:
     return ProgramArgs(paths[0] if paths else None, tuple(rest))
 
 
-def config_keys(cls: type, prefix: str = "") -> list[str]:
+def config_keys(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
     """One line per config key of `cls`: `--optim.lr  a number (default 0.001)` (for --help)."""
     lines = []
     hints = typing.get_type_hints(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults  # nested sections: the parent's default value
     for f in dataclasses.fields(cls):
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]) and dataclasses.is_dataclass(value):
-            lines += config_keys(type(value), f"{prefix}{f.name}.")
+            lines += config_keys(type(value), f"{prefix}{f.name}.", value)
         else:
-            lines.append(f"  --{prefix}{f.name}  {describe_type(hints[f.name])} (default {value!r})")
+            shown = json.dumps(to_dict(value), default=str)  # YAML spelling: null, false, [1, 2]
+            lines.append(f"  --{prefix}{f.name}  {describe_type(hints[f.name])} (default {shown})")
     return lines
 
 
