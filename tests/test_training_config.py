@@ -8,13 +8,13 @@ import pytest
 
 from training.config import (
     ConfigError,
-    EncoderRunConfig,
     load_config,
     parse_overrides,
     read_yaml,
     save_config,
     to_dict,
 )
+from training.encoder import EncoderRunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder"
 

@@ -16,8 +16,8 @@ from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig
 from lvface_mm.models import create_model
 from lvface_mm.tasks import FaceRecognitionTask, images_to_input
 from training.checkpoint import load_model_state, read_checkpoint
-from training.config import EncoderRunConfig, load_config
-from training.encoder import build_encoder, build_head, main
+from training.config import load_config
+from training.encoder import EncoderRunConfig, build_encoder, build_head, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")

@@ -1,9 +1,10 @@
 """Typed run configs: YAML files and dotted command-line overrides -> frozen dataclasses.
 
-A run config is a tree of small frozen dataclasses (one per concern: optimizer, loop, checkpoints,
-logging, and the task's own sections). `load_config(EncoderRunConfig, "x.yaml", ["--optim.lr=1e-3"])`
-reads the file, applies the overrides and builds the tree, checking every value against the field's
-type. Mistakes fail loudly and name the place:
+A run config is a tree of small frozen dataclasses (one per concern). The sections every training
+program shares live here (`OptimConfig`, `LoopConfig`, `CheckpointConfig`); each program defines
+its own sections and run config at the top of its module (`training.encoder.EncoderRunConfig`,
+`training.adapter.AdapterRunConfig`). `load_config(EncoderRunConfig, "x.yaml", ["--optim.lr=1e-3"])`
+reads the file, applies the overrides and builds the tree. Mistakes fail loudly and name the place:
 
     - an unknown key names the key, the file (or "command line") and the keys that do exist;
     - a value of the wrong type names the key, the file, the value and the expected type;
@@ -13,9 +14,12 @@ A YAML file may start from another with `base: other.yaml` (relative to the file
 key by key, everything else (lists included) replaces. The fully resolved config is written to
 the run directory so a run can always be reproduced from its own folder.
 
-Why not argparse or Hydra: argparse would need every field declared twice, and Hydra's
-composition is more than the recipes here need. This is about 300 lines and has no dependency
-beyond PyYAML.
+Checking keys and types is pydantic's job (`pydantic>=2.5`, validating the plain dataclasses
+as they are, `__post_init__` checks included); this module adds what pydantic does not know: YAML
+files with `base:`, which file or command-line flag set each key, "did you mean" for unknown
+keys, and messages in a config file's words. Values are read the lax way (`3` for a float,
+`1e-3` that PyYAML leaves as text, `"3"` for an integer). OmegaConf structured configs cannot
+express the `Literal` fields or `tuple[int | None, int | None] | None`; docs/training.md compares.
 """
 
 from __future__ import annotations
@@ -26,11 +30,9 @@ import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-
-from lvface_mm.data.synthetic import SyntheticFacesConfig
 
 T = TypeVar("T")
 
@@ -153,153 +155,6 @@ class CheckpointConfig:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
         _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         _check(bool(self.resume), "resume must be 'auto', 'never' or a checkpoint path")
-
-
-# -- encoder training sections ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelConfig:
-    """The encoder. Fields left null take the registered model's value (`lvface_mm.models.registry`).
-
-    Args:
-        name: registered model name (`lvface_t/s/b/l`, `lvface_tiny`) or an upstream alias.
-        pretrained: start from the official weights (downloaded and hash-checked).
-        checkpoint_path: start from a local checkpoint instead.
-        drop_path_rate, mask_ratio: training regularisers; null = the published recipe's value.
-        num_heads: attention heads (tiny CPU runs use fewer, wider heads: CPU attention kernels are
-            slow at head width 4).
-        grad_checkpointing: recompute block activations in backward (B and L on small GPUs).
-    """
-
-    name: str = "lvface_tiny"
-    pretrained: bool = False
-    checkpoint_path: str | None = None
-    drop_path_rate: float | None = None
-    mask_ratio: float | None = None
-    num_heads: int | None = None
-    grad_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        _check(not (self.pretrained and self.checkpoint_path), "give pretrained or checkpoint_path, not both")
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """The classification head: Partial FC with a margin, or LVFace's PCO head.
-
-    Args:
-        kind: "pco" (three stages, LVFace) or "partial_fc" (one stage, arcface_torch).
-        margin: "cosface" (the ViT recipes) or "arcface".
-        scale, margin_value: logit scale s and margin m (CosFace 64 / 0.4).
-        margin_bank: PCO's margin on the feature-expectation logits.
-        sample_rate: fraction of each rank's class centres per step (positives always kept).
-        delta1, delta2: PCO stage thresholds on the batch mean of cos^2(feature, own centre).
-        stage_override_steps: [first step of stage 2, first step of stage 3] instead of thresholds.
-        stage_override_epochs: the same by epoch.
-        stage_window: the thresholds compare the mean of the last `stage_window` per-step values
-            (1 = no smoothing); smooths a noisy cos^2 at small batches.
-        min_steps_per_stage: a threshold switch happens only after this many steps in the current
-            stage (0 = none). Neither applies to a manual (override) schedule.
-        init_seed: seed of the (world-size independent) centre initialisation.
-    """
-
-    kind: Literal["pco", "partial_fc"] = "pco"
-    margin: Literal["cosface", "arcface"] = "cosface"
-    scale: float = 64.0
-    margin_value: float = 0.4
-    margin_bank: float = 0.4
-    sample_rate: float = 0.1
-    delta1: float = 0.2
-    delta2: float = 0.35
-    stage_override_steps: tuple[int | None, int | None] | None = None
-    stage_override_epochs: tuple[int | None, int | None] | None = None
-    stage_window: int = 1
-    min_steps_per_stage: int = 0
-    init_seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.sample_rate <= 1.0, f"sample_rate must be in [0, 1], got {self.sample_rate}")
-        _check(self.scale > 0, f"scale must be > 0, got {self.scale}")
-        _check(self.stage_override_steps is None or self.stage_override_epochs is None,
-               "give stage_override_steps or stage_override_epochs, not both")
-        _check(self.kind == "pco" or (self.stage_override_steps is None and self.stage_override_epochs is None),
-               "stage overrides only apply to kind: pco")
-        _check(self.stage_window >= 1, f"stage_window must be >= 1 (1 = no smoothing), got {self.stage_window}")
-        _check(self.min_steps_per_stage >= 0, f"min_steps_per_stage must be >= 0, got {self.min_steps_per_stage}")
-        _check(self.kind == "pco" or (self.stage_window == 1 and self.min_steps_per_stage == 0),
-               "stage_window and min_steps_per_stage only apply to kind: pco")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where training images come from. Images must be aligned 112x112 crops.
-
-    Args:
-        source: "synthetic" (procedural identities), "recordio" (InsightFace .rec/.idx) or
-            "image_folder" (root/<identity>/<image>).
-        path: the .rec directory/prefix or the image-folder root (unused for synthetic).
-        num_classes: expected number of identities; checked against the data when given.
-        batch_size: images per rank per micro-batch (arcface_torch's ViT recipes: 384).
-        num_workers: DataLoader worker processes per rank.
-        hflip: random horizontal flips, decided per sample from the data seed (reproducible).
-        synthetic: the synthetic identity set (source "synthetic").
-    """
-
-    source: Literal["synthetic", "recordio", "image_folder"] = "synthetic"
-    path: str | None = None
-    num_classes: int | None = None
-    batch_size: int = 64
-    num_workers: int = 2
-    hflip: bool = True
-    synthetic: SyntheticFacesConfig = field(default_factory=SyntheticFacesConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.source == "synthetic" or bool(self.path), f"source {self.source!r} needs data.path")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        _check(self.num_classes is None or self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Periodic 1:1 verification (10-fold accuracy with flip, InsightFace protocol) on rank 0.
-
-    Args:
-        every_steps: optimizer steps between evaluations (0 = only at the end).
-        bin_files: verification `.bin` files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...).
-        synthetic_pairs: also verify on the held-out synthetic identities (source "synthetic").
-        batch_size: images per forward pass.
-    """
-
-    every_steps: int = 2000
-    bin_files: tuple[str, ...] = ()
-    synthetic_pairs: bool = True
-    batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class EncoderRunConfig:
-    """Everything `python -m training.encoder` needs. `lora: {...}` switches to LoRA fine-tuning: its keys
-    are `peft.LoraConfig` arguments, read over `lvface_mm.tasks.encoder_lora.ENCODER_LORA_DEFAULTS`."""
-
-    output_dir: str = "runs/encoder"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    lora: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.lora is not None:
-            from lvface_mm.tasks.encoder_lora import encoder_lora_config
-
-            encoder_lora_config(self.lora, "lora")  # unknown keys and bad values fail here, not mid-run
 
 
 def _check(ok: bool, message: str) -> None:
@@ -566,12 +421,7 @@ def save_config(config: Any, path: str | Path) -> None:
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
-    "DataConfig",
-    "EncoderRunConfig",
-    "EvalConfig",
-    "HeadConfig",
     "LoopConfig",
-    "ModelConfig",
     "OptimConfig",
     "build",
     "describe_type",
