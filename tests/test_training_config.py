@@ -69,6 +69,9 @@ def test_overrides_are_coerced_to_field_types() -> None:
         ("--loop.precision=fp8", r"loop\.precision must be one of 'fp32', 'bf16', 'fp16'"),
         ("--data.hflip=maybe", r"data\.hflip must be true or false"),
         ("--optim.betas=[0.9]", r"optim\.betas must be a list of 2 items"),
+        ("--head.stage_override_steps=[100, x]",
+         r"^command line \(--head\.stage_override_steps\): head\.stage_override_steps\[1\] must be an integer or null, "
+         r"got 'x'$"),
         ("--optim.lr=-1", r"command line \(--optim\.lr\): invalid 'optim': lr must be > 0"),
         ("--data.synthetic.num_pairs=3", r"invalid 'data\.synthetic'.*num_pairs must be an even int"),
     ],

@@ -181,6 +181,7 @@ class _Sources:
         return ", ".join(found) if found else self.of(prefix)
 
     def of(self, key: str) -> str:
+        key = key.split("[")[0]  # "head.stage_override_steps[1]" was set with its list
         probe = key
         while probe:
             if probe in self._by_key:
