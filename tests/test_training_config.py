@@ -212,3 +212,13 @@ def test_an_unknown_section_from_the_command_line_names_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"^command line \(--optimiser\.lr\): unknown key 'optimiser' "
                                           r"\(did you mean 'optim'\?\)"):
         load_config(EncoderRunConfig, None, ["--optimiser.lr=1"])
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR.parent / "adapter").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_adapter_configs_load_and_round_trip(path: Path, tmp_path: Path) -> None:
+    from training.adapter import AdapterRunConfig
+
+    cfg = load_config(AdapterRunConfig, path)
+    assert cfg.stage2.optim.lr > 0 and cfg.data.path and cfg.stages
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(AdapterRunConfig, tmp_path / "config.yaml") == cfg
