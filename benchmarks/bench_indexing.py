@@ -87,7 +87,8 @@ def bench_direct(spec, photos: Path, tmp: Path, n: int, repeats: int) -> dict:
 
 
 def bench_job(spec, photos: Path, tmp: Path, n: int, repeats: int, workers: int, shard_size: int) -> dict:
-    from lvface_mm.gallery.indexing import IndexJobConfig, run_index_job
+    from lvface_mm.gallery.index_job import run_index_job
+    from lvface_mm.gallery.indexing import IndexJobConfig
 
     walls, spans, cpus = [], [], []
     for r in range(repeats):
