@@ -70,7 +70,8 @@ def _make_data(root: Path) -> None:
 def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: int) -> dict:
     """One configuration, in this process: build, train `WARMUP + steps` steps, measure."""
     from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
-    from lvface_mm.vqa.data import FaceStore, VQADataset, encoder_for_vlm
+    from lvface_mm.vqa.data import FaceStore
+    from lvface_mm.vqa.rendering import RenderedDataset, SampleRenderer
     from lvface_mm.vqa.schema import load_samples
     from training.adapter import AdapterRunConfig, build_vlm, prepare_stage
     from training.config import load_config
@@ -102,7 +103,8 @@ def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: in
     task = IdentityAdapterTask(vlm, "embedding").to(device).train()
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    dataset = VQADataset(train, encoder_for_vlm(vlm), FaceStore.open(data, "embedding"), pad_id=0)
+    renderer = SampleRenderer(vlm, data, config.data.prompt_mode)  # the format training uses
+    dataset = RenderedDataset(train, renderer, FaceStore.open(data, "embedding"), vlm.processor.tokenizer.pad_token_id)
     batches = []
     for start in range(0, (WARMUP + steps) * batch, batch):
         items = [dataset[i % len(dataset)] for i in range(start, start + batch)]
