@@ -60,10 +60,6 @@ _NEARLY_FULL_BYTES = 64 << 20  # a failed write with less free space than this i
 MANIFEST_FILE = "manifest.json"
 
 
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    return Path(path).is_dir()
-
-
 # -- rows as DCP chunks --------------------------------------------------------------------------------
 def _rows(local: Tensor, start: int, num_rows: int) -> Tensor:
     """`local` (rows [start, start + n) of a (num_rows, ...) tensor) as a DCP chunk at its global offset.
@@ -396,7 +392,6 @@ def _check_against_saved(tensors: dict[str, Tensor], saved: dict[str, tuple], so
 
 __all__ = [
     "FORMAT",
-    "is_sharded_checkpoint",
     "load_sharded",
     "read_meta",
     "read_sharded_checkpoint",

@@ -37,12 +37,6 @@ ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "img_size
                        "feature_dim")
 
 
-def is_pretrained_dir(path: str | os.PathLike) -> bool:
-    """True for a folder holding a `config.json` (the layout written by `save_pretrained_encoder`)."""
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
-
-
 def _registered_name_for(config: FaceViTConfig) -> str | None:
     fields = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
     for name in list_models():
