@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, model_with_fields
 from .data_config import facevit_pretrained_cfg
 from .facevit import FaceViT, FaceViTConfig
 from .registry import get_model_spec, list_models
@@ -37,17 +37,10 @@ ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "img_size
                        "feature_dim")
 
 
-def _registered_name_for(config: FaceViTConfig) -> str | None:
-    fields = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
-    for name in list_models():
-        if all(getattr(get_model_spec(name).config, k) == v for k, v in fields.items()):
-            return name
-    return None
-
-
 def encoder_config_dict(model: FaceViT, architecture: str | None = None) -> dict[str, Any]:
     """The `config.json` contents for `model` (see the module docstring)."""
-    name = architecture or model.pretrained_cfg.get("architecture") or _registered_name_for(model.config)
+    fields = {k: getattr(model.config, k) for k in ARCHITECTURE_FIELDS}
+    name = architecture or model.pretrained_cfg.get("architecture") or model_with_fields(fields)
     if name is None:
         raise ValueError(
             "save_pretrained_encoder: this FaceViT's shape matches no registered model; pass architecture= "
