@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic_file import atomic_path
 from .checkpoint import load_checkpoint, model_with_fields
 from .data_config import facevit_pretrained_cfg
 from .facevit import FaceViT, FaceViTConfig
@@ -58,18 +58,6 @@ def encoder_config_dict(model: FaceViT, architecture: str | None = None) -> dict
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Write beside the target and rename: an interrupted save never leaves a half-written file behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained_encoder(model: nn.Module, directory: str | os.PathLike, *, architecture: str | None = None) -> Path:
     """Write `model` as `directory/model.safetensors` + `directory/config.json`; returns the folder.
 
@@ -91,8 +79,11 @@ def save_pretrained_encoder(model: nn.Module, directory: str | os.PathLike, *, a
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage; own copies on the CPU.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    # Each file is replaced atomically: an interrupted save never leaves a half-written file behind.
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
