@@ -32,24 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import reset_peak_rss, status_bytes
 
 MODES = ("lora", "full")
 WARMUP = 3
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> int:
-    """Reset the kernel's resident high-water mark; return the current RSS in bytes (Linux only)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024
 
 
 def _make_data(root: Path) -> None:
@@ -110,7 +96,7 @@ def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: in
         items = [dataset[i % len(dataset)] for i in range(start, start + batch)]
         batches.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0]})
     activation_bytes = _saved_activation_bytes(task, batches[0])
-    base = _reset_peak() if device.type == "cpu" else 0
+    base = reset_peak_rss() if device.type == "cpu" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -127,7 +113,7 @@ def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: in
             torch.cuda.synchronize()
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
-    peak = (_status_kb("VmHWM") * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated()) - base
+    peak = (status_bytes("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated()) - base
     state_bytes = sum(
         t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
     )
