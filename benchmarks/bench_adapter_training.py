@@ -32,24 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import reset_peak_rss, status_bytes
 
 MODES = ("lora", "full")
 WARMUP = 3
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> int:
-    """Reset the kernel's resident high-water mark; return the current RSS in bytes (Linux only)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024
 
 
 def _make_data(root: Path) -> None:
@@ -70,7 +56,8 @@ def _make_data(root: Path) -> None:
 def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: int) -> dict:
     """One configuration, in this process: build, train `WARMUP + steps` steps, measure."""
     from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
-    from lvface_mm.vqa.data import FaceStore, VQADataset, encoder_for_vlm
+    from lvface_mm.vqa.data import FaceStore
+    from lvface_mm.vqa.rendering import RenderedDataset, SampleRenderer
     from lvface_mm.vqa.schema import load_samples
     from training.adapter import AdapterRunConfig, build_vlm, prepare_stage
     from training.config import load_config
@@ -102,13 +89,14 @@ def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: in
     task = IdentityAdapterTask(vlm, "embedding").to(device).train()
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    dataset = VQADataset(train, encoder_for_vlm(vlm), FaceStore.open(data, "embedding"), pad_id=0)
+    renderer = SampleRenderer(vlm, data, config.data.prompt_mode)  # the format training uses
+    dataset = RenderedDataset(train, renderer, FaceStore.open(data, "embedding"), vlm.processor.tokenizer.pad_token_id)
     batches = []
     for start in range(0, (WARMUP + steps) * batch, batch):
         items = [dataset[i % len(dataset)] for i in range(start, start + batch)]
         batches.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0]})
     activation_bytes = _saved_activation_bytes(task, batches[0])
-    base = _reset_peak() if device.type == "cpu" else 0
+    base = reset_peak_rss() if device.type == "cpu" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -125,7 +113,7 @@ def child(mode: str, data: Path, hidden: int, layers: int, steps: int, batch: in
             torch.cuda.synchronize()
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
-    peak = (_status_kb("VmHWM") * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated()) - base
+    peak = (status_bytes("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated()) - base
     state_bytes = sum(
         t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
     )

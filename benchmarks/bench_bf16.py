@@ -69,8 +69,8 @@ def load_trained(run_dir: Path) -> torch.nn.Module:
 
 def heldout_pairs(num_pairs: int, identities: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Pairs of identities the encoder never saw (those after the 200 training identities of the config)."""
-    from training.config import EncoderRunConfig, load_config
-    from training.encoder import build_pair_sets
+    from training.config import load_config
+    from training.encoder import EncoderRunConfig, build_pair_sets
 
     overrides = [f"--data.synthetic.num_pairs={num_pairs}", f"--data.synthetic.heldout_identities={identities}"]
     pairs = build_pair_sets(load_config(EncoderRunConfig, str(TINY), overrides))[0]

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _memory import reset_peak_rss, status_bytes
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,19 +69,9 @@ class Task(nn.Module):
         return {"head": self.head}
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _reset_peak() -> int:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); returns the RSS."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS")
+    gc.collect()  # the previous phase's garbage is not this phase's memory
+    return reset_peak_rss()
 
 
 def _build(num_classes: int) -> tuple[Task, torch.optim.Optimizer]:
@@ -113,7 +104,7 @@ def _worker(rank: int, port: int, layout: str, num_classes: int, directory: str,
             del payload
             dist.barrier()
         save_s = time.perf_counter() - start
-        save_peak = _status("VmHWM") - base
+        save_peak = status_bytes("VmHWM") - base
         del task, optimizer
         task, optimizer = _build(num_classes)  # a fresh run resuming
         dist.barrier()
@@ -127,7 +118,7 @@ def _worker(rank: int, port: int, layout: str, num_classes: int, directory: str,
             load_optimizer_state(optimizer, task, payload["optimizer"])
             del payload
         load_s = time.perf_counter() - start
-        load_peak = _status("VmHWM") - base
+        load_peak = status_bytes("VmHWM") - base
         size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() \
             else Path(path).stat().st_size
         Path(out, f"rank{rank}.txt").write_text(f"{save_peak} {load_peak} {save_s} {load_s} {size}")

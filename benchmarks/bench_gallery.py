@@ -38,10 +38,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
+from _photos import make_photos  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PORTRAITS = [ROOT / "tests" / "data" / "portraits" / f"{n}.jpg" for n in ("obama", "obama2", "obama3", "biden")]
 RESULTS = ROOT / "benchmarks" / "results" / "gallery_and_demo.md"
 DIM = 512
 
@@ -145,7 +145,6 @@ def bench_gallery_writes(tmp: Path, n: int) -> dict:
 
 def bench_indexing(tmp: Path, num_photos: int, repeats: int) -> list[dict]:
     import torch
-    from PIL import Image
 
     from lvface_mm.faces import FaceEmbedder
     from lvface_mm.gallery.clip import ClipConfig, ClipEncoder
@@ -153,13 +152,7 @@ def bench_indexing(tmp: Path, num_photos: int, repeats: int) -> list[dict]:
     from lvface_mm.models import create_model
 
     photos = tmp / "photos"
-    photos.mkdir()
-    for i in range(num_photos):  # distinct bytes per file, or the hash check would skip them
-        with Image.open(PORTRAITS[i % len(PORTRAITS)]) as im:
-            im = im.convert("RGB")
-            if (i // len(PORTRAITS)) % 2:
-                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            im.rotate(i // (2 * len(PORTRAITS)), fillcolor=(128, 128, 128)).save(photos / f"p{i:03d}.jpg", quality=90)
+    make_photos(photos, num_photos)
     os.environ.setdefault("LVFACE_MM_ONNX_CACHE", str(tmp / "onnx"))  # random weights: not the user's cache
     configs = {
         "tiny (tests, --tiny)": lambda: (FaceEmbedder.from_tiny(seed=0), ClipEncoder.tiny()),

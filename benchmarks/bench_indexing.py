@@ -35,22 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _photos import make_photos
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PORTRAITS = [ROOT / "tests" / "data" / "portraits" / f"{n}.jpg" for n in ("obama", "obama2", "obama3", "biden")]
 RESULTS = ROOT / "benchmarks" / "results" / "indexing.md"
-
-
-def make_photos(folder: Path, n: int) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    for i in range(n):  # distinct bytes per file, or the hash check would skip them
-        with Image.open(PORTRAITS[i % len(PORTRAITS)]) as im:
-            im = im.convert("RGB")
-            if (i // len(PORTRAITS)) % 2:
-                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            im.rotate(i // (2 * len(PORTRAITS)), fillcolor=(128, 128, 128)).save(folder / f"p{i:03d}.jpg", quality=90)
 
 
 def configs() -> dict:
@@ -87,7 +76,8 @@ def bench_direct(spec, photos: Path, tmp: Path, n: int, repeats: int) -> dict:
 
 
 def bench_job(spec, photos: Path, tmp: Path, n: int, repeats: int, workers: int, shard_size: int) -> dict:
-    from lvface_mm.gallery.indexing import IndexJobConfig, run_index_job
+    from lvface_mm.gallery.index_job import run_index_job
+    from lvface_mm.gallery.indexing import IndexJobConfig
 
     walls, spans, cpus = [], [], []
     for r in range(repeats):

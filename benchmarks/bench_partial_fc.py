@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _memory import reset_peak_rss, status_bytes
 from torch import nn
 
 from lvface_mm.losses import CosFaceMargin, PartialFC
@@ -69,25 +70,6 @@ class _Joined(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model["head"](self.model["backbone"](x), y)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's resident high-water mark (VmHWM) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak_rss() -> int:
-    return _status_kb("VmHWM") * 1024
 
 
 def _build(head_name: str, classes: int, world: int) -> tuple[Callable, list, list]:
@@ -149,10 +131,10 @@ def _run_rank(rank: int, world: int, cfg: dict, store: str, out_dir: str) -> Non
     _steps(warm[0], warm[1], 1000, cfg["batch"], 1, world)
     del warm
     gc.collect()
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     loss_fn, opts, keep = _build(cfg["head"], cfg["classes"], world)
     times = _steps(loss_fn, opts, cfg["classes"], cfg["batch"], cfg["warmup"] + cfg["steps"], world)
-    peak = _peak_rss() - base
+    peak = status_bytes("VmHWM") - base
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"times": times[cfg["warmup"]:], "peak": peak}, f)
     del loss_fn, opts, keep  # no DDP object may outlive the process group (offline_env.md section 2)

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _photos import PORTRAITS
 from _results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-PORTRAITS = [ROOT / "tests" / "data" / "portraits" / f"{n}.jpg" for n in ("obama", "obama2", "obama3", "biden")]
 
 
 def group_photo(out: Path) -> Path:

@@ -1,7 +1,12 @@
 """FSDP2 on CPU (gloo): two processes, each holding half of every weight, train LoRA on a tiny Llama
 exactly like one process on the whole batch; `training.adapter` with `fsdp.enabled` on two processes
 trains, checkpoints, resumes, saves and evaluates like one process; and the recipe configs for big
-VLMs (FSDP, QLoRA) load."""
+VLMs (FSDP, QLoRA) load.
+
+Every multi-process check reads the one module fixture `fsdp_runs`: spawning gloo processes costs
+most of the time here (each child imports torch, transformers and PEFT), so one spawn of two
+processes does all the distributed work (the bare sharding, the FSDP run, an interrupted and resumed
+FSDP run) and the tests compare what it left behind."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import pytest
 import torch
 
 from tests._losses_fixtures import run_workers
-from training.fsdp import FsdpConfig, full_state_dict, layer_classes, shard_model
+from training.fsdp import full_state_dict, layer_classes, shard_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -57,7 +62,7 @@ def _train(model: torch.nn.Module, ids: torch.Tensor) -> None:
 
 def _fsdp_worker(rank: int, world: int) -> dict:
     model = _lora_llama()
-    names = shard_model(model, FsdpConfig())
+    names = shard_model(model)
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     local_rows = q.to_local().shape[0]  # this process's slice of a frozen base weight
     ids = _batch()[rank * 2 : rank * 2 + 2]  # each process sees half the batch
@@ -71,22 +76,21 @@ def _fsdp_worker(rank: int, world: int) -> dict:
 
 def test_layer_classes_come_from_the_model() -> None:
     model = _lora_llama()
-    assert layer_classes(model, FsdpConfig()) == ("LlamaDecoderLayer",)
-    assert layer_classes(model, FsdpConfig(layer_classes=("LlamaMLP",))) == ("LlamaMLP",)
-    with pytest.raises(ValueError, match="layer_classes must be class names"):
-        FsdpConfig(layer_classes=("",))
+    assert layer_classes(model) == ("LlamaDecoderLayer",)
+    assert layer_classes(model, ["LlamaMLP"]) == ("LlamaMLP",)
+    with pytest.raises(ValueError, match="names no decoder layer class"):
+        layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(RuntimeError, match="needs a process group"):
         shard_model(model)
 
 
 @pytest.mark.multiproc
-def test_two_gloo_processes_shard_and_train_like_one(tmp_path: Path) -> None:
+def test_two_gloo_processes_shard_and_train_like_one(fsdp_runs: dict) -> None:
     reference = _lora_llama()
     _train(reference, _batch())
     expected = {k: v for k, v in reference.state_dict().items() if "lora_" in k}
 
-    results = run_workers(_fsdp_worker, 2, tmp_path)
-    for r in results:
+    for r in fsdp_runs["shard"]:
         assert len(r["names"]) == 2 and all(n.endswith(("layers.0", "layers.1")) for n in r["names"])
         assert r["local_rows"] * 2 == r["full_rows"]  # each process holds half of each weight
         assert r["lora"].keys() == expected.keys()
@@ -136,17 +140,36 @@ def _adapter_argv(data: Path, out: Path, batch: int, accum: int, *extra: str) ->
         "--checkpoint.every_steps=2",
         "--eval.modes=[token]",
         "--eval.max_per_task=4",
+        "--eval.max_new_tokens=8",  # generation with the sharded model gathers every layer per token
         *extra,
     ]
 
 
-def _adapter_worker(rank: int, world: int, *runs: list[str]) -> dict:
+def _launch(argv: list[str]) -> None:
     from training.adapter import main
 
-    for argv in runs:  # one launch after the other in the same processes (a restart, without the spawn cost)
-        assert main(argv) == 0
-        gc.collect()  # the sharded model and its process-group handles go before the group does
-    return {}
+    assert main(argv) == 0
+    gc.collect()  # the sharded model and its process-group handles go before the group does
+
+
+def _multiproc_worker(rank: int, world: int, two: list[str], resumed: list[str], root: str) -> dict:
+    """Everything distributed, in one spawn: the bare sharding, the FSDP run `two`, then a run that
+    starts stage 2 from `two`'s finished stage 1, stops after step 3 and is launched again (a restart
+    without the spawn cost: the program joins the group the test started and leaves it running)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    out = {"shard": _fsdp_worker(rank, world)}
+    _launch(two)
+    if rank == 0:
+        for done in ("base", "stage1"):  # both runs start stage 2 from the same finished stage 1
+            shutil.copytree(Path(root) / "two" / done, Path(root) / "resumed" / done)
+    dist.barrier()
+    _launch([*resumed, "--loop.stop_at_step=3"])
+    out["after_stop"] = sorted(p.name for p in (Path(root) / "resumed" / "stage2" / "checkpoints").glob("*.pt"))
+    _launch(resumed)
+    return out
 
 
 def _adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -165,25 +188,27 @@ def _losses(run: Path, stage: int) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`one`: the program on one process; `two`: on two gloo processes with FSDP; `resumed`: the FSDP
+    run interrupted in stage 2 and resumed; `shard`: each process's result of `_fsdp_worker`."""
     root = tmp_path_factory.mktemp("adapter_fsdp")
     data = root / "vqa"
     _naming_set(data)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as each worker process: the same kernels, the same rounding
     try:
-        from training.adapter import main
-
-        assert main(_adapter_argv(data, root / "one", 2, 4)) == 0
+        _launch(_adapter_argv(data, root / "one", 2, 4))
     finally:
         torch.set_num_threads(threads)
-    run_workers(_adapter_worker, 2, root, _adapter_argv(data, root / "two", 2, 2, "--fsdp.enabled=true"))
-    return root, data
+    two = _adapter_argv(data, root / "two", 2, 2, "--fsdp.enabled=true")
+    resumed = _adapter_argv(data, root / "resumed", 2, 2, "--fsdp.enabled=true", "--eval.enabled=false")
+    results = run_workers(_multiproc_worker, 2, root, two, resumed, str(root))
+    return {"root": root, "data": data, "shard": [r["shard"] for r in results], "after_stop": results[0]["after_stop"]}
 
 
 @pytest.mark.multiproc
-def test_adapter_program_with_fsdp_on_two_processes_equals_one_process(fsdp_runs: tuple[Path, Path]) -> None:
-    root, _ = fsdp_runs
+def test_adapter_program_with_fsdp_on_two_processes_equals_one_process(fsdp_runs: dict) -> None:
+    root = fsdp_runs["root"]
     one, two = root / "one", root / "two"
     info = json.loads((two / "adapter" / "stage.json").read_text())
     assert info["fsdp_processes"] == 2 and info["steps"] == 4
@@ -212,39 +237,53 @@ def test_adapter_program_with_fsdp_on_two_processes_equals_one_process(fsdp_runs
 
 
 @pytest.mark.multiproc
-def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(
-    fsdp_runs: tuple[Path, Path], tmp_path: Path
-) -> None:
-    import shutil
-
-    root, data = fsdp_runs
-    resumed = tmp_path / "resumed"
-    for done in ("base", "stage1"):  # the uninterrupted run's finished stage 1: both runs start stage 2 alike
-        shutil.copytree(root / "two" / done, resumed / done)
-    argv = _adapter_argv(data, resumed, 2, 2, "--fsdp.enabled=true", "--eval.enabled=false")
-    # Stopped inside stage 2 after its step-3 checkpoint, then launched again: resumes at step 3.
-    run_workers(_adapter_worker, 2, tmp_path, [*argv, "--loop.stop_at_step=3"], argv)
-    assert (resumed / "stage2" / "checkpoints" / "step_00000003.pt").is_file()
+def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(fsdp_runs: dict) -> None:
+    root = fsdp_runs["root"]
+    resumed = root / "resumed"
+    # The first launch stopped inside stage 2 with its step-3 checkpoint (keep_last 1) and no adapter.
+    assert fsdp_runs["after_stop"] == ["step_00000003.pt"]
     log = (resumed / "stage2" / "log.jsonl").read_text()
     # One line per step: the second launch continued at step 4 (a fresh start would log 1, 2, 3 again).
     assert [json.loads(line)["step"] for line in log.splitlines() if '"train"' in line] == [1, 2, 3, 4]
-    expected, got = _adapter_weights(root / "two" / "adapter"), _adapter_weights(tmp_path / "resumed" / "adapter")
+    torch.testing.assert_close(_losses(resumed, 2), _losses(root / "two", 2), rtol=0, atol=1e-6)
+    expected, got = _adapter_weights(root / "two" / "adapter"), _adapter_weights(resumed / "adapter")
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def _loss(adapter: Path, data: Path, samples: list) -> float:
+    """The training loss of a saved adapter, loaded in this process, on `samples` (one batch)."""
+    from torch.utils.data import default_collate
+
+    from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
+    from lvface_mm.vqa.data import FaceStore
+    from lvface_mm.vqa.harness import load_trained_vlm
+    from lvface_mm.vqa.rendering import RenderedDataset, SampleRenderer
+
+    vlm = load_trained_vlm(adapter)
+    faces = FaceStore.open(data, "embedding")
+    dataset = RenderedDataset(samples, SampleRenderer(vlm, data), faces, pad_id=vlm.processor.tokenizer.pad_token_id)
+    task = IdentityAdapterTask(vlm, "embedding").eval()
+    with torch.no_grad():
+        return float(task(default_collate([dataset[i] for i in range(len(dataset))]))["loss"])
+
+
 @pytest.mark.multiproc
-def test_fsdp_trained_adapter_loads_in_one_process_with_the_same_answers(fsdp_runs: tuple[Path, Path]) -> None:
+def test_fsdp_trained_adapter_loads_in_one_process_with_the_same_outputs(fsdp_runs: dict) -> None:
     from lvface_mm.vqa.data import FaceStore
     from lvface_mm.vqa.harness import generate_answers, load_trained_vlm, subsample
     from lvface_mm.vqa.schema import load_samples
 
-    root, data = fsdp_runs
-    vlm = load_trained_vlm(root / "two" / "adapter")
+    root, data = fsdp_runs["root"], fsdp_runs["data"]
     samples = subsample(load_samples(data / "eval.json"), 4)
+    vlm = load_trained_vlm(root / "two" / "adapter")
     answers = generate_answers(vlm, samples, FaceStore.open(data, "embedding"))
     assert answers == json.loads((root / "two" / "eval" / "answers.json").read_text())["token"]
+    # The loss the loaded FSDP-trained adapter gives is the one-process adapter's, not stage 1's.
+    two, one = _loss(root / "two" / "adapter", data, samples), _loss(root / "one" / "adapter", data, samples)
+    stage1 = _loss(root / "two" / "stage1" / "adapter", data, samples)
+    assert two == pytest.approx(one, rel=1e-4) and abs(two - stage1) > 1e-3
 
 
 def test_fsdp_config_is_validated() -> None:
@@ -257,8 +296,12 @@ def test_fsdp_config_is_validated() -> None:
         load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.enabled=true", "--checkpoint.format=sharded"])
     with pytest.raises(ConfigError, match="fsdp.enabled with model.load_in_4bit is not supported"):
         load_config(AdapterRunConfig, QLORA, ["--data.path=x", "--fsdp.enabled=true"])
-    with pytest.raises(ConfigError, match="fsdp"):
+    with pytest.raises(ConfigError, match=r"unknown key 'fsdp.layer_class' \(did you mean 'fsdp.layer_classes'\?\)"):
         load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.layer_class=LlamaDecoderLayer"])
+    with pytest.raises(ConfigError, match=r"command line \(--fsdp.enabled\): fsdp.enabled must be true or false"):
+        load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.enabled=often"])
+    with pytest.raises(ConfigError, match=r"invalid 'fsdp': layer_classes\[1\] is empty"):
+        load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.layer_classes=[LlamaDecoderLayer, '']"])
 
 
 # -- QLoRA: a 4-bit base on one GPU (the GPU part runs in benchmarks/device/adapter_fsdp_qlora.py) ------

@@ -36,6 +36,32 @@ def _smollm2() -> tuple[str, str]:
     return directory, ggufs[0]
 
 
+def _train_argv(tmp_path: Path, directory: str, gguf: str, *overrides: str) -> list[str]:
+    """`training.adapter` on the data set in tmp_path/vqa with SmolLM2 and LoRA, into tmp_path/run."""
+    return [
+        "--config",
+        str(Path(__file__).parents[1] / "training/configs/adapter/tiny_synthetic.yaml"),
+        f"--data.path={tmp_path / 'vqa'}",
+        f"--output_dir={tmp_path / 'run'}",
+        "--model.card=smollm2-135m-instruct",
+        f"--model.model_path={directory}",
+        f"--model.gguf_file={gguf}",
+        "--model.encoder_pretrained=false",
+        "--model.num_id_tokens=2",
+        "--lora.target_modules=null",
+        "--lora.modules_to_save=[]",
+        "--stage1.max_steps=40",
+        "--stage1.batch_size=4",
+        "--stage2.batch_size=4",
+        "--stage2.optim.lr=1e-3",
+        "--stage2.projector_lr=1e-3",
+        "--eval.modes=[token, plain]",
+        "--eval.batch_size=8",
+        "--loop.log_every=20",
+        *overrides,
+    ]
+
+
 def test_smollm2_with_lora_learns_to_name_held_out_photos(tmp_path):
     from training.adapter import main
 
@@ -56,32 +82,8 @@ def test_smollm2_with_lora_learns_to_name_held_out_photos(tmp_path):
     manifest = build_vqa(photos, tmp_path / "vqa", config)
     assert set(manifest["enrolled"].values()) <= set(NAMES) and len(manifest["enrolled"]) == NUM_ENROLLED
     run = tmp_path / "run"
-    argv = [
-        "--config",
-        str(Path(__file__).parents[1] / "training/configs/adapter/tiny_synthetic.yaml"),
-        f"--data.path={tmp_path / 'vqa'}",
-        f"--output_dir={run}",
-        "--model.card=smollm2-135m-instruct",
-        f"--model.model_path={directory}",
-        f"--model.gguf_file={gguf}",
-        "--model.encoder_pretrained=false",
-        "--model.num_id_tokens=2",
-        "--lora.target_modules=null",
-        "--lora.modules_to_save=[]",
-        "--lora.r=16",
-        "--lora.lora_alpha=32",
-        "--stage1.max_steps=40",
-        "--stage1.batch_size=4",
-        "--stage2.max_steps=100",
-        "--stage2.batch_size=4",
-        "--stage2.optim.lr=1e-3",
-        "--stage2.projector_lr=1e-3",
-        "--eval.modes=[token, plain]",
-        "--eval.max_per_task=24",
-        "--eval.batch_size=8",
-        "--eval.max_new_tokens=8",
-        "--loop.log_every=20",
-    ]
+    argv = _train_argv(tmp_path, directory, gguf, "--lora.r=16", "--lora.lora_alpha=32", "--stage2.max_steps=100",
+                       "--eval.max_per_task=24", "--eval.max_new_tokens=8")
     assert main(argv) == 0
     results = json.loads((run / "summary.json").read_text())["eval"]["results"]
     chance = 1 / NUM_ENROLLED
@@ -106,30 +108,8 @@ def test_smollm2_names_unseen_people_from_references(tmp_path):
     )
     build_binding_vqa(photos, tmp_path / "vqa", config)
     run = tmp_path / "run"
-    argv = [
-        "--config",
-        str(Path(__file__).parents[1] / "training/configs/adapter/tiny_synthetic.yaml"),
-        f"--data.path={tmp_path / 'vqa'}",
-        f"--output_dir={run}",
-        "--model.card=smollm2-135m-instruct",
-        f"--model.model_path={directory}",
-        f"--model.gguf_file={gguf}",
-        "--model.encoder_pretrained=false",
-        "--model.num_id_tokens=2",
-        "--lora.target_modules=null",
-        "--lora.modules_to_save=[]",
-        "--stage1.max_steps=40",
-        "--stage1.batch_size=4",
-        "--stage2.max_steps=150",
-        "--stage2.batch_size=4",
-        "--stage2.optim.lr=1e-3",
-        "--stage2.projector_lr=1e-3",
-        "--eval.modes=[token, plain]",
-        "--eval.max_per_task=30",
-        "--eval.batch_size=8",
-        "--eval.max_new_tokens=10",
-        "--loop.log_every=20",
-    ]
+    argv = _train_argv(tmp_path, directory, gguf, "--stage2.max_steps=150", "--eval.max_per_task=30",
+                       "--eval.max_new_tokens=10")
     assert main(argv) == 0
     results = json.loads((run / "summary.json").read_text())["eval"]["results"]
     token = results["token"]

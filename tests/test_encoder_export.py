@@ -169,8 +169,8 @@ def test_training_exports_the_folder_next_to_model_pt(tmp_path):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from training.config import EncoderRunConfig, load_config
-    from training.encoder import export_encoder
+    from training.config import load_config
+    from training.encoder import EncoderRunConfig, export_encoder
 
     tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml"
     config = load_config(EncoderRunConfig, str(tiny), [])

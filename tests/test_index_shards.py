@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvface_mm.gallery.indexing import EncoderSpec, IndexJobConfig, JobReport, ShardTask, run_index_job
+from lvface_mm.gallery.index_job import run_index_job
+from lvface_mm.gallery.indexing import EncoderSpec, IndexJobConfig, JobReport, ShardTask
 from lvface_mm.gallery.photos import PhotoIndex
 from lvface_mm.gallery.shards import PhotoRecord, ShardError, plan_shards, read_shard, write_shard
 from tests._faces_fixtures import needs_dlib, portrait_path

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import gc
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tests._training_fixtures import free_port, torchrun_rank
 from training.checkpoint import read_checkpoint
 from training.encoder import main
 
@@ -31,17 +28,7 @@ ARGS = [
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     wrapped = []
     ddp_init = DDP.__init__
 
@@ -51,18 +38,17 @@ def _two_processes(rank: int, port: int, out: str) -> None:
 
     DDP.__init__ = recording_init  # record what the loop puts under DDP
     try:
-        main(ARGS + [f"--output_dir={out}"])
+        with torchrun_rank(rank, port):
+            main(ARGS + [f"--output_dir={out}"])
         Path(out, f"ddp_rank{rank}.txt").write_text("\n".join(wrapped))
     finally:
         DDP.__init__ = ddp_init
-        gc.collect()
-        dist.destroy_process_group()
 
 
 @pytest.mark.multiproc
 def test_bank_updates_once_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
     main(ARGS + ["--loop.grad_accum_steps=2", f"--output_dir={tmp_path / 'accum'}"])
-    mp.start_processes(_two_processes, args=(_free_port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_processes, args=(free_port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
     accum = read_checkpoint(tmp_path / "accum" / "checkpoints" / "step_00000007")
     two = read_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000007")
     assert accum["progress"]["samples_per_step"] == two["progress"]["samples_per_step"] == 16

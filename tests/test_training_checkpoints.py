@@ -11,39 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import Dataset
 
 import training.checkpoint as ckpt
+from tests._training_fixtures import Points, Regression
 from training.checkpoint import CheckpointCorruptError, CheckpointManager, CheckpointWriteError, read_checkpoint
 from training.config import CheckpointConfig, LoopConfig, OptimConfig
 from training.loop import Trainer, build_adamw
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class Points(Dataset):
-    def __init__(self) -> None:
-        gen = torch.Generator().manual_seed(1)
-        self.x = torch.randn(64, 4, generator=gen)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.5
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[index], self.y[index]
-
-
-class Regression(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = nn.Linear(4, 1)
-
-    def forward(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, y = batch
-        return {"loss": (self.linear(x).squeeze(-1) - y).square().mean()}
 
 
 LAYOUTS = ["sharded", "single_file"]

@@ -8,13 +8,14 @@ import pytest
 
 from training.config import (
     ConfigError,
-    EncoderRunConfig,
+    OptimConfig,
     load_config,
     parse_overrides,
     read_yaml,
     save_config,
     to_dict,
 )
+from training.encoder import EncoderRunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder"
 
@@ -68,6 +69,9 @@ def test_overrides_are_coerced_to_field_types() -> None:
         ("--loop.precision=fp8", r"loop\.precision must be one of 'fp32', 'bf16', 'fp16'"),
         ("--data.hflip=maybe", r"data\.hflip must be true or false"),
         ("--optim.betas=[0.9]", r"optim\.betas must be a list of 2 items"),
+        ("--head.stage_override_steps=[100, x]",
+         r"^command line \(--head\.stage_override_steps\): head\.stage_override_steps\[1\] must be an integer or null, "
+         r"got 'x'$"),
         ("--optim.lr=-1", r"command line \(--optim\.lr\): invalid 'optim': lr must be > 0"),
         ("--data.synthetic.num_pairs=3", r"invalid 'data\.synthetic'.*num_pairs must be an even int"),
     ],
@@ -170,3 +174,51 @@ def test_stage_scheduler_smoothing_reaches_the_scheduler(tmp_path: Path) -> None
         load_config(EncoderRunConfig, None, ["--head.min_steps_per_stage=-1"])
     with pytest.raises(ConfigError, match="only apply to kind: pco"):
         load_config(EncoderRunConfig, None, ["--head.kind=partial_fc", "--head.stage_window=4"])
+
+
+def test_every_mistake_in_a_file_is_listed_with_its_field_and_file(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "run.yaml", "optim:\n  lr: fast\n  betas: [0.9]\nloop:\n  epochs: 2.5\neval: 3\n"
+                                       "head:\n  stage_override_steps: [100, x]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(EncoderRunConfig, cfg)
+    lines = str(info.value).splitlines()
+    assert sorted(lines) == sorted([
+        f"{cfg}: optim.lr must be a number, got 'fast'",
+        f"{cfg}: optim.betas must be a list of 2 items, got '[0.9]'",
+        f"{cfg}: loop.epochs must be an integer, got '2.5'",
+        f"{cfg}: eval must be a mapping of EvalConfig fields, got '3'",
+        f"{cfg}: head.stage_override_steps[1] must be an integer or null, got 'x'",
+    ])
+
+
+def test_adapter_config_errors_name_nested_keys_and_their_file(tmp_path: Path) -> None:
+    from training.adapter import AdapterRunConfig, StageConfig
+
+    write(tmp_path / "base.yaml", "data:\n  path: vqa\nstage2:\n  optim:\n    lrr: 1.0e-4\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nstages: [2]\n")
+    pattern = r"base\.yaml: unknown key 'stage2\.optim\.lrr' \(did you mean 'stage2\.optim\.lr'\?\); keys allowed in "
+    with pytest.raises(ConfigError, match=pattern + r"'stage2\.optim': lr, weight_decay"):
+        load_config(AdapterRunConfig, child)
+    write(tmp_path / "base.yaml", "data:\n  path: vqa\n")
+    cfg = load_config(AdapterRunConfig, child, ["--stage2.optim.lr=1e-4", "--model.tiny.hidden_size=48"])
+    # pydantic builds the plain frozen dataclasses themselves, nested defaults included
+    assert type(cfg) is AdapterRunConfig and type(cfg.stage2) is StageConfig and type(cfg.stage2.optim) is OptimConfig
+    assert (cfg.stages, cfg.stage2.optim.lr, cfg.model.tiny) == ((2,), 1e-4, {"hidden_size": 48})
+    with pytest.raises(AttributeError):
+        cfg.stage2.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_an_unknown_section_from_the_command_line_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"^command line \(--optimiser\.lr\): unknown key 'optimiser' "
+                                          r"\(did you mean 'optim'\?\)"):
+        load_config(EncoderRunConfig, None, ["--optimiser.lr=1"])
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR.parent / "adapter").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_adapter_configs_load_and_round_trip(path: Path, tmp_path: Path) -> None:
+    from training.adapter import AdapterRunConfig
+
+    cfg = load_config(AdapterRunConfig, path)
+    assert cfg.stage2.optim.lr > 0 and cfg.data.path and cfg.stages
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(AdapterRunConfig, tmp_path / "config.yaml") == cfg

@@ -11,8 +11,8 @@ import torch
 
 from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig, heldout_pair_list, heldout_pairs
 from lvface_mm.eval import evaluate_verification, extract_embeddings
-from training.config import EncoderRunConfig, load_config
-from training.encoder import build_encoder, build_pair_sets, main
+from training.config import load_config
+from training.encoder import EncoderRunConfig, build_encoder, build_pair_sets, main
 
 TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
 QUIET = ["--loop.progress_bar=false", "--loop.tensorboard=false"]

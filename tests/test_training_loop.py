@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from lvface_mm.data import IRHeader, RecordWriter, pack, write_verification_bin
 from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig, heldout_pairs
+from tests._training_fixtures import Points, Regression
 from training.checkpoint import CheckpointManager, read_checkpoint
 from training.config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig
 from training.data import GlobalBatchSampler
@@ -21,41 +22,6 @@ from training.encoder import main as encoder_main
 from training.loop import NonFiniteLossError, Trainer, WarmupPolyDecay, adamw_param_groups, build_adamw
 
 TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
-
-
-class Points(Dataset):
-    """y = x . w + 0.5 on 64 fixed points; item `poison` has a NaN input."""
-
-    def __init__(self, poison: int | None = None) -> None:
-        gen = torch.Generator().manual_seed(1)
-        self.x = torch.randn(64, 4, generator=gen)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.5
-        if poison is not None:
-            self.x[poison, 0] = float("nan")
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[index], self.y[index]
-
-
-class Regression(nn.Module):
-    """A task as the loop sees it: forward(batch) -> {"loss", other scalars}."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = nn.Linear(4, 1)
-
-    def forward(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, y = batch
-        pred = self.linear(x).squeeze(-1)
-        return {"loss": (pred - y).square().mean(), "pred_mean": pred.mean()}
-
-
-# Tiny models: one intra-op thread is as fast as two and keeps the run time predictable.
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_trainer(tmp: Path, batch_size: int, accum: int, data: Dataset | None = None, **ckpt: object) -> Trainer:

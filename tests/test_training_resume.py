@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import gc
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lvface_mm.data.synthetic import SyntheticFaces, SyntheticFacesConfig
 from lvface_mm.models import create_model
 from lvface_mm.tasks import FaceRecognitionTask, images_to_input
+from tests._training_fixtures import free_port, torchrun_rank
 from training.checkpoint import load_model_state, read_checkpoint
-from training.config import EncoderRunConfig, load_config
-from training.encoder import build_encoder, build_head, main
+from training.config import load_config
+from training.encoder import EncoderRunConfig, build_encoder, build_head, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "training" / "configs" / "encoder" / "tiny_synthetic.yaml")
@@ -100,25 +97,12 @@ EQUIV = SMALL + [
 PCO = SMALL + ["--loop.max_steps=8", "--head.sample_rate=0.5", "--head.stage_override_steps=[2, null]"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_process_runs(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with torchrun_rank(rank, port):
         main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/straight"])
         main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/split", f"--loop.stop_at_step={K}"])
         main(PCO + ["--data.batch_size=8", f"--output_dir={root}/pco", "--loop.stop_at_step=4"])
         main(EQUIV + ["--data.batch_size=8", f"--output_dir={root}/one_to_two"])  # 1 -> 2: each rank slices
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def assert_same_training(straight: dict, other: dict) -> None:
@@ -156,7 +140,7 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path: Path) -> None:
     # One process with 2 accumulated micro-batches of 8 = two processes with 8 each (global batch 16).
     main(EQUIV + ["--data.batch_size=8", "--loop.grad_accum_steps=2", f"--output_dir={tmp_path / 'one_to_two'}",
                   f"--loop.stop_at_step={K}"])
-    mp.start_processes(_two_process_runs, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_process_runs, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
 
     # The 2-process checkpoint holds full matrices: all 16 centres and their AdamW moments.
     stopped = read_checkpoint(tmp_path / "split" / "checkpoints" / f"step_{K:08d}")

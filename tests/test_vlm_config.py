@@ -10,6 +10,7 @@ from peft import LoraConfig
 
 from lvface_mm.vlm import IdentityAdapterConfig, list_adapter_cards, load_adapter_card
 from lvface_mm.vlm.config import add_card_dir, default_card_dir, find_card_for_model
+from lvface_mm.vlm.testing import tiny_card
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "adapters"
 CARD_FILES = sorted(CARD_DIR.glob("*.json"))
@@ -140,7 +141,7 @@ def test_extra_card_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     import lvface_mm.vlm.config as config_module
 
     monkeypatch.setattr(config_module, "_EXTRA_CARD_DIRS", [])  # keep the registration local to this test
-    card = load_adapter_card("tiny-llava").replace(name="my-card")
+    card = tiny_card("llava").replace(name="my-card")
     (tmp_path / "my-card.json").write_text(card.to_json_string())
     add_card_dir(tmp_path)
     assert "my-card" in list_adapter_cards()

@@ -61,6 +61,13 @@ def write_dataset(root: Path, seed: int = 0) -> tuple[Sample, np.ndarray, np.nda
     return sample, scene, crops
 
 
+def for_family(vlm, sample: Sample) -> Sample:
+    """Text-only LLMs see no picture: the faces keep their boxes on a virtual canvas of the scene's size."""
+    if not vlm.family.text_only:
+        return sample
+    return replace(sample, images=(), image_size=(W, H), faces=tuple(replace(f, image=None) for f in sample.faces))
+
+
 def answer_ids(vlm, encoded) -> list[int]:
     labelled = (encoded.labels != IGNORE_INDEX).nonzero().flatten()
     assert len(labelled) and bool((labelled == torch.arange(labelled[0], labelled[-1] + 1)).all())  # one block
@@ -72,10 +79,7 @@ def answer_ids(vlm, encoded) -> list[int]:
 def test_training_prompt_is_the_api_prompt(build: str, tmp_path: Path) -> None:
     vlm = vlm_for(build)
     sample, scene, crops = write_dataset(tmp_path)
-    if vlm.family.text_only:
-        sample = replace(
-            sample, images=(), image_size=(W, H), faces=tuple(replace(f, image=None) for f in sample.faces)
-        )
+    sample = for_family(vlm, sample)
     renderer = SampleRenderer(vlm, tmp_path, mode="token+prompt")
     encoded = renderer.encode(sample)
     n_prompt = int((encoded.labels != IGNORE_INDEX).nonzero()[0])
@@ -101,11 +105,7 @@ def test_training_prompt_is_the_api_prompt(build: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("build", BUILDS)
 def test_labels_cover_the_answer_and_its_end(build: str, tmp_path: Path) -> None:
     vlm = vlm_for(build)
-    sample, _, _ = write_dataset(tmp_path)
-    if vlm.family.text_only:
-        sample = replace(
-            sample, images=(), image_size=(W, H), faces=tuple(replace(f, image=None) for f in sample.faces)
-        )
+    sample = for_family(vlm, write_dataset(tmp_path)[0])
     encoded = SampleRenderer(vlm, tmp_path, mode="token").encode(sample)
     tok = vlm.processor.tokenizer
     ids = answer_ids(vlm, encoded)

@@ -88,8 +88,8 @@ from lvface_mm.vlm import list_adapter_cards, load_adapter_card
 from lvface_mm.vlm.config import default_card_dir
 assert default_card_dir().is_relative_to(sys.argv[1]), default_card_dir()
 assert load_adapter_card("smolvlm-256m-instruct").vlm_id == "HuggingFaceTB/SmolVLM-256M-Instruct"
-assert load_adapter_card("tiny-llava").family == "llava"
-assert {"llava-1.5-7b", "qwen2-vl-2b-instruct", "tiny-smolvlm"} <= set(list_adapter_cards())
+assert {"llava-1.5-7b", "qwen2-vl-2b-instruct"} <= set(list_adapter_cards())
+assert not [n for n in list_adapter_cards() if n.startswith("tiny-")]
 from lvface_mm.demo import build_demo
 from lvface_mm.gallery.workbench import WorkbenchConfig
 demo = build_demo(WorkbenchConfig(db="w.db", tiny=True))

@@ -9,9 +9,10 @@ to land where the LLM can read them. Stage 2 (instruction tuning): LoRA on the L
 keeps training (at its own, lower learning rate, as LLaVA's `mm_projector_lr`), and optionally
 LoRA on the LVFace encoder with an identity-preservation term. Loss only on assistant answers.
 
-accelerate provides the process group, the device of each process and (from `accelerate launch
---mixed_precision`) the autocast precision; the loop wraps the task in DDP. `torchrun` works the
-same way. Each stage is a resumable run of the loop in `<output_dir>/stage<N>/` with adapter-only
+The program starts like `training.encoder` (`training.launch`): the same command line, the process
+group `torchrun` or `accelerate launch` describe joined with torch.distributed, one device per
+process, and `accelerate launch --mixed_precision` as the autocast precision; the loop wraps the
+task in DDP. Each stage is a resumable run of the loop in `<output_dir>/stage<N>/` with adapter-only
 checkpoints (projector, LoRA weights, calibrated norm: never the frozen LLM); a finished stage
 writes `stage<N>/adapter/` and is skipped when the program runs again. The final adapter is
 `<output_dir>/adapter/` (`IdentityVLM.from_pretrained(..., adapter=that)`), with
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import zlib
 from collections.abc import Iterator
@@ -44,8 +44,9 @@ from lvface_mm.tasks.encoder_lora import add_lora, encoder_lora_config, save_ada
 from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
 from lvface_mm.vqa.harness import ENCODER_LORA_DIR
 
-from .config import CheckpointConfig, ConfigError, LoopConfig, OptimConfig, load_config, save_config
-from .fsdp import FsdpConfig, full_state_dict, shard_model, unsharded, uses_fsdp
+from .config import CheckpointConfig, LoopConfig, OptimConfig, save_config
+from .fsdp import full_state_dict, shard_model, unsharded, uses_fsdp
+from .launch import launcher_precision, run_program, setup_distributed
 from .loop import Trainer
 
 _TINY_CARDS = {"tiny": "causal_lm", "tiny-llava": "llava"}  # random bases built around the data's words
@@ -182,6 +183,29 @@ class AdapterEvalConfig:
 
 
 @dataclass(frozen=True)
+class AdapterFsdpConfig:
+    """Shard the VLM over the processes with FSDP2 (`training.fsdp`): for models that do not fit one GPU.
+
+    Args:
+        enabled: shard `vlm.model` after LoRA is added, before the optimizer is built (needs several
+            processes: torchrun / accelerate launch); off = one process, or DDP over the trainable part.
+        layer_classes: class names of the modules that become FSDP units; [] = the model's own
+            `_no_split_modules` (transformers lists its decoder layers there, e.g. LlamaDecoderLayer).
+        reshard_after_forward: free each layer's gathered weights after its forward (least memory;
+            gathered again in backward); false keeps them until backward (faster, more memory).
+    """
+
+    enabled: bool = False
+    layer_classes: tuple[str, ...] = ()
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        empty = [i for i, name in enumerate(self.layer_classes) if not name.strip()]
+        if empty:
+            raise ValueError(f"layer_classes[{empty[0]}] is empty: give class names, e.g. [LlamaDecoderLayer]")
+
+
+@dataclass(frozen=True)
 class AdapterRunConfig:
     """Everything `python -m training.adapter` needs."""
 
@@ -199,7 +223,7 @@ class AdapterRunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: AdapterEvalConfig = field(default_factory=AdapterEvalConfig)
-    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    fsdp: AdapterFsdpConfig = field(default_factory=AdapterFsdpConfig)
 
     def __post_init__(self) -> None:
         if (
@@ -228,18 +252,13 @@ class AdapterRunConfig:
 
 # -- building the model -----------------------------------------------------------------------------
 def _setup_distributed() -> torch.device:
-    """accelerate's process state: joins the group `accelerate launch`/`torchrun` describe, else one process."""
-    from accelerate import PartialState
-
-    return PartialState().device
+    """The process group and this process's device, started as every training program starts them."""
+    return setup_distributed()
 
 
 def _precision(loop: LoopConfig) -> LoopConfig:
     """`accelerate launch --mixed_precision bf16|fp16` sets autocast when the config leaves fp32."""
-    requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if loop.precision == "fp32" and requested in ("bf16", "fp16"):
-        return replace(loop, precision=requested)
-    return loop
+    return launcher_precision(loop)
 
 
 def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
@@ -403,7 +422,8 @@ def shard_vlm(vlm: Any, config: AdapterRunConfig, device: torch.device) -> list[
             "fsdp.enabled needs several processes: torchrun --nproc_per_node N -m training.adapter --config ... "
             "(or accelerate launch --num_processes N -m training.adapter ...)"
         )
-    return shard_model(vlm.model, config.fsdp, device)
+    f = config.fsdp
+    return shard_model(vlm.model, device, classes=f.layer_classes, reshard_after_forward=f.reshard_after_forward)
 
 
 def build_optimizer(task: IdentityAdapterTask, stage_cfg: StageConfig) -> torch.optim.AdamW:
@@ -694,33 +714,21 @@ def _verification(encoder_lora: nn.Module, evaluation: list[Any], faces: Any) ->
 
 # -- program -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    config_path = None
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            config_path = args[i + 1]
-            del args[i : i + 2]
-            break
-        if arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-            del args[i]
-            break
-    try:
-        config = load_config(AdapterRunConfig, config_path, args)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
+    status, _ = run_program(AdapterRunConfig, _train_and_report, sys.argv[1:] if argv is None else argv, __doc__)
+    return status
+
+
+def _train_and_report(config: AdapterRunConfig) -> dict[str, Any]:
     summary = train_adapter(config)
     if get_rank() == 0:
         print(json.dumps(summary, indent=2, default=str), flush=True)
-    return 0
+    return summary
 
 
 __all__ = [
     "AdapterDataConfig",
     "AdapterEvalConfig",
+    "AdapterFsdpConfig",
     "AdapterModelConfig",
     "AdapterRunConfig",
     "DEFAULT_LLM_LORA",

@@ -45,7 +45,8 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -325,14 +326,9 @@ class CheckpointManager:
             text = f"{digest} {size} {path.name}\n"
             atomic_write_bytes(checksum_path(path), lambda f: f.write(text.encode()))
 
-        try:
+        with self._naming_last_good(path):
             atomic_write_bytes(path, lambda f: torch.save(payload, f), before_replace=write_sidecar)
             atomic_write_bytes(self.directory / "latest", lambda f: f.write(f"{path.name}\n".encode()))
-        except CheckpointWriteError as exc:
-            last = next((p.name for p in self.candidates() if p != path), None)
-            raise CheckpointWriteError(
-                exc.errno, f"{exc.strerror}; last good checkpoint: {last or 'none yet'} (nothing saved was changed)"
-            ) from exc
         self._prune(step)
         return path
 
@@ -346,18 +342,24 @@ class CheckpointManager:
         path = self.path_for(step)
         if get_rank() == 0:
             self.remove_stale_temp_files()
-        try:
+        with self._naming_last_good(path):
             save_sharded(task, optimizer, path, meta)
             if get_rank() == 0:
                 atomic_write_bytes(self.directory / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+        if get_rank() == 0:
+            self._prune(step)
+        return path
+
+    @contextmanager
+    def _naming_last_good(self, path: Path) -> Iterator[None]:
+        """A failed write of `path` says which checkpoint a restart would resume from."""
+        try:
+            yield
         except CheckpointWriteError as exc:
             last = next((p.name for p in self.candidates() if p != path), None)
             raise CheckpointWriteError(
                 exc.errno, f"{exc.strerror}; last good checkpoint: {last or 'none yet'} (nothing saved was changed)"
             ) from exc
-        if get_rank() == 0:
-            self._prune(step)
-        return path
 
     def _prune(self, step: int) -> None:
         keep = set(self.steps()[-self.keep_last :]) | {step}
@@ -458,18 +460,31 @@ def _param_names(task: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in task.named_parameters()}
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, task: nn.Module) -> dict[str, Any]:
-    """The optimizer state keyed by parameter name, sharded rows gathered. Collective."""
-    sharded = sharded_modules(task)
+def _state_by_name(
+    optimizer: torch.optim.Optimizer, task: nn.Module
+) -> tuple[list[tuple[str, nn.Parameter, dict[str, Any]]], list[dict[str, Any]]]:
+    """Torch's optimizer state keyed by parameter name instead of index, so any world size and any
+    parameter order can load it: (name, parameter, its state) per parameter, and the param groups
+    with names in `params`."""
     names = _param_names(task)
-    params = _indexed_params(optimizer)
     torch_state = optimizer.state_dict()
-    state: dict[str, dict[str, Any]] = {}
-    for index, param in enumerate(params):
+    entries = []
+    for index, param in enumerate(_indexed_params(optimizer)):
         name = names.get(id(param))
         if name is None:
             raise ValueError("the optimizer holds a parameter that is not part of the task")
-        per_param = torch_state["state"].get(index, {})
+        entries.append((name, param, torch_state["state"].get(index, {})))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [entries[i][0] for i in g["params"]]}
+              for g in torch_state["param_groups"]]
+    return entries, groups
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, task: nn.Module) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, sharded rows gathered. Collective."""
+    sharded = sharded_modules(task)
+    entries, groups = _state_by_name(optimizer, task)
+    state: dict[str, dict[str, Any]] = {}
+    for name, param, per_param in entries:
         owner = _under(name, sharded)
         out: dict[str, Any] = {}
         for key, value in per_param.items():
@@ -478,10 +493,6 @@ def optimizer_state(optimizer: torch.optim.Optimizer, task: nn.Module) -> dict[s
                 value = gather_rows(value, module.num_classes, getattr(module, "group", None))
             out[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
         state[name] = out
-    groups = []
-    for group in torch_state["param_groups"]:
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [names[id(params[i])] for i in group["params"]]})
     return {"state": state, "param_groups": groups}
 
 

@@ -1,9 +1,10 @@
 """Typed run configs: YAML files and dotted command-line overrides -> frozen dataclasses.
 
-A run config is a tree of small frozen dataclasses (one per concern: optimizer, loop, checkpoints,
-logging, and the task's own sections). `load_config(EncoderRunConfig, "x.yaml", ["--optim.lr=1e-3"])`
-reads the file, applies the overrides and builds the tree, checking every value against the field's
-type. Mistakes fail loudly and name the place:
+A run config is a tree of small frozen dataclasses (one per concern). The sections every training
+program shares live here (`OptimConfig`, `LoopConfig`, `CheckpointConfig`); each program defines
+its own sections and run config at the top of its module (`training.encoder.EncoderRunConfig`,
+`training.adapter.AdapterRunConfig`). `load_config(EncoderRunConfig, "x.yaml", ["--optim.lr=1e-3"])`
+reads the file, applies the overrides and builds the tree. Mistakes fail loudly and name the place:
 
     - an unknown key names the key, the file (or "command line") and the keys that do exist;
     - a value of the wrong type names the key, the file, the value and the expected type;
@@ -13,23 +14,25 @@ A YAML file may start from another with `base: other.yaml` (relative to the file
 key by key, everything else (lists included) replaces. The fully resolved config is written to
 the run directory so a run can always be reproduced from its own folder.
 
-Why not argparse or Hydra: argparse would need every field declared twice, and Hydra's
-composition is more than the recipes here need. This is about 300 lines and has no dependency
-beyond PyYAML.
+Checking keys and types is pydantic's job (`pydantic>=2.5`, validating the plain dataclasses
+as they are, `__post_init__` checks included); this module adds what pydantic does not know: YAML
+files with `base:`, which file or command-line flag set each key, "did you mean" for unknown
+keys, and messages in a config file's words. Values are read the lax way (`3` for a float,
+`1e-3` that PyYAML leaves as text, `"3"` for an integer). OmegaConf structured configs cannot
+express the `Literal` fields or `tuple[int | None, int | None] | None`; docs/training.md compares.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-
-from lvface_mm.data.synthetic import SyntheticFacesConfig
 
 T = TypeVar("T")
 
@@ -154,163 +157,12 @@ class CheckpointConfig:
         _check(bool(self.resume), "resume must be 'auto', 'never' or a checkpoint path")
 
 
-# -- encoder training sections ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelConfig:
-    """The encoder. Fields left null take the registered model's value (`lvface_mm.models.registry`).
-
-    Args:
-        name: registered model name (`lvface_t/s/b/l`, `lvface_tiny`) or an upstream alias.
-        pretrained: start from the official weights (downloaded and hash-checked).
-        checkpoint_path: start from a local checkpoint instead.
-        drop_path_rate, mask_ratio: training regularisers; null = the published recipe's value.
-        num_heads: attention heads (tiny CPU runs use fewer, wider heads: CPU attention kernels are
-            slow at head width 4).
-        grad_checkpointing: recompute block activations in backward (B and L on small GPUs).
-    """
-
-    name: str = "lvface_tiny"
-    pretrained: bool = False
-    checkpoint_path: str | None = None
-    drop_path_rate: float | None = None
-    mask_ratio: float | None = None
-    num_heads: int | None = None
-    grad_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        _check(not (self.pretrained and self.checkpoint_path), "give pretrained or checkpoint_path, not both")
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """The classification head: Partial FC with a margin, or LVFace's PCO head.
-
-    Args:
-        kind: "pco" (three stages, LVFace) or "partial_fc" (one stage, arcface_torch).
-        margin: "cosface" (the ViT recipes) or "arcface".
-        scale, margin_value: logit scale s and margin m (CosFace 64 / 0.4).
-        margin_bank: PCO's margin on the feature-expectation logits.
-        sample_rate: fraction of each rank's class centres per step (positives always kept).
-        delta1, delta2: PCO stage thresholds on the batch mean of cos^2(feature, own centre).
-        stage_override_steps: [first step of stage 2, first step of stage 3] instead of thresholds.
-        stage_override_epochs: the same by epoch.
-        stage_window: the thresholds compare the mean of the last `stage_window` per-step values
-            (1 = no smoothing); smooths a noisy cos^2 at small batches.
-        min_steps_per_stage: a threshold switch happens only after this many steps in the current
-            stage (0 = none). Neither applies to a manual (override) schedule.
-        init_seed: seed of the (world-size independent) centre initialisation.
-    """
-
-    kind: Literal["pco", "partial_fc"] = "pco"
-    margin: Literal["cosface", "arcface"] = "cosface"
-    scale: float = 64.0
-    margin_value: float = 0.4
-    margin_bank: float = 0.4
-    sample_rate: float = 0.1
-    delta1: float = 0.2
-    delta2: float = 0.35
-    stage_override_steps: tuple[int | None, int | None] | None = None
-    stage_override_epochs: tuple[int | None, int | None] | None = None
-    stage_window: int = 1
-    min_steps_per_stage: int = 0
-    init_seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.sample_rate <= 1.0, f"sample_rate must be in [0, 1], got {self.sample_rate}")
-        _check(self.scale > 0, f"scale must be > 0, got {self.scale}")
-        _check(self.stage_override_steps is None or self.stage_override_epochs is None,
-               "give stage_override_steps or stage_override_epochs, not both")
-        _check(self.kind == "pco" or (self.stage_override_steps is None and self.stage_override_epochs is None),
-               "stage overrides only apply to kind: pco")
-        _check(self.stage_window >= 1, f"stage_window must be >= 1 (1 = no smoothing), got {self.stage_window}")
-        _check(self.min_steps_per_stage >= 0, f"min_steps_per_stage must be >= 0, got {self.min_steps_per_stage}")
-        _check(self.kind == "pco" or (self.stage_window == 1 and self.min_steps_per_stage == 0),
-               "stage_window and min_steps_per_stage only apply to kind: pco")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where training images come from. Images must be aligned 112x112 crops.
-
-    Args:
-        source: "synthetic" (procedural identities), "recordio" (InsightFace .rec/.idx) or
-            "image_folder" (root/<identity>/<image>).
-        path: the .rec directory/prefix or the image-folder root (unused for synthetic).
-        num_classes: expected number of identities; checked against the data when given.
-        batch_size: images per rank per micro-batch (arcface_torch's ViT recipes: 384).
-        num_workers: DataLoader worker processes per rank.
-        hflip: random horizontal flips, decided per sample from the data seed (reproducible).
-        synthetic: the synthetic identity set (source "synthetic").
-    """
-
-    source: Literal["synthetic", "recordio", "image_folder"] = "synthetic"
-    path: str | None = None
-    num_classes: int | None = None
-    batch_size: int = 64
-    num_workers: int = 2
-    hflip: bool = True
-    synthetic: SyntheticFacesConfig = field(default_factory=SyntheticFacesConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.source == "synthetic" or bool(self.path), f"source {self.source!r} needs data.path")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        _check(self.num_classes is None or self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Periodic 1:1 verification (10-fold accuracy with flip, InsightFace protocol) on rank 0.
-
-    Args:
-        every_steps: optimizer steps between evaluations (0 = only at the end).
-        bin_files: verification `.bin` files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...).
-        synthetic_pairs: also verify on the held-out synthetic identities (source "synthetic").
-        batch_size: images per forward pass.
-    """
-
-    every_steps: int = 2000
-    bin_files: tuple[str, ...] = ()
-    synthetic_pairs: bool = True
-    batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class EncoderRunConfig:
-    """Everything `python -m training.encoder` needs. `lora: {...}` switches to LoRA fine-tuning: its keys
-    are `peft.LoraConfig` arguments, read over `lvface_mm.tasks.encoder_lora.ENCODER_LORA_DEFAULTS`."""
-
-    output_dir: str = "runs/encoder"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    lora: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.lora is not None:
-            from lvface_mm.tasks.encoder_lora import encoder_lora_config
-
-            encoder_lora_config(self.lora, "lora")  # unknown keys and bad values fail here, not mid-run
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
 
 
 # -- loading ------------------------------------------------------------------------------------------
-class _Cli(str):
-    """A value typed on the command line: parsed as YAML unless the field is a string."""
-
-
 class _Sources:
     """Which file (or the command line) set each dotted key, for error messages."""
 
@@ -329,11 +181,14 @@ class _Sources:
         return ", ".join(found) if found else self.of(prefix)
 
     def of(self, key: str) -> str:
-        while key:
-            if key in self._by_key:
-                return self._by_key[key]
-            key = key.rpartition(".")[0]
-        return "defaults"
+        key = key.split("[")[0]  # "head.stage_override_steps[1]" was set with its list
+        probe = key
+        while probe:
+            if probe in self._by_key:
+                return self._by_key[probe]
+            probe = probe.rpartition(".")[0]
+        below = sorted({src for k, src in self._by_key.items() if k.startswith(key + ".")})  # --x.y names x
+        return ", ".join(below) if below else "defaults"
 
 
 def read_yaml(path: str | Path, sources: _Sources | None = None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -398,7 +253,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     Args:
         cls: the run-config dataclass, e.g. `EncoderRunConfig`.
         path: YAML file; None starts from the dataclass defaults.
-        overrides: `["--optim.lr=1e-3", ...]` or {"optim.lr": "1e-3"}; values are parsed as YAML.
+        overrides: `["--optim.lr=1e-3", ...]` or {"optim.lr": "1e-3"}; values are parsed as YAML
+            unless the field takes a string (`--output_dir=123` stays "123").
 
     Raises:
         ConfigError: unknown key, wrong type or invalid value, naming the key and where it came from.
@@ -406,124 +262,137 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     sources = _Sources()
     data = read_yaml(path, sources) if path is not None else {}
     items = overrides.items() if isinstance(overrides, Mapping) else parse_overrides(list(overrides)).items()
-    for dotted, value in items:
+    for dotted, text in items:
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = _Cli(value)
+        node[parts[-1]] = _parse_cli(text, _annotation_at(cls, parts))
         sources.record({dotted: None}, f"command line (--{dotted})")
     return build(cls, data, sources)
 
 
-def build(cls: type[T], data: Mapping[str, Any], sources: _Sources | None = None, prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping, checking keys and types (see `load_config`)."""
+def build(cls: type[T], data: Mapping[str, Any], sources: _Sources | None = None) -> T:
+    """Build dataclass `cls` from a mapping with pydantic, which checks every key and type and runs
+    the dataclasses' own `__post_init__` checks; its errors are reworded to name the key and its source."""
+    from pydantic import ValidationError
+
     sources = sources or _Sources()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        where = prefix + str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            section = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(
-                f"{sources.of(where)}: unknown key {where!r}{hint}; keys allowed in {section}: {', '.join(names)}"
-            )
-        kwargs[key] = _coerce(value, hints[key], where, sources)
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        section = prefix[:-1] or cls.__name__
-        origin = sources.within(prefix[:-1]) if prefix else "config"
-        raise ConfigError(f"{origin}: invalid {section!r}: {exc}") from None
+        return _validator(cls).model_validate({"run": data}).run
+    except ValidationError as exc:
+        lines = [_explain(cls, {**err, "loc": err["loc"][1:]}, sources) for err in exc.errors()]  # loc[0]: "run"
+        raise ConfigError("\n".join(lines)) from None
+    except TypeError as exc:  # a __post_init__ that raises TypeError instead of ValueError
+        raise ConfigError(f"{sources.within('')}: invalid {cls.__name__!r}: {exc}") from None
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+@functools.cache
+def _validator(cls: type) -> Any:
+    """A one-field pydantic model around `cls`: its `extra="forbid"` reaches every nested dataclass
+    (pydantic hands a model's config down to the stdlib dataclasses in it), so unknown keys fail."""
+    from pydantic import ConfigDict, create_model
+
+    return create_model(f"{cls.__name__}Validator", __config__=ConfigDict(extra="forbid"), run=(cls, ...))
 
 
-def _coerce(value: Any, tp: Any, key: str, sources: _Sources) -> Any:
-    """Check (and for command-line strings, parse) `value` against the annotation `tp`."""
+# -- error messages: pydantic reports (type, location, input); we say which key, which file, what was expected
+def _explain(cls: type, err: Mapping[str, Any], sources: _Sources) -> str:
+    loc: tuple[str | int, ...] = err["loc"]
+    kind, value = err["type"], err["input"]
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(cls, loc, sources)
+    if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), Exception):
+        # A dataclass's __post_init__ rejected the section at `loc` as a whole.
+        section = _dotted(loc)
+        origin = sources.within(section) if section else "config"
+        return f"{origin}: invalid {section or cls.__name__!r}: {err['ctx']['error']}"
+    if kind == "missing" and loc and typing.get_origin(_annotation_at(cls, loc[:-1])) is tuple:
+        loc = loc[:-1]  # a fixed-length list with an item too few: the list is wrong, not item [i]
+    tp = _annotation_at(cls, loc)
+    key = _dotted(loc)
+    expected = describe_type(tp) if tp is not None else err["msg"].removeprefix("Input should be ")
+    return f"{sources.of(key)}: {key} must be {expected}, got {str(value)!r}"
 
-    def fail(expected: str) -> typing.NoReturn:
-        raise ConfigError(f"{sources.of(key)}: {key} must be {expected}, got {str(value)!r}")
 
+def _unknown_key(cls: type, loc: tuple[str | int, ...], sources: _Sources) -> str:
+    owner = _annotation_at(cls, loc[:-1])
+    names = [f.name for f in dataclasses.fields(owner) if f.init] if dataclasses.is_dataclass(owner) else []
+    prefix, key = _dotted(loc[:-1]), _dotted(loc)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    section = f"'{prefix}'" if prefix else "the top level"
+    return f"{sources.of(key)}: unknown key {key!r}{hint}; keys allowed in {section}: {', '.join(names)}"
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """('optim', 'betas', 1) -> 'optim.betas[1]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _annotation_at(cls: type, loc: Sequence[str | int]) -> Any:
+    """The declared type at a key path of a config class (None for a key it does not declare)."""
+    tp: Any = cls
+    for part in loc:
+        tp = _without_none(tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(part, str):
+            tp = typing.get_type_hints(tp).get(part) if part in {f.name for f in dataclasses.fields(tp)} else None
+        elif origin is tuple and isinstance(part, int):
+            tp = args[0] if len(args) == 2 and args[1] is Ellipsis else (args[part] if part < len(args) else None)
+        elif origin is dict or tp is dict:
+            tp = args[1] if args else Any
+        elif tp is Any:
+            return Any
+        else:
+            return None
+        if tp is None:
+            return None
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def describe_type(tp: Any) -> str:
+    """What a value of annotation `tp` looks like, in a config file's words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    # A command-line string is parsed as YAML unless a string is a valid value for the field.
-    takes_str = tp is str or (origin in (typing.Union, types.UnionType) and str in args)
-    if isinstance(value, _Cli) and not takes_str:
-        value = _parse_cli(value)
-    if tp is Any:
-        return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, _Cli) and type(None) in args and value.strip().lower() in ("null", "none", "~"):
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, sources)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        fail(" or ".join(_type_name(a) for a in args))
+        return " or ".join("null" if a is type(None) else describe_type(a) for a in args)
     if origin is Literal:
-        if value not in args:
-            fail("one of " + ", ".join(repr(a) for a in args))
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            fail(f"a mapping of {tp.__name__} fields")
-        return build(tp, value, sources, key + ".")
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            fail("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        fail("a number")
-    if tp is str:
-        if not isinstance(value, str):
-            fail("a string")
-        return str(value)
-    if origin is dict or tp is dict:  # free-form mappings (e.g. peft.LoraConfig arguments), checked by their owner
-        if not isinstance(value, Mapping):
-            fail("a mapping")
-        return {str(k): _parse_cli(v) if isinstance(v, _Cli) else v for k, v in value.items()}
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            fail(f"a list ({_type_name(tp)})")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value))
-        if len(value) != len(args):
-            fail(f"a list of {len(args)} items")
-        return tuple(_coerce(v, a, f"{key}[{i}]", sources) for i, (v, a) in enumerate(zip(value, args)))
-    raise ConfigError(f"{key}: unsupported config field type {_type_name(tp)} (a bug in the config class)")
+        return "a list" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} items"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _parse_cli(text: str) -> Any:
+def _parse_cli(text: str, tp: Any) -> Any:
+    """A command-line value: YAML, unless the field takes a string (then as typed; `null` for optional ones)."""
     import yaml
 
+    takes_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+    if takes_str:
+        nullable = type(None) in typing.get_args(tp)
+        return None if nullable and text.strip().lower() in ("null", "none", "~") else text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
-        return str(text)
+        return text
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -553,14 +422,10 @@ def save_config(config: Any, path: str | Path) -> None:
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
-    "DataConfig",
-    "EncoderRunConfig",
-    "EvalConfig",
-    "HeadConfig",
     "LoopConfig",
-    "ModelConfig",
     "OptimConfig",
     "build",
+    "describe_type",
     "load_config",
     "parse_overrides",
     "read_yaml",

@@ -1,6 +1,6 @@
 """Shard a VLM/LLM that does not fit one device over the processes with PyTorch FSDP2 (`fully_shard`).
 
-    shard_model(vlm.model, FsdpConfig(enabled=True), device)   # after LoRA is applied, before the optimizer
+    shard_model(vlm.model, device)   # after LoRA is applied, before the optimizer is built
 
 Every decoder layer becomes one FSDP unit (its frozen base weights and its LoRA weights are split by
 rows over the processes and gathered only while the layer runs), then the root module (embeddings,
@@ -9,10 +9,10 @@ averaged over the processes, so N processes with batch B each step exactly like 
 batch N*B. Small trainable modules outside the model (the identity projector, an encoder LoRA) stay
 whole on every process; the loop averages their gradients (`sync_replicated_grads`) instead of DDP.
 
-`training.adapter` turns it on with the run config's `fsdp:` section (`enabled: true`); the loop
-(`training.loop.Trainer`) sees FSDP units in the task and then: skips DDP, delays the gradient
-reduce-scatter to the last micro-batch of a step, clips the global norm over sharded and whole
-gradients together (`clip_grad_norm_`), and checkpoints through
+`training.adapter` turns it on with its run config's `fsdp:` section (`AdapterFsdpConfig`,
+`enabled: true`); the loop (`training.loop.Trainer`) sees FSDP units in the task and then: skips
+DDP, delays the gradient reduce-scatter to the last micro-batch of a step, clips the global norm
+over sharded and whole gradients together (`clip_grad_norm_`), and checkpoints through
 `torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict` with full (gathered) state
 dicts, in the same single-file format as an unsharded run (`full_training_state`), so a checkpoint
 resumes on any number of processes, with or without FSDP.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,31 +35,10 @@ import torch.distributed as dist
 from torch import nn
 
 
-@dataclass(frozen=True)
-class FsdpConfig:
-    """How the model is sharded.
-
-    Args:
-        enabled: shard the model (run configs: the `fsdp:` section); off = one process or DDP.
-        layer_classes: class names of the modules that become FSDP units; () = the model's own
-            `_no_split_modules` (transformers lists its decoder layers there, e.g. "LlamaDecoderLayer").
-        reshard_after_forward: free each layer's gathered weights after its forward (least memory;
-            gathered again in backward). False keeps them until backward (faster, more memory).
-    """
-
-    enabled: bool = False
-    layer_classes: tuple[str, ...] = ()
-    reshard_after_forward: bool = True
-
-    def __post_init__(self) -> None:
-        if not all(isinstance(c, str) and c for c in self.layer_classes):
-            raise ValueError(f"FsdpConfig.layer_classes must be class names, got {self.layer_classes!r}")
-
-
-def layer_classes(model: nn.Module, config: FsdpConfig) -> tuple[str, ...]:
-    """The class names that become FSDP units: the config's, else the model's `_no_split_modules`."""
-    if config.layer_classes:
-        return config.layer_classes
+def layer_classes(model: nn.Module, names: Sequence[str] = ()) -> tuple[str, ...]:
+    """The class names that become FSDP units: `names` if given, else the model's `_no_split_modules`."""
+    if names:
+        return tuple(names)
     found: list[str] = []
     for module in model.modules():  # a PEFT wrapper or a VLM holds the transformers model(s) inside
         for name in getattr(module, "_no_split_modules", None) or ():
@@ -76,19 +54,24 @@ def layer_classes(model: nn.Module, config: FsdpConfig) -> tuple[str, ...]:
 
 def shard_model(
     model: nn.Module,
-    config: FsdpConfig | None = None,
     device: torch.device | None = None,
+    *,
+    classes: Sequence[str] = (),
+    reshard_after_forward: bool = True,
     mesh: Any = None,
     extra: Sequence[nn.Module] = (),
 ) -> list[str]:
-    """Apply FSDP2 to every layer of `layer_classes`, to each module of `extra`, then to `model`.
+    """Apply FSDP2 to every layer of `classes`, to each module of `extra`, then to `model`.
 
     Args:
         model: the model with LoRA already applied (PEFT must see the original Linear modules). It
             may still be on the CPU: `fully_shard` moves each unit to the mesh's device as it shards
             it, so the whole model never has to fit one GPU.
-        config: see `FsdpConfig`.
         device: this process's device (None: where the model's parameters are).
+        classes: class names of the modules that become FSDP units (() = the model's
+            `_no_split_modules`: transformers lists its decoder layers there, e.g. "LlamaDecoderLayer").
+        reshard_after_forward: free each unit's gathered weights after its forward (least memory;
+            gathered again in backward); False keeps them until backward (faster, more memory).
         mesh: a 1-d `DeviceMesh` over the processes (None: all processes of the default group on `device`).
         extra: other trainable modules to shard as their own units (e.g. the identity projector).
 
@@ -102,24 +85,23 @@ def shard_model(
     except ImportError:  # torch < 2.6 kept FSDP2 under _composable
         from torch.distributed._composable.fsdp import fully_shard
 
-    config = config or FsdpConfig()
     if not torch.distributed.is_initialized():
         raise RuntimeError("shard_model needs a process group (accelerate launch / torchrun)")
     if mesh is None:
         device = device if device is not None else next(model.parameters()).device
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    classes = layer_classes(model, config)
+    classes = layer_classes(model, classes)
     sharded = []
     for name, module in model.named_modules():
         if type(module).__name__ in classes:
-            fully_shard(module, mesh=mesh, reshard_after_forward=config.reshard_after_forward)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
             sharded.append(name)
     if not sharded:
         present = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(f"no module of class {list(classes)} in {type(model).__name__}; classes present: {present}")
     for module in extra:
-        fully_shard(module, mesh=mesh, reshard_after_forward=config.reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=config.reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return sharded
 
 
@@ -267,7 +249,6 @@ def unsharded(module: nn.Module) -> Iterator[None]:
 
 
 __all__ = [
-    "FsdpConfig",
     "clip_grad_norm_",
     "full_state_dict",
     "full_training_state",

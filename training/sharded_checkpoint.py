@@ -45,6 +45,7 @@ from .checkpoint import (
     _fsync_dir,
     _indexed_params,
     _param_names,
+    _state_by_name,
     _under,
     _write_error,
     atomic_write_bytes,
@@ -57,10 +58,6 @@ FORMAT = "lvface_mm.training/2"
 META_FILE = "meta.pt"
 _NEARLY_FULL_BYTES = 64 << 20  # a failed write with less free space than this is a full disk
 MANIFEST_FILE = "manifest.json"
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    return Path(path).is_dir()
 
 
 # -- rows as DCP chunks --------------------------------------------------------------------------------
@@ -113,17 +110,12 @@ def _state_to_save(task: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
             tensors[f"sharded/{name}/{key}"] = _rows(value, module.class_start, module.num_classes)
         sharded_other[name] = {k: v.detach().cpu().clone() for k, v in other.items()}
         layout[name] = {"num_classes": module.num_classes, "rows": sorted(rows)}
-    names = _param_names(task)
-    params = _indexed_params(optimizer)
-    torch_state = optimizer.state_dict()
+    entries, groups = _state_by_name(optimizer, task)
     optim_other: dict[str, dict[str, Any]] = {}
-    for index, param in enumerate(params):
-        name = names.get(id(param))
-        if name is None:
-            raise ValueError("the optimizer holds a parameter that is not part of the task")
+    for name, param, per_param in entries:
         owner = _under(name, sharded)
         optim_other[name] = {}
-        for key, value in torch_state["state"].get(index, {}).items():
+        for key, value in per_param.items():
             if owner is not None and _is_row_state(value, param):
                 module = sharded[owner]
                 tensors[f"optim/{name}/{key}"] = _rows(value, module.class_start, module.num_classes)
@@ -132,8 +124,6 @@ def _state_to_save(task: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
                     tensors[f"optim/{name}/{key}"] = value.detach()
             else:
                 optim_other[name][key] = value
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(params[i])] for i in g["params"]]}
-              for g in torch_state["param_groups"]]
     meta = {"model_other": model_other, "sharded_other": sharded_other, "layout": layout,
             "optimizer": {"param_groups": groups, "other": optim_other}}
     return tensors, meta
@@ -402,7 +392,6 @@ def _check_against_saved(tensors: dict[str, Tensor], saved: dict[str, tuple], so
 
 __all__ = [
     "FORMAT",
-    "is_sharded_checkpoint",
     "load_sharded",
     "read_meta",
     "read_sharded_checkpoint",

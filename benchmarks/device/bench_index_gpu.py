@@ -75,7 +75,8 @@ def sync(device: str) -> None:
 
 
 def end_to_end(photos: Path, tmp: Path, n: int, worker_counts: list[int], device: str) -> list[tuple[str, float]]:
-    from lvface_mm.gallery.indexing import EncoderSpec, IndexJobConfig, run_index_job
+    from lvface_mm.gallery.index_job import run_index_job
+    from lvface_mm.gallery.indexing import EncoderSpec, IndexJobConfig
     from lvface_mm.gallery.photos import PhotoIndex
 
     spec = EncoderSpec(face_model="lvface_b", random_seed=0, clip_pretrained=None, device=device, backend="torch")

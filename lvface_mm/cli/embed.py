@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..atomic_file import atomic_path
 from ._common import cli_terms
 
 IMAGE_SUFFIXES = frozenset(
@@ -160,24 +159,12 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _atomic_target(output: Path):
-    """A temporary file next to `output`, so the final os.replace is atomic on the same filesystem."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_npz(output: Path, arrays: dict) -> None:
     import numpy as np
 
-    tmp = _atomic_target(output)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def write_parquet(output: Path, arrays: dict) -> None:
@@ -197,12 +184,9 @@ def write_parquet(output: Path, arrays: dict) -> None:
         }
     )
     table = table.replace_schema_metadata({"lvface_mm": arrays["meta"].item()})
-    tmp = _atomic_target(output)
-    try:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class FaceTable:

@@ -72,7 +72,8 @@ def encoder_spec(args: argparse.Namespace):  # noqa: ANN201 - EncoderSpec, impor
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvface_mm.gallery.indexing import IndexJobConfig, run_index_job
+    from lvface_mm.gallery.index_job import run_index_job
+    from lvface_mm.gallery.indexing import IndexJobConfig
     from lvface_mm.gallery.photos import PhotoIndex
     from lvface_mm.gallery.runners import list_engines
     from lvface_mm.gallery.shards import ShardError

@@ -127,7 +127,7 @@ def _vlm_missing(config: Any) -> list[MissingFile]:
             card = load_adapter_card(name)
         except (FileNotFoundError, ValueError, ImportError):
             return []  # the loader reports a bad card
-        if card.tiny is not None or Path(card.vlm_id).is_dir():
+        if Path(card.vlm_id).is_dir():
             return []
         repo = card.vlm_id
     if _in_hub_cache(repo, "config.json"):

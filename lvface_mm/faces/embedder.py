@@ -153,29 +153,22 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _onnx_is_faster(encoder: TorchCropEncoder) -> bool:
-    """True where `backend="auto"` should hand a PyTorch encoder to onnxruntime: an fp32 FaceViT on the CPU."""
+def _cpu_fp32_facevit(encoder: TorchCropEncoder) -> bool:
+    """An fp32 FaceViT on the CPU: what `backend="auto"` may run elsewhere than in fp32 PyTorch."""
     from ..models import FaceViT
 
-    return (
-        encoder.device.type == "cpu"
-        and encoder.dtype == torch.float32
-        and isinstance(encoder.model, FaceViT)
-        and importlib.util.find_spec("onnxruntime") is not None
-    )
+    return encoder.device.type == "cpu" and encoder.dtype == torch.float32 and isinstance(encoder.model, FaceViT)
+
+
+def _onnx_is_faster(encoder: TorchCropEncoder) -> bool:
+    """True where `backend="auto"` should hand a PyTorch encoder to onnxruntime: an fp32 FaceViT on the CPU."""
+    return _cpu_fp32_facevit(encoder) and importlib.util.find_spec("onnxruntime") is not None
 
 
 def _bf16_is_chosen(encoder: TorchCropEncoder) -> bool:
     """True where `backend="auto"` runs a CPU FaceViT in bf16 PyTorch: the CPU multiplies bf16 natively and
     the measured accuracy decision allows it (`lvface_mm.models.inference.auto_uses_bf16`)."""
-    from ..models import FaceViT
-
-    return (
-        encoder.device.type == "cpu"
-        and encoder.dtype == torch.float32
-        and isinstance(encoder.model, FaceViT)
-        and auto_uses_bf16()
-    )
+    return _cpu_fp32_facevit(encoder) and auto_uses_bf16()
 
 
 def _cached_onnx_or_torch(

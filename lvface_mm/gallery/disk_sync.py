@@ -25,7 +25,7 @@ import numpy as np
 
 from .calibration import default_threshold
 from .disk_index import MANIFEST, DiskIndex, DiskIndexConfig, IndexFileError
-from .store import Identification
+from .store import Identification, best_or_unknown
 
 __all__ = ["GalleryIndex", "IndexRebuiltWarning", "SyncReport", "read_parquet_vectors"]
 
@@ -247,14 +247,7 @@ class GalleryIndex:
 
     def identify(self, embeddings: np.ndarray, threshold: float | None = None) -> list[Identification]:
         """Best identity per query, or unknown (name None) below ``threshold`` (default: the gallery's)."""
-        t = self.threshold if threshold is None else float(threshold)
-        out = []
-        for candidates in self.search(embeddings, k=1):
-            if candidates and candidates[0].score >= t:
-                out.append(candidates[0])
-            else:
-                out.append(Identification(None, candidates[0].score if candidates else -1.0, None))
-        return out
+        return best_or_unknown(self.search(embeddings, k=1), self.threshold if threshold is None else float(threshold))
 
     def close(self) -> None:
         with self._lock:

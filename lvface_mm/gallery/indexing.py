@@ -5,6 +5,9 @@
                     -> shard-NNNNN-<fp>.parquet (atomic)
     -> merge every shard into the collection database (PhotoIndex, one transaction per shard)
 
+This module holds what a worker runs (`EncoderSpec`, `ShardTask`) and the merge; the engines are in
+`runners.py` and the job that plans shards and calls an engine is `index_job.run_index_job`.
+
 The database stays the source of truth for `lvface-mm search` and the demo; the shards are the
 workers' output and a record of what each file held (boxes, landmarks, embeddings, errors).
 
@@ -16,7 +19,6 @@ already holds (when they can read it) without decoding them.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,8 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ..models.pretrained import sha256_of
-from .photos import IndexReport, PhotoIndex, find_images
-from .shards import PhotoRecord, Shard, ShardError, plan_shards, read_shard, read_shard_meta, write_shard
+from .photos import IndexReport, PhotoIndex
+from .shards import PhotoRecord, Shard, ShardError, read_shard, read_shard_meta, write_shard
 
 if TYPE_CHECKING:
     from ..faces.embedder import FaceEmbedder
@@ -43,7 +45,6 @@ __all__ = [
     "ShardTask",
     "build_collection",
     "index_paths",
-    "run_index_job",
 ]
 
 
@@ -379,61 +380,3 @@ def _count_merged(file: Path, report: IndexReport) -> None:
             report.skipped += 1
         else:
             report.failed_before.append((path, error or "unknown error"))
-
-
-def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: EncoderSpec, *,
-                  engine: str = "local", workers: int | None = None, progress: Callable[[ShardOutcome], None]
-                  | None = None, **engine_options: Any) -> JobReport:
-    """Index ``paths`` (files and folders) into ``config.db`` through shards; see the module docstring.
-
-    Args:
-        engine: a registered runner (``list_engines()``): "inline", "local", "torchrun", "ray".
-        workers: worker count for "local" and "ray" (default: one per CPU core).
-        progress: called with each shard's outcome as it finishes.
-        engine_options: passed to the runner (e.g. ``address=`` for Ray).
-    """
-    import importlib.util
-
-    from .runners import get_engine
-
-    runner = get_engine(engine)
-    if importlib.util.find_spec("pyarrow") is None:
-        raise ValueError("photo indexing writes Parquet shards and needs pyarrow: pip install 'lvface-mm[demo]'")
-    missing: list[str] = []
-    files = find_images(paths, missing=missing)
-    shards = plan_shards(files, config.shard_size)
-    Path(config.shard_dir).mkdir(parents=True, exist_ok=True)
-    report = JobReport(failed=[(p, "no such file or folder") for p in missing], shards=len(shards))
-    # Open the database first: a face model or CLIP other than the one it was built with is refused
-    # before any worker starts.
-    PhotoIndex(config.db, face_model=spec.face_key, clip_key=spec.clip_key).close()
-    for shard in shards:  # a shard file that does not read back is moved aside and redone
-        file = shard.file(config.shard_dir)
-        if file.exists():
-            try:
-                read_shard_meta(file)
-            except ShardError as exc:
-                aside = file.with_name(file.name + ".corrupt")
-                with contextlib.suppress(FileNotFoundError):  # another torchrun rank moved it first
-                    file.replace(aside)
-                report.shard_errors.append((str(file), f"{exc.reason}; moved to {aside.name} and redone"))
-    start = time.perf_counter()
-    task = ShardTask(config, spec)
-    outcomes = runner(shards, task, workers=workers, progress=progress, **engine_options)
-    if outcomes is None:  # a non-zero torchrun rank: rank 0 builds the collection
-        report.seconds, report.merged = time.perf_counter() - start, False
-        return report
-    ran = [o for o in outcomes if o.finished_at > 0]
-    if ran:
-        report.indexing_span = max(o.finished_at for o in ran) - min(o.started_at for o in ran)
-    for o in outcomes:
-        report.worker_cpu_seconds += o.cpu_seconds
-        report.shards_done_before += int(o.done_before)
-        if o.error is not None:
-            report.shard_errors.append((o.name, o.error))
-    with PhotoIndex(config.db, face_model=spec.face_key, clip_key=spec.clip_key) as index:
-        files_done = [s.file(config.shard_dir) for s in shards if s.file(config.shard_dir).exists()]
-        build_collection(index, files_done, report)
-    report.seconds = time.perf_counter() - start
-    return report
-

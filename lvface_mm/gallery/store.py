@@ -88,6 +88,13 @@ class Identification:
         return self.name is not None
 
 
+def best_or_unknown(top1: Sequence[Sequence[Identification]], threshold: float) -> list[Identification]:
+    """Per query, its best candidate when the score reaches ``threshold``, else unknown with that score
+    (-1.0 when there is no candidate). ``top1`` is what a gallery's ``search(..., k=1)`` returns."""
+    return [c[0] if c and c[0].score >= threshold else Identification(None, c[0].score if c else -1.0, None)
+            for c in top1]
+
+
 @dataclass(frozen=True)
 class Identity:
     """One enrolled person as listed by ``Gallery.list_identities``."""
@@ -628,14 +635,7 @@ class Gallery:
 
     def identify(self, embeddings: np.ndarray | Sequence, threshold: float | None = None) -> list[Identification]:
         """Best enrolled identity per query, or unknown (name None) when its score < threshold."""
-        t = self.threshold if threshold is None else float(threshold)
-        out = []
-        for candidates in self.search(embeddings, k=1):
-            if candidates and candidates[0].score >= t:
-                out.append(candidates[0])
-            else:
-                out.append(Identification(None, candidates[0].score if candidates else -1.0, None))
-        return out
+        return best_or_unknown(self.search(embeddings, k=1), self.threshold if threshold is None else float(threshold))
 
     # ---------------------------------------------------------------- export / import
     def export(self, path: str | Path) -> Path:

@@ -114,8 +114,11 @@ def infer_config_fields(state: dict[str, torch.Tensor]) -> dict[str, int]:
 def guess_variant(state: dict[str, torch.Tensor]) -> str | None:
     """Registered model name whose architecture matches the checkpoint's shapes, if any."""
     fields = infer_config_fields(state)
-    if not fields:
-        return None
+    return model_with_fields(fields) if fields else None
+
+
+def model_with_fields(fields: dict[str, int | float]) -> str | None:
+    """The first registered model (by name) whose FaceViTConfig has all these field values, if any."""
     for name in list_models():
         if all(getattr(get_model_spec(name).config, k) == v for k, v in fields.items()):
             return name

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from ..atomic_file import atomic_path
+from .checkpoint import load_checkpoint, model_with_fields
 from .data_config import facevit_pretrained_cfg
 from .facevit import FaceViT, FaceViTConfig
 from .registry import get_model_spec, list_models
@@ -37,23 +37,10 @@ ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "img_size
                        "feature_dim")
 
 
-def is_pretrained_dir(path: str | os.PathLike) -> bool:
-    """True for a folder holding a `config.json` (the layout written by `save_pretrained_encoder`)."""
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
-
-
-def _registered_name_for(config: FaceViTConfig) -> str | None:
-    fields = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
-    for name in list_models():
-        if all(getattr(get_model_spec(name).config, k) == v for k, v in fields.items()):
-            return name
-    return None
-
-
 def encoder_config_dict(model: FaceViT, architecture: str | None = None) -> dict[str, Any]:
     """The `config.json` contents for `model` (see the module docstring)."""
-    name = architecture or model.pretrained_cfg.get("architecture") or _registered_name_for(model.config)
+    fields = {k: getattr(model.config, k) for k in ARCHITECTURE_FIELDS}
+    name = architecture or model.pretrained_cfg.get("architecture") or model_with_fields(fields)
     if name is None:
         raise ValueError(
             "save_pretrained_encoder: this FaceViT's shape matches no registered model; pass architecture= "
@@ -69,18 +56,6 @@ def encoder_config_dict(model: FaceViT, architecture: str | None = None) -> dict
         "model_args": {k: getattr(model.config, k) for k in ARCHITECTURE_FIELDS},
         "pretrained_cfg": cfg,
     }
-
-
-def _atomic_write(path: Path, write) -> None:
-    # Write beside the target and rename: an interrupted save never leaves a half-written file behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pretrained_encoder(model: nn.Module, directory: str | os.PathLike, *, architecture: str | None = None) -> Path:
@@ -104,8 +79,11 @@ def save_pretrained_encoder(model: nn.Module, directory: str | os.PathLike, *, a
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage; own copies on the CPU.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    # Each file is replaced atomically: an interrupted save never leaves a half-written file behind.
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 

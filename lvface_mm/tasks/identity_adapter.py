@@ -4,9 +4,9 @@
            [+ preservation_weight * mean(1 - cos(e_lora, e_frozen))   when the encoder has LoRA]
 
 Batches are `lvface_mm.vqa.rendering.RenderedDataset` items (the one prompt format, with the
-picture's processor outputs for VLMs) or `lvface_mm.vqa.data.VQADataset` items: padded ids/labels
-(labels are -100 outside assistant turns, so the loss never trains the model to write the user's side), the faces as
-embedding-table rows or aligned crops, and which face each placeholder group refers to. Faces go
+picture's processor outputs for VLMs): padded ids/labels (labels are -100 outside assistant turns,
+so the loss never trains the model to write the user's side), the faces as embedding-table rows or
+aligned crops, and which face each placeholder group refers to. Faces go
 through the (frozen, or LoRA-tuned) LVFace encoder and the projector; the resulting tokens are
 written into the LLM's input embeddings by the bridge's injection hook, inside the model's own
 forward, exactly as at inference.

@@ -247,29 +247,11 @@ def _card_dirs() -> list[Path]:
     return [*_EXTRA_CARD_DIRS, *([default] if default is not None else [])]
 
 
-TINY_CARD_PREFIX = "tiny-"
-
-
-def _tiny_card(name: str) -> IdentityAdapterConfig | None:
-    """`tiny-<build>` cards are made in code by `testing.tiny_card`, not shipped as files."""
-    if not name.startswith(TINY_CARD_PREFIX):
-        return None
-    from .testing import TINY_FAMILY, tiny_card
-
-    build = name.removeprefix(TINY_CARD_PREFIX)
-    return tiny_card(build) if build in TINY_FAMILY else None
-
-
-def _tiny_card_names() -> list[str]:
-    from .testing import TINY_FAMILY
-
-    return [TINY_CARD_PREFIX + build for build in TINY_FAMILY]
-
-
 def list_adapter_cards() -> list[str]:
-    """Names of the cards that `load_adapter_card` finds by name (the shipped cards and `tiny-*`)."""
-    names = {p.stem for d in _card_dirs() for p in d.glob("*.json")} | set(_tiny_card_names())
-    return sorted(names)
+    """Names of the cards that `load_adapter_card` finds by name (the shipped cards and added directories).
+
+    Tiny test cards are not among them: `lvface_mm.vlm.testing.tiny_card(build)` makes one."""
+    return sorted({p.stem for d in _card_dirs() for p in d.glob("*.json")})
 
 
 def load_adapter_card(name_or_path: str | os.PathLike[str]) -> IdentityAdapterConfig:
@@ -281,9 +263,6 @@ def load_adapter_card(name_or_path: str | os.PathLike[str]) -> IdentityAdapterCo
         candidate = directory / f"{name_or_path}.json"
         if candidate.is_file():
             return IdentityAdapterConfig.from_pretrained(candidate)
-    tiny = _tiny_card(str(name_or_path))
-    if tiny is not None:
-        return tiny
     known = list_adapter_cards()
     hint = f"known cards: {', '.join(known)}" if known else "no card directory found; pass a card path"
     raise FileNotFoundError(f"no adapter card named {str(name_or_path)!r}; {hint}")

@@ -287,7 +287,23 @@ def _idefics_vision() -> dict[str, Any]:
 
 
 def _build_idefics3(seed: int) -> TinyVLM:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _build_idefics_like("idefics3", Idefics3Config, Idefics3ForConditionalGeneration, seed)
+
+
+def _build_smolvlm(seed: int) -> TinyVLM:
+    # SmolVLM's own processor needs `num2words` (not a dependency); Idefics3's processor writes the
+    # same image block for an unsplit image (`<fake_token_around_image><global-img><image>*L...`),
+    # so the tiny build processes pictures exactly like the real model (`demo --tiny` relies on it).
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _build_idefics_like("smolvlm", SmolVLMConfig, SmolVLMForConditionalGeneration, seed)
+
+
+def _build_idefics_like(name: str, config_class: type, model_class: type, seed: int) -> TinyVLM:
+    """Idefics3 and SmolVLM: the same tokenizer, Idefics3 processor and config fields."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     tokenizer = tiny_tokenizer(_IDEFICS_SPECIALS, _chat_template("<image>"))
     processor = Idefics3Processor(
@@ -298,37 +314,13 @@ def _build_idefics3(seed: int) -> TinyVLM:
         image_seq_len=16,  # (16 / 2)^2 patches / scale_factor^2
         chat_template=tokenizer.chat_template,
     )
-    config = Idefics3Config(
+    config = config_class(
         text_config=_text_config("llama", len(tokenizer) + _SPARE_ROWS),
         vision_config=_idefics_vision(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=2,
     )
-    return TinyVLM("idefics3", _init(Idefics3ForConditionalGeneration, config, seed), processor, tokenizer, 16)
-
-
-def _build_smolvlm(seed: int) -> TinyVLM:
-    # SmolVLM's own processor needs `num2words` (not a dependency); Idefics3's processor writes the
-    # same image block for an unsplit image (`<fake_token_around_image><global-img><image>*L...`),
-    # so the tiny build processes pictures exactly like the real model (`demo --tiny` relies on it).
-    from transformers import Idefics3ImageProcessor, Idefics3Processor, SmolVLMConfig, SmolVLMForConditionalGeneration
-
-    tokenizer = tiny_tokenizer(_IDEFICS_SPECIALS, _chat_template("<image>"))
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(
-            do_image_splitting=False, size={"longest_edge": 16}, max_image_size={"longest_edge": 16}
-        ),
-        tokenizer=tokenizer,
-        image_seq_len=16,
-        chat_template=tokenizer.chat_template,
-    )
-    config = SmolVLMConfig(
-        text_config=_text_config("llama", len(tokenizer) + _SPARE_ROWS),
-        vision_config=_idefics_vision(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-    )
-    return TinyVLM("smolvlm", _init(SmolVLMForConditionalGeneration, config, seed), processor, tokenizer, 16)
+    return TinyVLM(name, _init(model_class, config, seed), processor, tokenizer, 16)
 
 
 def _build_paligemma(seed: int) -> TinyVLM:

@@ -6,7 +6,7 @@
     binding   open-set samples: names per sample, the gallery's candidates as references
     scenes    procedural pictures of people holding objects: identity + picture questions
     rendering samples in the one prompt format (the API's), with their picture, per family
-    data      legacy token encoding of LLaVA-style samples, and the faces (embeddings or crops)
+    data      the faces (embedding-table rows or crops) as encoder inputs
     metrics   recognition, naming, caption precision/recall/F1, hallucination, abstention, QA
     harness   plain / prompt / Set-of-Mark / token / token + prompt, in one report
     report    JSON + markdown + plot

@@ -24,9 +24,7 @@ prompt with the answer unchanged, which is what teaches a model not to repeat na
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic_file import atomic_path
 from .schema import TASKS, Face, Sample, Turn, dump_samples
 
 FORMAT_VERSION = 1
@@ -414,14 +413,8 @@ def generate_samples(split: Split, which: str, config: VQABuildConfig, rows: Map
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def build_vqa(

@@ -245,7 +245,11 @@ class SampleRenderer:
 
 
 class RenderedDataset(Dataset):
-    """Fixed-size training items like `VQADataset`, plus the processor's picture inputs.
+    """Fixed-size training items, plus the processor's picture inputs.
+
+    Fixed sizes let the training loop's default collation work across processes: ids and labels
+    padded to the longest sample of the set, faces padded to the most faces in a sample
+    (`face_mask`), placeholder order padded with -1. The task trims the padding per batch.
 
     Sequence-aligned extras (`SEQUENCE_KEYS`) are padded with the ids; the rest keep their batch
     dim of 1, so default collation stacks them to (B, 1, ...) and `IdentityAdapterTask` merges the
