@@ -173,14 +173,14 @@ def part(name: str, model_dir: Path, device: torch.device, four_bit: bool, args:
 def fsdp_part(model_dir: Path, device: torch.device, args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
-    from training.fsdp import FsdpConfig, shard_model
+    from training.fsdp import shard_model
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         vlm = identity_vlm(model_dir, device, four_bit=False)
         params = make_trainable(vlm, four_bit=False)
-        names = shard_model(vlm.model, FsdpConfig(), extra=[vlm.adapter.projector])
+        names = shard_model(vlm.model, device, extra=[vlm.adapter.projector])
         params = [p for p in [*vlm.model.parameters(), *vlm.adapter.projector.parameters()] if p.requires_grad]
         result = {
             "part": "fsdp",
