@@ -292,6 +292,11 @@ def test_fsdp_config_is_validated() -> None:
 
     config = load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.enabled=true"])
     assert config.fsdp.enabled and config.fsdp.reshard_after_forward
+    recipe = load_config(AdapterRunConfig, ROOT / "training" / "configs" / "adapter" / "llava15_7b_fsdp.yaml")
+    plain = load_config(AdapterRunConfig, ROOT / "training" / "configs" / "adapter" / "llava15_7b.yaml")
+    assert recipe.fsdp.enabled and "LlamaDecoderLayer" in recipe.fsdp.layer_classes and not plain.fsdp.enabled
+    for section in ("model", "lora", "stage1", "stage2"):  # llava15_7b.yaml's recipe, sharded
+        assert getattr(recipe, section) == getattr(plain, section), section
     with pytest.raises(ConfigError, match="checkpoint.format must be auto or single_file"):
         load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.enabled=true", "--checkpoint.format=sharded"])
     with pytest.raises(ConfigError, match="fsdp.enabled with model.load_in_4bit is not supported"):
