@@ -309,6 +309,18 @@ def test_fsdp_config_is_validated() -> None:
         load_config(AdapterRunConfig, ADAPTER, ["--data.path=x", "--fsdp.layer_classes=[LlamaDecoderLayer, '']"])
 
 
+def test_fsdp_in_one_process_stops_before_anything_is_built(tmp_path: Path) -> None:
+    from training.adapter import AdapterRunConfig, train_adapter
+    from training.config import load_config
+
+    out = tmp_path / "run"
+    argv = [f"--data.path={tmp_path}", f"--output_dir={out}", "--fsdp.enabled=true"]
+    config = load_config(AdapterRunConfig, ADAPTER, argv)
+    with pytest.raises(ValueError, match=r"this run has one: start it with torchrun --nproc_per_node N"):
+        train_adapter(config)
+    assert not out.exists()
+
+
 # -- QLoRA: a 4-bit base on one GPU (the GPU part runs in benchmarks/device/adapter_fsdp_qlora.py) ------
 QLORA = ROOT / "training" / "configs" / "adapter" / "llava15_7b_qlora.yaml"
 

@@ -12,9 +12,11 @@ LoRA on the LVFace encoder with an identity-preservation term. Loss only on assi
 The program starts like `training.encoder` (`training.launch`): the same command line, the process
 group `torchrun` or `accelerate launch` describe joined with torch.distributed, one device per
 process, and `accelerate launch --mixed_precision` as the autocast precision; the loop wraps the
-task in DDP. Each stage is a resumable run of the loop in `<output_dir>/stage<N>/` with adapter-only
-checkpoints (projector, LoRA weights, calibrated norm: never the frozen LLM); a finished stage
-writes `stage<N>/adapter/` and is skipped when the program runs again. The final adapter is
+task in DDP, or with `fsdp.enabled` the VLM is sharded over the processes with FSDP2 (`training.fsdp`,
+`configs/adapter/llava15_7b_fsdp.yaml`). Each stage is a resumable run of the loop in
+`<output_dir>/stage<N>/` with adapter-only checkpoints (projector, LoRA weights, calibrated norm:
+never the frozen LLM); a finished stage writes `stage<N>/adapter/` and is skipped when the program
+runs again. The final adapter is
 `<output_dir>/adapter/` (`IdentityVLM.from_pretrained(..., adapter=that)`), with
 `encoder_lora/` inside when the encoder was tuned. `model.card: tiny` builds a random tiny Llama
 from config around the data's vocabulary and saves it in `<output_dir>/base/` so the adapter can be
@@ -414,14 +416,19 @@ def _apply_llm_lora(vlm: Any, config: AdapterRunConfig) -> None:
         vlm.apply_lora()
 
 
+def _check_fsdp_processes(config: AdapterRunConfig) -> None:
+    if config.fsdp.enabled and not is_distributed():
+        raise ValueError(
+            "fsdp.enabled shards the model over several processes, and this run has one: start it with "
+            "torchrun --nproc_per_node N -m training.adapter ... or accelerate launch --multi_gpu --num_processes N "
+            "-m training.adapter ... (`accelerate launch --cpu` starts one process whatever --num_processes says)"
+        )
+
+
 def shard_vlm(vlm: Any, config: AdapterRunConfig, device: torch.device) -> list[str]:
     """FSDP2 over `vlm.model` (`fsdp:` section): decoder layers, then the root. The identity adapter
     (encoder, projector) stays whole on every process. Collective; returns the sharded layers."""
-    if not is_distributed():
-        raise ValueError(
-            "fsdp.enabled needs several processes: torchrun --nproc_per_node N -m training.adapter --config ... "
-            "(or accelerate launch --num_processes N -m training.adapter ...)"
-        )
+    _check_fsdp_processes(config)
     f = config.fsdp
     return shard_model(vlm.model, device, classes=f.layer_classes, reshard_after_forward=f.reshard_after_forward)
 
@@ -583,6 +590,7 @@ def train_adapter(config: AdapterRunConfig) -> dict[str, Any]:
     from lvface_mm.vqa.schema import load_samples
 
     device = _setup_distributed()
+    _check_fsdp_processes(config)  # before anything is built or written
     out = Path(config.output_dir)
     if get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
