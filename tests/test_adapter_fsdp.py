@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._losses_fixtures import run_workers
 from training.fsdp import full_state_dict, layer_classes, shard_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +187,22 @@ def _losses(run: Path, stage: int) -> list[float]:
     return [line["loss"] for line in lines if line["kind"] == "train"]
 
 
+def _run_forked(fn: Callable, world: int, root: Path, *args: object) -> list[dict]:
+    """`run_workers` with forked instead of spawned processes: they inherit this process's imports
+    (torch, transformers, PEFT: most of a spawned child's time on a busy 2-core machine). Safe for
+    the reasons torch's forked DataLoader workers are: each child runs one intra-op thread (`_entry`),
+    so it never needs the parent's OpenMP pool; and this process holds no process group to inherit."""
+    import torch.multiprocessing as mp
+
+    from tests._losses_fixtures import _entry
+
+    out_dir = root / f"results_{fn.__name__}"
+    out_dir.mkdir()
+    store = str(root / f"store_{fn.__name__}")
+    mp.start_processes(_entry, args=(fn, world, store, str(out_dir), args), nprocs=world, start_method="fork")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`one`: the program on one process; `two`: on two gloo processes with FSDP; `resumed`: the FSDP
@@ -202,7 +218,7 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         torch.set_num_threads(threads)
     two = _adapter_argv(data, root / "two", 2, 2, "--fsdp.enabled=true")
     resumed = _adapter_argv(data, root / "resumed", 2, 2, "--fsdp.enabled=true", "--eval.enabled=false")
-    results = run_workers(_multiproc_worker, 2, root, two, resumed, str(root))
+    results = _run_forked(_multiproc_worker, 2, root, two, resumed, str(root))
     return {"root": root, "data": data, "shard": [r["shard"] for r in results], "after_stop": results[0]["after_stop"]}
 
 
