@@ -16,11 +16,10 @@ task in DDP, or with `fsdp.enabled` the VLM is sharded over the processes with F
 `configs/adapter/llava15_7b_fsdp.yaml`). Each stage is a resumable run of the loop in
 `<output_dir>/stage<N>/` with adapter-only checkpoints (projector, LoRA weights, calibrated norm:
 never the frozen LLM); a finished stage writes `stage<N>/adapter/` and is skipped when the program
-runs again. The final adapter is
-`<output_dir>/adapter/` (`IdentityVLM.from_pretrained(..., adapter=that)`), with
-`encoder_lora/` inside when the encoder was tuned. `model.card: tiny` builds a random tiny Llama
-from config around the data's vocabulary and saves it in `<output_dir>/base/` so the adapter can be
-reloaded.
+runs again. The final adapter is `<output_dir>/adapter/` (`IdentityVLM.from_pretrained(...,
+adapter=that)`), with `encoder_lora/` inside when the encoder was tuned. `model.card: tiny` builds
+a random tiny Llama from config around the data's vocabulary and saves it in `<output_dir>/base/`
+so the adapter can be reloaded.
 
 Overrides: any config field as `--section.key=value` (e.g. `--stage2.optim.lr=1e-4`, `--stages=[2]`).
 """
