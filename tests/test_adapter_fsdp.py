@@ -192,10 +192,13 @@ def _run_forked(fn: Callable, world: int, root: Path, *args: object) -> list[dic
     (torch, transformers, PEFT: most of a spawned child's time on a busy 2-core machine). Safe for
     the reasons torch's forked DataLoader workers are: each child runs one intra-op thread (`_entry`),
     so it never needs the parent's OpenMP pool; and this process holds no process group to inherit."""
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from tests._losses_fixtures import _entry
+    from tests._losses_fixtures import _entry, run_workers
 
+    if dist.is_initialized():  # a group left by another test would be inherited: spawn clean processes
+        return run_workers(fn, world, root, *args)
     out_dir = root / f"results_{fn.__name__}"
     out_dir.mkdir()
     store = str(root / f"store_{fn.__name__}")
