@@ -409,6 +409,17 @@ class Trainer:
         return task
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def _run_state(self) -> dict[str, Any]:
+        """Everything but the model and optimizer: what both checkpoint layouts store alike."""
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "progress": {**vars(self.progress), "samples_per_step": self.samples_per_step,
+                         "world_size": self.world_size},
+            "rng": gather_rng(),
+            "extra": self.extra_state,
+        }
+
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current state (collective). Returns its path on rank 0."""
         if self.checkpoints.layout == "sharded":
@@ -418,17 +429,7 @@ class Trainer:
             model, optim = {"replicated": model, "sharded": {}}, optim
         else:
             model, optim = model_state(self.task), optimizer_state(self.optimizer, self.task)
-        payload = {
-            "format": "lvface_mm.training/1",
-            "model": model,
-            "optimizer": optim,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "progress": {**vars(self.progress), "samples_per_step": self.samples_per_step,
-                         "world_size": self.world_size},
-            "rng": gather_rng(),
-            "extra": self.extra_state,
-        }
+        payload = {"format": "lvface_mm.training/1", "model": model, "optimizer": optim, **self._run_state()}
         path, error = None, None
         if self.rank == 0:
             try:
@@ -449,15 +450,7 @@ class Trainer:
 
     def _save_sharded(self) -> Path | None:
         """Every rank writes its own rows with torch.distributed.checkpoint (no gather)."""
-        meta = {
-            "format": SHARDED_FORMAT,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "progress": {**vars(self.progress), "samples_per_step": self.samples_per_step,
-                         "world_size": self.world_size},
-            "rng": gather_rng(),
-            "extra": self.extra_state,
-        }
+        meta = {"format": SHARDED_FORMAT, **self._run_state()}
         path = self.checkpoints.save_sharded(self.task, self.optimizer, meta, self.progress.step)
         self.last_saved_step = self.progress.step
         if self.rank == 0:
