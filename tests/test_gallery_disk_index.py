@@ -94,6 +94,8 @@ def test_deletes_replacements_and_compaction(tmp_path, data):
     index = DiskIndex.build(tmp_path / "idx", DIM, [(ids, templates)], PQ)
     index.remove(ids[:100])  # the first 100 queries' own people (more than purge_every)
     assert len(index) == 2900 and index.remove(ids[:5]) == 0
+    raw = np.fromfile(tmp_path / "idx" / "vectors.0.f16", np.float16).reshape(-1, DIM)
+    assert not raw[:100].any() and raw[100:].any(axis=1).all()  # a deleted face is not left readable
     _, found = index.search(queries, 5)
     assert not np.isin(found, ids[:100]).any()
     truth_s, truth_i = exact_top(ids[100:], templates[100:], queries, 1)

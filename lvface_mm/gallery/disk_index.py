@@ -602,6 +602,12 @@ class DiskIndex:
             for row in rows:
                 f.seek(8 * row)
                 f.write(tomb)
+        # A deleted face must not stay readable in the file until the next compaction: zero its vector.
+        zeros = bytes(2 * self.dim)
+        with open(self._file("vectors"), "r+b") as f:
+            for row in rows:
+                f.seek(2 * self.dim * row)
+                f.write(zeros)
         self._ids[rows] = -1
         self._dead += len(rows)
         alive = self._ids[: self._rows] >= 0

@@ -18,6 +18,7 @@ so callers can fall back to an in-memory index instead of waiting.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -43,9 +44,12 @@ __all__ = [
     "PhotoFaceIndex",
     "SyncReport",
     "default_index_path",
+    "disk_index_config",
     "read_parquet_vectors",
+    "resolve_index_path",
 ]
 
+_log = logging.getLogger(__name__)
 _UID_KEY = "disk_index_uid"  # a random id written once into the gallery's meta table
 _SQL_CHUNK = 500  # ids per "IN (...)" query, below SQLite's variable limit
 
@@ -64,6 +68,29 @@ def default_index_path(database: str | Path, what: str) -> Path:
     one file, so each kind gets its own folder."""
     database = Path(database)
     return database.with_name(f"{database.name}.{what}.idx")
+
+
+def resolve_index_path(database: str, disk_index: bool | str | Path | None, memory_kind: str,
+                       what: str) -> Path | None:
+    """Where ``PhotoIndex`` / ``Gallery`` keep their on-disk index, from their ``disk_index`` argument:
+    ``None`` (default) -> ``default_index_path`` unless ``memory_kind`` (their in-memory ``IndexConfig``
+    kind) names a backend other than "auto"; ``True`` -> ``default_index_path``; a path -> that folder;
+    ``False`` or an in-memory database -> None (search an in-memory index built at start)."""
+    if disk_index is False or database == ":memory:" or database.startswith("file:"):
+        return None
+    if disk_index is None and memory_kind != "auto":  # an in-memory backend was asked for by name
+        return None
+    if disk_index is None or disk_index is True:
+        return default_index_path(database, what)
+    return Path(disk_index)
+
+
+def disk_index_config() -> DiskIndexConfig:
+    """The configuration ``PhotoIndex`` and ``Gallery`` give their on-disk indexes: the default, or
+    flat only (exact, no FAISS needed, slower past ~100k vectors) when FAISS is not installed."""
+    from .index import faiss_available
+
+    return DiskIndexConfig() if faiss_available() else DiskIndexConfig(kind="flat")
 
 
 class _FolderLock:
@@ -149,6 +176,7 @@ class _SyncedIndex(ABC):
     def _uid_from(self, table: str) -> str:
         """A random id kept in ``table`` (key, value) under ``disk_index_uid``, written once."""
         found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (_UID_KEY,)).fetchone()
+        self._first_index = found is None  # no index was ever built from this database
         if found is None:
             self._conn.execute(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", (_UID_KEY, uuid.uuid4().hex))
             found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (_UID_KEY,)).fetchone()
@@ -185,7 +213,8 @@ class _SyncedIndex(ABC):
         return not names or any(n == MANIFEST or n.startswith(("vectors.", "ids.", "coarse.")) for n in names)
 
     def _rebuild(self, problem: str, start: float) -> tuple[DiskIndex, SyncReport]:
-        if self.index_path.exists():
+        existed = self.index_path.exists()
+        if existed:
             stem = f"{self.index_path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
             aside = self.index_path.with_name(stem)
             n = 0
@@ -194,7 +223,11 @@ class _SyncedIndex(ABC):
                 aside = self.index_path.with_name(f"{stem}-{n}")
             self.index_path.rename(aside)
             problem += f"; the old folder was moved to {aside}"
-        warnings.warn(f"{problem}; rebuilding the index from {self.database_path}", IndexRebuiltWarning, stacklevel=4)
+        if self._first_index and not existed:  # the first build: expected, nothing to warn about
+            _log.info("building %s from %s (first use)", self.index_path, self.database_path)
+        else:
+            warnings.warn(f"{problem}; rebuilding the index from {self.database_path}", IndexRebuiltWarning,
+                          stacklevel=4)
         building = self.index_path.with_name(self.index_path.name + ".building")
         if building.exists():
             shutil.rmtree(building)  # our own leftover from a build that was interrupted
@@ -323,6 +356,8 @@ class GalleryIndex(_SyncedIndex):
             c.execute("COMMIT")
         index.set_source({"gallery": str(self.gallery_path.resolve()), "gallery_uid": self._uid,
                           "watermark": newest, "watermark_ids": sorted(i for i, t in rows if t == newest)})
+        if removed:  # a deleted person's codes leave the saved candidate stage now, not at some later save
+            index.save()
         return SyncReport(added, removed, False, "", time.perf_counter() - start)
 
     def _templates(self, wanted: np.ndarray, everything: bool,
