@@ -171,6 +171,12 @@ def test_gallery_in_a_file_searches_its_disk_index_like_the_memory_one(tmp_path,
     assert [[c.identity_id for c in row] for row in busy] == [[c.identity_id for c in row] for row in in_memory]
     np.testing.assert_allclose([[c.score for c in row] for row in on_disk],
                                [[c.score for c in row] for row in in_memory], atol=2e-3)
+    # Deleting a person zeroes their template in the index's file at once, as secure_delete does in SQLite.
+    with Gallery(tmp_path / "g.db") as g:
+        template = g.template("person 3").astype(np.float16)
+        g.delete("person 3")
+        raw = np.fromfile(next((tmp_path / "g.db.people.idx").glob("vectors.*")), np.float16).reshape(-1, DIM)
+        assert len(raw) == 50 and not (raw == template).all(axis=1).any() and (raw == 0).all(axis=1).sum() == 1
     for off in (Gallery(":memory:"), Gallery(tmp_path / "h.db", index="exact")):  # nothing to keep / asked for
         assert off.disk_index_path is None
         off.close()

@@ -21,6 +21,7 @@ import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 
 from .embed import add_model_arguments, build_embedder
 from .index import add_clip_arguments, build_clip
@@ -45,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lvface_mm.gallery import Gallery
     from lvface_mm.gallery.disk_index import IndexFileError
-    from lvface_mm.gallery.disk_sync import IndexRebuiltWarning
     from lvface_mm.gallery.photos import PhotoIndex
     from lvface_mm.models import WeightsNotAvailableError
 
@@ -57,20 +57,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         embedder = build_embedder(args) if args.face else None
         clip = build_clip(args) if args.query.strip() else None
-        with contextlib.ExitStack() as stack, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", IndexRebuiltWarning)
-            try:
-                index = stack.enter_context(PhotoIndex(args.db, embedder=embedder, clip=clip, face_model=model,
-                                                       disk_index=disk))
-                gallery = stack.enter_context(Gallery(args.gallery or args.db, model_name=model, disk_index=disk))
-                if args.face:
-                    hits = index.search_by_face(args.face, args.k, min_score=args.min_score, gallery=gallery)
-                elif args.name:
-                    hits = index.search_by_name(args.name, gallery, args.k)
-                else:
-                    hits = index.search(args.query, gallery, args.k)
-            finally:
-                _print_warnings(caught)
+        with index_warnings_as_lines(), contextlib.ExitStack() as stack:
+            index = stack.enter_context(PhotoIndex(args.db, embedder=embedder, clip=clip, face_model=model,
+                                                   disk_index=disk))
+            gallery = stack.enter_context(Gallery(args.gallery or args.db, model_name=model, disk_index=disk))
+            if args.face:
+                hits = index.search_by_face(args.face, args.k, min_score=args.min_score, gallery=gallery)
+            elif args.name:
+                hits = index.search_by_name(args.name, gallery, args.k)
+            else:
+                hits = index.search(args.query, gallery, args.k)
     except (ValueError, KeyError, FileNotFoundError, WeightsNotAvailableError, IndexFileError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
@@ -86,12 +82,20 @@ def run(args: argparse.Namespace) -> int:
     return 0 if hits else 1
 
 
-def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
-    """Each warning as one line on stderr (an index rebuilt, and why), others as Python would show them."""
+
+@contextlib.contextmanager
+def index_warnings_as_lines() -> Iterator[None]:
+    """Show an on-disk index rebuilt (``IndexRebuiltWarning``, with why) as one ``warning:`` line on
+    stderr instead of Python's two-line warning with a source line."""
     from lvface_mm.gallery.disk_sync import IndexRebuiltWarning
 
-    for w in caught:
-        if issubclass(w.category, IndexRebuiltWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IndexRebuiltWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, IndexRebuiltWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -582,6 +582,9 @@ class Gallery:
             updates.append(lambda: self._index.remove(np.array([identity_id])))
             updates.append(lambda: self._names.pop(identity_id, None))
         self._scrub()
+        with self._lock:  # the on-disk index zeroes the person's template now, not at the next search
+            if self.disk_index_path is not None and self.disk_index_path.exists() and self._open_disk_index():
+                self._on_disk.sync()
         return identity_id
 
     def _scrub(self) -> None:
