@@ -76,7 +76,7 @@ def test_restart_memory_maps_without_re_encoding_and_answers_the_same(tmp_path, 
     index.close()
     reopened = DiskIndex.open(tmp_path / "idx")
     assert reopened.encoded_at_open == 0 and reopened.stage == "pq"
-    assert isinstance(reopened._vectors, np.memmap)
+    assert isinstance(reopened._vectors.base, np.memmap)  # a view of the file, not a copy in memory
     after = reopened.search(queries, 3)
     np.testing.assert_array_equal(before[1], after[1])
     np.testing.assert_array_equal(before[0], after[0])

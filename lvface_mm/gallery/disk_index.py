@@ -163,8 +163,9 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     else:
         top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1)
+    row = np.arange(len(scores))[:, None]  # plain fancy indexing: take_along_axis costs ~50 us a call
+    order = np.argsort(-scores[row, top], axis=1, kind="stable")
+    return top[row, order]
 
 
 @register_stage("flat")
@@ -471,12 +472,13 @@ class DiskIndex:
 
     def _map_vectors(self) -> None:
         if self._rows:
-            self._vectors = np.memmap(self._file("vectors"), np.float16, mode="r", shape=(self._rows, self.dim))
+            mapped = np.memmap(self._file("vectors"), np.float16, mode="r", shape=(self._rows, self.dim))
             # A query reads a few hundred scattered rows: without this hint each page fault on a part
             # of the file not in the page cache also reads ~128 KiB around it (read-ahead).
-            advise = getattr(self._vectors._mmap, "madvise", None)
+            advise = getattr(mapped._mmap, "madvise", None)
             if advise is not None and hasattr(mmap, "MADV_RANDOM"):
                 advise(mmap.MADV_RANDOM)
+            self._vectors = mapped.view(np.ndarray)  # same memory; skips np.memmap's slower __getitem__
         else:
             self._vectors = np.zeros((0, self.dim), np.float16)
 
@@ -748,8 +750,9 @@ class DiskIndex:
                 exact[qi, cols] = _widen(np.asarray(self._vectors[cand[qi, cols]])) @ queries[qi]  # (C,)
         top = _top_k(exact, k)
         got = top.shape[1]
-        out_s[:, :got] = np.take_along_axis(exact, top, axis=1)
-        found = self._ids[np.take_along_axis(rows, top, axis=1)]
+        row = np.arange(len(queries))[:, None]
+        out_s[:, :got] = exact[row, top]
+        found = self._ids[rows[row, top]]
         out_i[:, :got] = np.where(np.isfinite(out_s[:, :got]), found, -1)
         return out_s, out_i
 
