@@ -153,6 +153,20 @@ def test_missing_foreign_and_damaged_files_are_named(tmp_path, data, caplog):
         reopened = DiskIndex.open(tmp_path / "idx")
     assert manifest["stage_files"][0] in caplog.text and reopened.encoded_at_open == 3000
     np.testing.assert_array_equal(reopened.search(queries, 3)[1], expected[1])
+    # The plain codes (needed for changes, not for searching) are read when first needed, but a file
+    # too short for them is caught at open and re-encoded like damaged fast-scan codes.
+    DiskIndex.build(tmp_path / "idx2", DIM, [(ids, templates)], PQ).close()
+    lazy = DiskIndex.open(tmp_path / "idx2")
+    assert lazy._stage._plain_file is not None and lazy.encoded_at_open == 0
+    lazy.remove(ids[:PQ.purge_every])  # a purge needs them
+    assert lazy._stage._plain_file is None and not np.isin(lazy.search(queries, 3)[1], ids[:PQ.purge_every]).any()
+    lazy.close()
+    codes = next((tmp_path / "idx2").glob("coarse.*.codes.faiss"))
+    codes.write_bytes(codes.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert DiskIndex.open(tmp_path / "idx2").encoded_at_open == 3000  # (row count, the 8 dead ones included)
+    assert f"{codes.name}: 100 bytes: too short" in caplog.text
     # A truncated vectors file cannot be repaired from inside the index: say which file.
     vec = tmp_path / "idx" / manifest["files"]["vectors"]
     vec.write_bytes(vec.read_bytes()[: 2 * DIM * 10])
