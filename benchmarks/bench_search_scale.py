@@ -100,10 +100,10 @@ def measure(args: argparse.Namespace) -> None:
     # (re-rank, fast-scan block size): every re-rank asked for, plus the largest with FAISS's default
     # blocks of 32 rows (--compare-bbs), side by side in this process.
     variants = [(rerank, None) for rerank in args.rerank]
-    if args.compare_bbs and ours is not None:
-        variants.append((max(args.rerank), faiss.IndexPQFastScan(stage._plain, args.compare_bbs)))
+    if args.compare_bbs and ours is not None and args.compare_bbs != ours.bbs:
+        variants.append((max(args.rerank), faiss.IndexPQFastScan(stage._codes(), args.compare_bbs)))
     runs = [{"rerank": r, "bbs": int(f.bbs) if f is not None else int(getattr(ours, "bbs", 0)), "wall": [],
-             "cpu": [], "ids": [], "scores": []} for r, f in variants]
+             "cpu": [], "scan": [], "ids": [], "scores": []} for r, f in variants]
     # Interleaved (every variant answers query j before any answers query j+1): on a shared machine
     # the load drifts during a run, and this keeps the comparison fair.
     for j, q in enumerate(np.concatenate([queries[:5], queries])):  # 5 warm-up queries first
@@ -111,10 +111,15 @@ def measure(args: argparse.Namespace) -> None:
             index.set_rerank(rerank)
             if ours is not None:
                 stage._fast = fast if fast is not None else ours
+            # The candidate stage alone first (the same call search makes), then the whole search.
+            s0 = time.thread_time()
+            stage.candidates(q[None], 1, index._ids)
+            scan = time.thread_time() - s0
             w0, c0 = time.perf_counter(), time.thread_time()
             s, i = index.search(q[None], 1)
             c1, w1 = time.thread_time(), time.perf_counter()
             if j >= 5:
+                run["scan"].append(scan)
                 run["cpu"].append(c1 - c0)
                 run["wall"].append(w1 - w0)
                 run["ids"].append(int(i[0, 0]))
@@ -293,6 +298,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
             "planted": float((ids[:g] == who).mean()),
             "p50": float(np.median(wall)), "p99": float(np.percentile(wall, 99)),
             "cpu_p50": float(np.median(cpu)), "cpu_p99": float(np.percentile(cpu, 99)),
+            "scan_p50": float(np.median(np.array(run["scan"][:g]) * 1e3)),
             "imp_p99": float(np.percentile(np.array(run["wall"][g:]) * 1e3, 99)),
             "imp_recall": float((ids[g:] == best_i[g:]).mean()),
             "imp_score_gap": float(np.max(best_s[g:] - scores[g:])),
@@ -345,9 +351,9 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
         "waiting for a core).",
         "",
         "| identities | re-rank | block rows | recall@1 | planted | exact planted | p50 (ms) | p99 (ms) | "
-        "CPU p50 / p99 (ms) | impostor p99 (ms) | start (s) | RSS before open / +open / end (MiB) | on disk (GiB) | "
-        "build (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU p50 / p99 (ms) | of which scan, CPU p50 (ms) | impostor p99 (ms) | start (s) | "
+        "RSS before open / +open / end (MiB) | on disk (GiB) | build (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         disk = sum(r["files"].values()) / 2**30
@@ -357,7 +363,8 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
             lines.append(
                 f"| {r['n']:,} | {run['rerank']} | {run.get('bbs', 32)} | {run['recall']:.3f} | {run['planted']:.3f} | "
                 f"{r['exact_planted']:.3f} | {run['p50']:.2f} | {run['p99']:.2f} | {run['cpu_p50']:.2f} / "
-                f"{run['cpu_p99']:.2f} | {run['imp_p99']:.2f} | {r['start_s']:.3f} | "
+                f"{run['cpu_p99']:.2f} | {run.get('scan_p50', float('nan')):.2f} | {run['imp_p99']:.2f} | "
+                f"{r['start_s']:.3f} | "
                 f"{rss['rss_before']['VmRSS']:.0f} / {opened:.0f} / {rss['rss_end']['VmRSS']:.0f} | "
                 f"{disk:.2f} | {r['build_s']:.0f} |")
     for r in results:  # the same re-rank with two block sizes: measured interleaved, so the ratio is fair
@@ -422,8 +429,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, help="genuine queries per size")
     parser.add_argument("--impostors", type=int, default=100)
     parser.add_argument("--rerank", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--compare-bbs", type=int, default=32, help="also measure the largest re-rank with "
-                        "fast-scan blocks of this many rows (FAISS's default 32; 0: no comparison)")
+    parser.add_argument("--compare-bbs", type=int, default=0, help="also measure the largest re-rank with "
+                        "fast-scan blocks of this many rows (e.g. 64; the index uses FAISS's default 32)")
     parser.add_argument("--workdir", default="/tmp/lvface_bench_search")
     parser.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory baselines up to this size")
     parser.add_argument("--ivf-max", type=int, help="IVF baseline up to this size (default: 100k quick, 1M full)")
