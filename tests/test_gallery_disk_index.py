@@ -52,6 +52,11 @@ def test_config_validates(tmp_path):
     with pytest.raises(ValueError, match="pq_m=10 must divide the dimension 64"):
         DiskIndex.create(tmp_path / "idx", DIM, DiskIndexConfig(kind="pq", pq_m=10))
     assert not (tmp_path / "idx").exists()
+    # `auto` (what Gallery and PhotoIndex use) stays exact for a dimension pq_m does not divide.
+    x = np.random.default_rng(0).standard_normal((300, 100)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    odd = DiskIndex.build(tmp_path / "odd", 100, [(np.arange(300), x)], DiskIndexConfig(flat_below=100, pq_m=16))
+    assert odd.stage == "flat" and (odd.search(x[:20], 1)[1][:, 0] == np.arange(20)).all()
 
 
 @pytest.mark.parametrize("config", [DiskIndexConfig(kind="flat"), PQ, DiskIndexConfig(flat_below=1000, pq_m=16)],

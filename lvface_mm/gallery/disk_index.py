@@ -95,10 +95,11 @@ class DiskIndexConfig:
         if not 0.0 < self.compact_ratio <= 1.0:
             raise ValueError(f"DiskIndexConfig.compact_ratio={self.compact_ratio!r}: expected a fraction in (0, 1]")
 
-    def stage_for(self, live_rows: int) -> str:
+    def stage_for(self, live_rows: int, dim: int) -> str:
         if self.kind != "auto":
             return self.kind
-        return "flat" if live_rows < self.flat_below else "pq"
+        # A dimension pq_m does not divide cannot be quantised: `auto` then stays exact.
+        return "flat" if live_rows < self.flat_below or dim % self.pq_m else "pq"
 
 
 # ----------------------------------------------------------------------------- candidate stages
@@ -421,7 +422,7 @@ class DiskIndex:
         path = Path(path)
         if dim < 1:
             raise ValueError(f"index dimension must be positive, got {dim}")
-        if config.kind != "flat" and dim % config.pq_m:
+        if config.kind == "pq" and dim % config.pq_m:
             raise ValueError(f"DiskIndexConfig.pq_m={config.pq_m} must divide the dimension {dim}")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to write an index there")
@@ -611,8 +612,8 @@ class DiskIndex:
         ids, half = ids[keep], half[keep]
         if len(ids):
             self._append(ids, half)
-            if self.config.stage_for(len(self)) != self.stage:
-                self._switch_stage(self.config.stage_for(len(self)))
+            if self.config.stage_for(len(self), self.dim) != self.stage:
+                self._switch_stage(self.config.stage_for(len(self), self.dim))
         if _save_manifest:
             self._write_manifest()
         return len(ids)
