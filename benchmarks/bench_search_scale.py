@@ -95,19 +95,38 @@ def measure(args: argparse.Namespace) -> None:
     after_open = rss_mib()
     out = {"start_s": start_s, "encoded_at_open": index.encoded_at_open, "rss_before": before,
            "rss_open": after_open, "runs": []}
-    for rerank in args.rerank:
-        index.set_rerank(rerank)
-        for q in queries[:5]:  # warm-up: first touches of the code pages and the allocator
-            index.search(q[None], 1)
-        wall, cpu, ids, scores = [], [], [], []
-        for q in queries:
+    stage = index._stage
+    ours = getattr(stage, "_fast", None)
+    # (re-rank, fast-scan block size): every re-rank asked for, plus the largest with FAISS's default
+    # blocks of 32 rows (--compare-bbs), side by side in this process.
+    variants = [(rerank, None) for rerank in args.rerank]
+    if args.compare_bbs and ours is not None and args.compare_bbs != ours.bbs:
+        variants.append((max(args.rerank), faiss.IndexPQFastScan(stage._codes(), args.compare_bbs)))
+    runs = [{"rerank": r, "bbs": int(f.bbs) if f is not None else int(getattr(ours, "bbs", 0)), "wall": [],
+             "cpu": [], "scan": [], "ids": [], "scores": []} for r, f in variants]
+    # Interleaved (every variant answers query j before any answers query j+1): on a shared machine
+    # the load drifts during a run, and this keeps the comparison fair.
+    for j, q in enumerate(np.concatenate([queries[:5], queries])):  # 5 warm-up queries first
+        for (rerank, fast), run in zip(variants, runs):
+            index.set_rerank(rerank)
+            if ours is not None:
+                stage._fast = fast if fast is not None else ours
+            # The candidate stage alone first (the same call search makes), then the whole search.
+            s0 = time.thread_time()
+            stage.candidates(q[None], 1, index._ids)
+            scan = time.thread_time() - s0
             w0, c0 = time.perf_counter(), time.thread_time()
             s, i = index.search(q[None], 1)
-            cpu.append(time.thread_time() - c0)
-            wall.append(time.perf_counter() - w0)
-            ids.append(int(i[0, 0]))
-            scores.append(float(s[0, 0]))
-        out["runs"].append({"rerank": rerank, "wall": wall, "cpu": cpu, "ids": ids, "scores": scores})
+            c1, w1 = time.thread_time(), time.perf_counter()
+            if j >= 5:
+                run["scan"].append(scan)
+                run["cpu"].append(c1 - c0)
+                run["wall"].append(w1 - w0)
+                run["ids"].append(int(i[0, 0]))
+                run["scores"].append(float(s[0, 0]))
+    if ours is not None:
+        stage._fast = ours
+    out["runs"] = runs
     out["rss_end"] = rss_mib()
     Path(args.out).write_text(json.dumps(out))
 
@@ -261,7 +280,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     np.save(qfile, queries)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--measure", str(path), "--queries-file", str(qfile), "--out", str(out),
-           "--rerank", *map(str, args.rerank)]
+           "--rerank", *map(str, args.rerank), "--compare-bbs", str(args.compare_bbs)]
     subprocess.run(cmd, check=True, env=env)
     measured = json.loads(out.read_text())
     sizes = {p.name: p.stat().st_size for p in path.iterdir()}
@@ -274,11 +293,12 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
         ids, scores = np.array(run["ids"]), np.array(run["scores"])
         wall, cpu = np.array(run["wall"][:g]) * 1e3, np.array(run["cpu"][:g]) * 1e3
         result["runs"].append({
-            "rerank": run["rerank"],
+            "rerank": run["rerank"], "bbs": run["bbs"], "ids": run["ids"][:g],
             "recall": float((ids[:g] == best_i[:g]).mean()),
             "planted": float((ids[:g] == who).mean()),
             "p50": float(np.median(wall)), "p99": float(np.percentile(wall, 99)),
             "cpu_p50": float(np.median(cpu)), "cpu_p99": float(np.percentile(cpu, 99)),
+            "scan_p50": float(np.median(np.array(run["scan"][:g]) * 1e3)),
             "imp_p99": float(np.percentile(np.array(run["wall"][g:]) * 1e3, 99)),
             "imp_recall": float((ids[g:] == best_i[g:]).mean()),
             "imp_score_gap": float(np.max(best_s[g:] - scores[g:])),
@@ -330,9 +350,10 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
         "Latency is wall-clock (the CPU-time p50 is shown too: on this shared machine wall time includes "
         "waiting for a core).",
         "",
-        "| identities | re-rank | recall@1 | planted | exact planted | p50 (ms) | p99 (ms) | CPU p50 / p99 (ms) | "
-        "impostor p99 (ms) | start (s) | RSS before open / +open / end (MiB) | on disk (GiB) | build (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| identities | re-rank | block rows | recall@1 | planted | exact planted | p50 (ms) | p99 (ms) | "
+        "CPU p50 / p99 (ms) | of which scan, CPU p50 (ms) | impostor p99 (ms) | start (s) | "
+        "RSS before open / +open / end (MiB) | on disk (GiB) | build (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         disk = sum(r["files"].values()) / 2**30
@@ -340,11 +361,25 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
         opened = rss["rss_open"]["VmRSS"] - rss["rss_before"]["VmRSS"]
         for run in r["runs"]:
             lines.append(
-                f"| {r['n']:,} | {run['rerank']} | {run['recall']:.3f} | {run['planted']:.3f} | "
+                f"| {r['n']:,} | {run['rerank']} | {run.get('bbs', 32)} | {run['recall']:.3f} | {run['planted']:.3f} | "
                 f"{r['exact_planted']:.3f} | {run['p50']:.2f} | {run['p99']:.2f} | {run['cpu_p50']:.2f} / "
-                f"{run['cpu_p99']:.2f} | {run['imp_p99']:.2f} | {r['start_s']:.3f} | "
+                f"{run['cpu_p99']:.2f} | {run.get('scan_p50', float('nan')):.2f} | {run['imp_p99']:.2f} | "
+                f"{r['start_s']:.3f} | "
                 f"{rss['rss_before']['VmRSS']:.0f} / {opened:.0f} / {rss['rss_end']['VmRSS']:.0f} | "
                 f"{disk:.2f} | {r['build_s']:.0f} |")
+    for r in results:  # the same re-rank with two block sizes: measured interleaved, so the ratio is fair
+        by_rerank: dict[int, list[dict]] = {}
+        for run in r["runs"]:
+            by_rerank.setdefault(run["rerank"], []).append(run)
+        for rerank, pair in by_rerank.items():
+            if len(pair) == 2 and pair[0].get("bbs") != pair[1].get("bbs"):
+                a, b = pair
+                same = np.mean(np.array(a["ids"]) == np.array(b["ids"]))
+                lines.append(f"\nAt {r['n']:,}, re-rank {rerank}: fast-scan blocks of {a['bbs']} rows vs {b['bbs']}: "
+                             f"CPU p50 {a['cpu_p50']:.2f} vs {b['cpu_p50']:.2f} ms "
+                             f"(**{b['cpu_p50'] / a['cpu_p50']:.2f}x**), CPU p99 {a['cpu_p99']:.2f} vs "
+                             f"{b['cpu_p99']:.2f} ms, wall p99 {a['p99']:.2f} vs {b['p99']:.2f} ms; same top-1 for "
+                             f"{same:.3f}.")
     lines += ["", "Misses (genuine queries whose top-1 differs from exact search), by the query's cosine to its "
               "template; and impostor queries: the largest amount the returned top-1 score falls below exact "
               "search's (a gap only lowers an impostor's score, so it can only turn a false accept into a reject).",
@@ -352,9 +387,9 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
     for r in results:
         for run in r["runs"]:
             missed = ", ".join(f"{c:.2f}" for c in run["missed_cos"][:10]) or "none"
-            lines.append(f"- {r['n']:,}, re-rank {run['rerank']}: missed at cosine {missed}; impostors: exact "
-                         f"max score {r['impostor_exact_max']:.3f}, same top-1 {run['imp_recall']:.2f}, "
-                         f"largest score gap {run['imp_score_gap']:.3f}")
+            lines.append(f"- {r['n']:,}, re-rank {run['rerank']} (blocks of {run.get('bbs', 32)}): missed at cosine "
+                         f"{missed}; impostors: exact max score {r['impostor_exact_max']:.3f}, same top-1 "
+                         f"{run['imp_recall']:.2f}, largest score gap {run['imp_score_gap']:.3f}")
     base = [(r["n"], b) for r in results for b in r["baselines"]]
     if base:
         lines += ["", "## Side by side: the in-memory indexes on the same data and queries (one thread)", "",
@@ -394,6 +429,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, help="genuine queries per size")
     parser.add_argument("--impostors", type=int, default=100)
     parser.add_argument("--rerank", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--compare-bbs", type=int, default=0, help="also measure the largest re-rank with "
+                        "fast-scan blocks of this many rows (e.g. 64; the index uses FAISS's default 32)")
     parser.add_argument("--workdir", default="/tmp/lvface_bench_search")
     parser.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory baselines up to this size")
     parser.add_argument("--ivf-max", type=int, help="IVF baseline up to this size (default: 100k quick, 1M full)")

@@ -44,7 +44,8 @@ class _CommitBetween:
 
 def test_a_commit_between_the_cache_read_and_the_version_read_is_not_missed(tmp_path):
     path = tmp_path / "g.db"
-    reader, writer = Gallery(path), Gallery(path)
+    # The in-memory cache's reload (the on-disk index has its own watermark: test_gallery_disk_sync.py).
+    reader, writer = Gallery(path, disk_index=False), Gallery(path, disk_index=False)
     writer.enrol("Ann", unit(1))
     ann, bo = unit(1), unit(2)
     reader._conn = _CommitBetween(reader._conn, lambda: writer.enrol("Bo", bo))

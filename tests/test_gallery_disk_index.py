@@ -52,6 +52,11 @@ def test_config_validates(tmp_path):
     with pytest.raises(ValueError, match="pq_m=10 must divide the dimension 64"):
         DiskIndex.create(tmp_path / "idx", DIM, DiskIndexConfig(kind="pq", pq_m=10))
     assert not (tmp_path / "idx").exists()
+    # `auto` (what Gallery and PhotoIndex use) stays exact for a dimension pq_m does not divide.
+    x = np.random.default_rng(0).standard_normal((300, 100)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    odd = DiskIndex.build(tmp_path / "odd", 100, [(np.arange(300), x)], DiskIndexConfig(flat_below=100, pq_m=16))
+    assert odd.stage == "flat" and (odd.search(x[:20], 1)[1][:, 0] == np.arange(20)).all()
 
 
 @pytest.mark.parametrize("config", [DiskIndexConfig(kind="flat"), PQ, DiskIndexConfig(flat_below=1000, pq_m=16)],
@@ -76,7 +81,7 @@ def test_restart_memory_maps_without_re_encoding_and_answers_the_same(tmp_path, 
     index.close()
     reopened = DiskIndex.open(tmp_path / "idx")
     assert reopened.encoded_at_open == 0 and reopened.stage == "pq"
-    assert isinstance(reopened._vectors, np.memmap)
+    assert isinstance(reopened._vectors.base, np.memmap)  # a view of the file, not a copy in memory
     after = reopened.search(queries, 3)
     np.testing.assert_array_equal(before[1], after[1])
     np.testing.assert_array_equal(before[0], after[0])
@@ -94,6 +99,8 @@ def test_deletes_replacements_and_compaction(tmp_path, data):
     index = DiskIndex.build(tmp_path / "idx", DIM, [(ids, templates)], PQ)
     index.remove(ids[:100])  # the first 100 queries' own people (more than purge_every)
     assert len(index) == 2900 and index.remove(ids[:5]) == 0
+    raw = np.fromfile(tmp_path / "idx" / "vectors.0.f16", np.float16).reshape(-1, DIM)
+    assert not raw[:100].any() and raw[100:].any(axis=1).all()  # a deleted face is not left readable
     _, found = index.search(queries, 5)
     assert not np.isin(found, ids[:100]).any()
     truth_s, truth_i = exact_top(ids[100:], templates[100:], queries, 1)
@@ -151,6 +158,20 @@ def test_missing_foreign_and_damaged_files_are_named(tmp_path, data, caplog):
         reopened = DiskIndex.open(tmp_path / "idx")
     assert manifest["stage_files"][0] in caplog.text and reopened.encoded_at_open == 3000
     np.testing.assert_array_equal(reopened.search(queries, 3)[1], expected[1])
+    # The plain codes (needed for changes, not for searching) are read when first needed, but a file
+    # too short for them is caught at open and re-encoded like damaged fast-scan codes.
+    DiskIndex.build(tmp_path / "idx2", DIM, [(ids, templates)], PQ).close()
+    lazy = DiskIndex.open(tmp_path / "idx2")
+    assert lazy._stage._plain_file is not None and lazy.encoded_at_open == 0
+    lazy.remove(ids[:PQ.purge_every])  # a purge needs them
+    assert lazy._stage._plain_file is None and not np.isin(lazy.search(queries, 3)[1], ids[:PQ.purge_every]).any()
+    lazy.close()
+    codes = next((tmp_path / "idx2").glob("coarse.*.codes.faiss"))
+    codes.write_bytes(codes.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert DiskIndex.open(tmp_path / "idx2").encoded_at_open == 3000  # (row count, the 8 dead ones included)
+    assert f"{codes.name}: 100 bytes: too short" in caplog.text
     # A truncated vectors file cannot be repaired from inside the index: say which file.
     vec = tmp_path / "idx" / manifest["files"]["vectors"]
     vec.write_bytes(vec.read_bytes()[: 2 * DIM * 10])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lvface_mm.gallery.disk_sync import PhotoFaceIndex
 from lvface_mm.gallery.index_job import run_index_job
 from lvface_mm.gallery.indexing import EncoderSpec, IndexJobConfig, JobReport, ShardTask
 from lvface_mm.gallery.photos import PhotoIndex
@@ -129,6 +130,8 @@ def test_inline_job_matches_photo_index_and_reruns_are_idempotent(tmp_path, phot
     assert (report.shards, report.indexed, report.skipped, report.faces) == (3, 7, 1, 7)  # obama2_copy: duplicate
     assert sorted(Path(p).name for p, _ in report.failed) == ["broken.jpg", "typo.jpg"]
     assert len(list(Path(config.shard_dir).glob("shard-*.parquet"))) == 3
+    with PhotoFaceIndex(config.db + ".faces.idx", config.db) as faces:  # built by the job, not the first search
+        assert not faces.last_sync.rebuilt and (faces.last_sync.added, len(faces)) == (0, 7)
 
     # The same rows as the one-process PhotoIndex.add path (today's `index`), faces only.
     direct = PhotoIndex(tmp_path / "ref.db", embedder=SPEC.build().embedder, face_model="lvface_tiny")

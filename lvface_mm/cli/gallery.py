@@ -22,6 +22,7 @@ from typing import Any
 
 from ._common import cli_terms, note, progress
 from .embed import add_model_arguments, assume_aligned_flag, build_embedder
+from .search import index_warnings_as_lines
 
 _ACTIONS = ("enrol", "list", "rename", "delete", "identify", "export", "import", "calibrate")
 _CREATES = ("enrol", "import", "calibrate")  # the actions that may start a new gallery file
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--far", type=float, default=1e-3, help="calibrate: target false-accept rate")
     parser.add_argument("--save", action="store_true", help="calibrate: store the threshold in the gallery")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--no-disk-index", action="store_true",
+                        help="identify: search templates loaded into memory, not the index kept in <db>.people.idx/")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser, default_model=None)
     # None = "not given": the gallery's remembered encoder is used instead.
@@ -147,7 +150,7 @@ def _open(args: argparse.Namespace, model: str | None = None, store_faces: bool 
         model = "lvface_tiny" if args.tiny else args.model
     try:
         return Gallery(args.db, threshold=args.threshold, model_name=model, store_face_images=store_faces,
-                       create=args.action in _CREATES)
+                       create=args.action in _CREATES, disk_index=False if args.no_disk_index else None)
     except FileNotFoundError as exc:
         if args.action in _CREATES:
             raise
@@ -212,7 +215,7 @@ def _identify(args: argparse.Namespace) -> int:
         pass
     encoder = _resolve_encoder(args)
     rows, failed = [], 0
-    with _open(args, model=encoder["model"]) as gallery:
+    with index_warnings_as_lines(), _open(args, model=encoder["model"]) as gallery:
         for result in _embed_all(args, list(args.items), "identify"):
             if result.error is not None:
                 note(f"{result.source}: {cli_terms(result.error)}")

@@ -5,18 +5,28 @@
   deleted, ids the index lacks and rows updated since the saved watermark are (re)added. A missing,
   foreign or damaged index is reported (a warning naming the file) and rebuilt from the database;
   a damaged one is moved aside first, never overwritten.
+- ``PhotoFaceIndex``: follows the ``photo_faces`` table of a photo collection (``photos.py``): face
+  rows are only ever inserted (with new ids) or deleted, so catching up is "ids past the watermark".
+- ``default_index_path``: where these live unless told otherwise: beside the database file.
 - ``read_parquet_vectors``: (ids, vectors) batches from Parquet files with a column of embeddings,
   for ``DiskIndex.build`` over photo-collection shards.
+
+One process owns an index folder at a time (an index is not safe for two writers): opening one takes
+an exclusive lock on ``<folder>.lock`` and raises ``IndexInUseError`` when another holder has it,
+so callers can fall back to an in-memory index instead of waiting.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +37,83 @@ from .calibration import default_threshold
 from .disk_index import MANIFEST, DiskIndex, DiskIndexConfig, IndexFileError
 from .store import Identification, best_or_unknown
 
-__all__ = ["GalleryIndex", "IndexRebuiltWarning", "SyncReport", "read_parquet_vectors"]
+__all__ = [
+    "GalleryIndex",
+    "IndexInUseError",
+    "IndexRebuiltWarning",
+    "PhotoFaceIndex",
+    "SyncReport",
+    "default_index_path",
+    "disk_index_config",
+    "read_parquet_vectors",
+    "resolve_index_path",
+]
 
+_log = logging.getLogger(__name__)
 _UID_KEY = "disk_index_uid"  # a random id written once into the gallery's meta table
 _SQL_CHUNK = 500  # ids per "IN (...)" query, below SQLite's variable limit
 
 
 class IndexRebuiltWarning(UserWarning):
     """The on-disk index could not be used as it was and was rebuilt from the gallery."""
+
+
+class IndexInUseError(RuntimeError):
+    """Another process (or another open object) holds the index folder."""
+
+
+def default_index_path(database: str | Path, what: str) -> Path:
+    """Where the index of ``what`` ("faces": photo faces, "people": gallery templates) of a database
+    file lives by default: ``<database>.<what>.idx/``, beside it. Gallery and photo tables may share
+    one file, so each kind gets its own folder."""
+    database = Path(database)
+    return database.with_name(f"{database.name}.{what}.idx")
+
+
+def resolve_index_path(database: str, disk_index: bool | str | Path | None, memory_kind: str,
+                       what: str) -> Path | None:
+    """Where ``PhotoIndex`` / ``Gallery`` keep their on-disk index, from their ``disk_index`` argument:
+    ``None`` (default) -> ``default_index_path`` unless ``memory_kind`` (their in-memory ``IndexConfig``
+    kind) names a backend other than "auto"; ``True`` -> ``default_index_path``; a path -> that folder;
+    ``False`` or an in-memory database -> None (search an in-memory index built at start)."""
+    if disk_index is False or database == ":memory:" or database.startswith("file:"):
+        return None
+    if disk_index is None and memory_kind != "auto":  # an in-memory backend was asked for by name
+        return None
+    if disk_index is None or disk_index is True:
+        return default_index_path(database, what)
+    return Path(disk_index)
+
+
+def disk_index_config() -> DiskIndexConfig:
+    """The configuration ``PhotoIndex`` and ``Gallery`` give their on-disk indexes: the default, or
+    flat only (exact, no FAISS needed, slower past ~100k vectors) when FAISS is not installed."""
+    from .index import faiss_available
+
+    return DiskIndexConfig() if faiss_available() else DiskIndexConfig(kind="flat")
+
+
+class _FolderLock:
+    """Exclusive, non-blocking advisory lock on ``<index>.lock`` (released by ``release`` or at exit)."""
+
+    def __init__(self, index_path: Path) -> None:
+        self.path = index_path.with_name(index_path.name + ".lock")
+        try:
+            import fcntl
+        except ImportError as exc:  # no POSIX locks (Windows): do not risk two writers
+            raise IndexInUseError(f"{index_path}: no file locking on this platform") from exc
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            raise IndexInUseError(f"{index_path}: in use by another process or object ({self.path} is locked)") \
+                from exc
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = -1
 
 
 @dataclass(frozen=True)
@@ -48,50 +127,60 @@ class SyncReport:
     seconds: float = 0.0
 
 
-class GalleryIndex:
-    """An on-disk index of a gallery's identity templates that follows the gallery file.
+class _SyncedIndex(ABC):
+    """An on-disk index that follows a table of an SQLite file: open (memory-map), catch up, or rebuild.
 
-    Example:
-        >>> index = GalleryIndex("people.idx", "people.db")     # opens, catches up, or builds
-        >>> index.search(query_embeddings, k=5)[0][0].name     # best match of the first query
-        >>> index.close()
-
-    Reads the gallery with its own connection; any process may write the gallery meanwhile: a
-    search first syncs when the database changed (SQLite's ``data_version``).
+    Subclasses say which table (``_identity``: dimension and a uid that tells this database's index
+    from another's) and how to catch up (``_sync``). Reads the database with its own connection; any
+    process may write it meanwhile: ``_maybe_sync`` before a search catches up when the file changed
+    (SQLite's ``data_version``).
     """
 
-    def __init__(self, index_path: str | Path, gallery_path: str | Path,
+    what = "database"  # how errors name the source
+
+    def __init__(self, index_path: str | Path, database_path: str | Path,
                  config: DiskIndexConfig | None = None) -> None:
         self.index_path = Path(index_path)
-        self.gallery_path = Path(gallery_path)
+        self.database_path = Path(database_path)
         self.config = config
         self._lock = threading.RLock()  # one sync or search at a time: the index is not thread-safe
-        if not self.gallery_path.is_file():
-            raise FileNotFoundError(f"gallery {self.gallery_path}: no such file")
+        if not self.database_path.is_file():
+            raise FileNotFoundError(f"{self.what} {self.database_path}: no such file")
         try:
-            self._conn = sqlite3.connect(str(self.gallery_path), isolation_level=None,
+            self._conn = sqlite3.connect(str(self.database_path), isolation_level=None,
                                          check_same_thread=False, timeout=30.0)
-            self._dim, self._uid = self._gallery_identity()
+            self._dim, self._uid = self._identity()
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"gallery {self.gallery_path}: not a readable gallery database ({exc})") from exc
+            raise ValueError(f"{self.what} {self.database_path}: not a readable {self.what} database ({exc})") from exc
         self._data_version = -1
-        self.index, self.last_sync = self._open_or_rebuild()
+        try:
+            self._folder_lock = _FolderLock(self.index_path)
+        except BaseException:
+            self._conn.close()
+            raise
+        try:
+            self.index, self.last_sync = self._open_or_rebuild()
+        except BaseException:
+            self._folder_lock.release()
+            self._conn.close()
+            raise
 
-    # ---------------------------------------------------------------- gallery identity
-    def _gallery_identity(self) -> tuple[int, str]:
-        """(feature_dim, uid) of the gallery; the uid tells this gallery's index from another's."""
-        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"meta", "identities"} <= tables:
-            raise ValueError(f"gallery {self.gallery_path}: no identities table; not a gallery made by lvface-mm")
-        meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-        # Without it, MAX(updated_at) and "updated since" scan every row with its template blob
-        # (3.4 s at 100k identities); with it both are index look-ups and the id list is read from
-        # the index too. SQLite keeps it up to date on every write of the gallery.
-        self._conn.execute("CREATE INDEX IF NOT EXISTS identities_by_updated_at ON identities(updated_at)")
-        if _UID_KEY not in meta:
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (_UID_KEY, uuid.uuid4().hex))
-            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-        return int(meta["feature_dim"]), meta[_UID_KEY]
+    @abstractmethod
+    def _identity(self) -> tuple[int, str]:
+        """(dimension, uid) of the source; may write the uid into the database the first time."""
+
+    @abstractmethod
+    def _sync(self, index: DiskIndex) -> SyncReport:
+        """Apply the source's changes since ``index.source`` was saved."""
+
+    def _uid_from(self, table: str) -> str:
+        """A random id kept in ``table`` (key, value) under ``disk_index_uid``, written once."""
+        found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (_UID_KEY,)).fetchone()
+        self._first_index = found is None  # no index was ever built from this database
+        if found is None:
+            self._conn.execute(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", (_UID_KEY, uuid.uuid4().hex))
+            found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (_UID_KEY,)).fetchone()
+        return str(found[0])
 
     # ---------------------------------------------------------------- open / rebuild
     def _open_or_rebuild(self) -> tuple[DiskIndex, SyncReport]:
@@ -108,8 +197,8 @@ class GalleryIndex:
         if index is not None:
             source = index.source
             if index.dim != self._dim or source.get("gallery_uid") != self._uid:
-                problem = (f"{self.index_path / MANIFEST}: index of another gallery (uid "
-                           f"{source.get('gallery_uid')!r}, {index.dim}-d), not of {self.gallery_path}")
+                problem = (f"{self.index_path / MANIFEST}: index of another {self.what} (uid "
+                           f"{source.get('gallery_uid')!r}, {index.dim}-d), not of {self.database_path}")
                 index = None
         if index is None:
             return self._rebuild(problem or "", start)
@@ -124,7 +213,8 @@ class GalleryIndex:
         return not names or any(n == MANIFEST or n.startswith(("vectors.", "ids.", "coarse.")) for n in names)
 
     def _rebuild(self, problem: str, start: float) -> tuple[DiskIndex, SyncReport]:
-        if self.index_path.exists():
+        existed = self.index_path.exists()
+        if existed:
             stem = f"{self.index_path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
             aside = self.index_path.with_name(stem)
             n = 0
@@ -133,7 +223,11 @@ class GalleryIndex:
                 aside = self.index_path.with_name(f"{stem}-{n}")
             self.index_path.rename(aside)
             problem += f"; the old folder was moved to {aside}"
-        warnings.warn(f"{problem}; rebuilding the index from {self.gallery_path}", IndexRebuiltWarning, stacklevel=3)
+        if self._first_index and not existed:  # the first build: expected, nothing to warn about
+            _log.info("building %s from %s (first use)", self.index_path, self.database_path)
+        else:
+            warnings.warn(f"{problem}; rebuilding the index from {self.database_path}", IndexRebuiltWarning,
+                          stacklevel=4)
         building = self.index_path.with_name(self.index_path.name + ".building")
         if building.exists():
             shutil.rmtree(building)  # our own leftover from a build that was interrupted
@@ -147,10 +241,86 @@ class GalleryIndex:
 
     # ---------------------------------------------------------------- sync
     def sync(self, index: DiskIndex | None = None) -> SyncReport:
-        """Apply the gallery's changes since the last sync to the index; returns what changed."""
+        """Apply the database's changes since the last sync to the index; returns what changed."""
         with self._lock:
             return self._sync(self.index if index is None else index)
 
+    def _maybe_sync(self) -> None:
+        """Catch up when another connection committed since the last sync (call under the lock)."""
+        if int(self._conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
+            self.last_sync = self.sync()
+
+    def _decode(self, blobs: Sequence[bytes]) -> np.ndarray:
+        bad = [len(b) for b in blobs if len(b) != 4 * self._dim]
+        if bad:
+            raise ValueError(f"{self.what} {self.database_path}: a vector has {bad[0]} bytes, expected {4 * self._dim}")
+        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self._dim).astype(np.float32)
+
+    def _queries(self, embeddings: np.ndarray) -> np.ndarray:
+        x = np.asarray(embeddings, np.float32)
+        x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self._dim or not np.isfinite(x).all():
+            raise ValueError(f"query embeddings: expected finite numbers shaped (N, {self._dim}), got {x.shape}")
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def close(self) -> None:
+        """Save what the index has not saved yet, close the database connection and release the folder."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                self.index.close()
+            finally:
+                self._conn.close()
+                self._conn = None  # type: ignore[assignment]
+                self._folder_lock.release()
+
+    def __enter__(self) -> _SyncedIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GalleryIndex(_SyncedIndex):
+    """An on-disk index of a gallery's identity templates that follows the gallery file.
+
+    Example:
+        >>> index = GalleryIndex("people.idx", "people.db")     # opens, catches up, or builds
+        >>> index.search(query_embeddings, k=5)[0][0].name     # best match of the first query
+        >>> index.close()
+
+    Reads the gallery with its own connection; any process may write the gallery meanwhile: a
+    search first syncs when the database changed (SQLite's ``data_version``).
+    """
+
+    what = "gallery"
+
+    def __init__(self, index_path: str | Path, gallery_path: str | Path,
+                 config: DiskIndexConfig | None = None) -> None:
+        super().__init__(index_path, gallery_path, config)
+
+    @property
+    def gallery_path(self) -> Path:
+        return self.database_path
+
+    # ---------------------------------------------------------------- gallery identity
+    def _identity(self) -> tuple[int, str]:
+        """(feature_dim, uid) of the gallery; the uid tells this gallery's index from another's."""
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"meta", "identities"} <= tables:
+            raise ValueError(f"gallery {self.gallery_path}: no identities table; not a gallery made by lvface-mm")
+        meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        # Without it, MAX(updated_at) and "updated since" scan every row with its template blob
+        # (3.4 s at 100k identities); with it both are index look-ups and the id list is read from
+        # the index too. SQLite keeps it up to date on every write of the gallery.
+        self._conn.execute("CREATE INDEX IF NOT EXISTS identities_by_updated_at ON identities(updated_at)")
+        return int(meta["feature_dim"]), self._uid_from("meta")
+
+    # ---------------------------------------------------------------- sync
     def _sync(self, index: DiskIndex) -> SyncReport:
         """Catch up from the saved watermark (the newest ``updated_at`` applied, plus the ids written at
         exactly that instant, which are not fetched again).
@@ -186,6 +356,8 @@ class GalleryIndex:
             c.execute("COMMIT")
         index.set_source({"gallery": str(self.gallery_path.resolve()), "gallery_uid": self._uid,
                           "watermark": newest, "watermark_ids": sorted(i for i, t in rows if t == newest)})
+        if removed:  # a deleted person's codes leave the saved candidate stage now, not at some later save
+            index.save()
         return SyncReport(added, removed, False, "", time.perf_counter() - start)
 
     def _templates(self, wanted: np.ndarray, everything: bool,
@@ -208,23 +380,12 @@ class GalleryIndex:
             if rows:
                 yield np.array([r[0] for r in rows], np.int64), self._decode([r[1] for r in rows])
 
-    def _decode(self, blobs: Sequence[bytes]) -> np.ndarray:
-        bad = [len(b) for b in blobs if len(b) != 4 * self._dim]
-        if bad:
-            raise ValueError(f"gallery {self.gallery_path}: a template has {bad[0]} bytes, expected {4 * self._dim}")
-        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self._dim).astype(np.float32)
-
     # ---------------------------------------------------------------- search
     def search(self, embeddings: np.ndarray, k: int = 5) -> list[list[Identification]]:
         """Top-``k`` identities per query (names from the gallery), best first, no threshold."""
-        x = np.asarray(embeddings, np.float32)
-        x = x[None] if x.ndim == 1 else x
-        if x.ndim != 2 or x.shape[1] != self._dim or not np.isfinite(x).all():
-            raise ValueError(f"query embeddings: expected finite numbers shaped (N, {self._dim}), got {x.shape}")
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = self._queries(embeddings)
         with self._lock:
-            if int(self._conn.execute("PRAGMA data_version").fetchone()[0]) != self._data_version:
-                self.last_sync = self.sync()
+            self._maybe_sync()
             scores, ids = self.index.search(x, k)
             found = np.unique(ids[ids >= 0]).tolist()
             names: dict[int, str] = {}
@@ -249,16 +410,67 @@ class GalleryIndex:
         """Best identity per query, or unknown (name None) below ``threshold`` (default: the gallery's)."""
         return best_or_unknown(self.search(embeddings, k=1), self.threshold if threshold is None else float(threshold))
 
-    def close(self) -> None:
-        with self._lock:
-            self.index.close()
-            self._conn.close()
-
     def __enter__(self) -> GalleryIndex:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+
+class PhotoFaceIndex(_SyncedIndex):
+    """An on-disk index of a photo collection's faces (``photo_faces`` of a ``PhotoIndex`` file).
+
+    Face rows are only inserted (ids from AUTOINCREMENT, never reused, committed in id order: SQLite
+    has one writer at a time) or deleted with their photo, never changed. So a sync adds the rows
+    past the saved watermark (the highest id applied) and, only when the counts then disagree, reads
+    the id list to drop the deleted ones.
+
+    Example:
+        >>> faces = PhotoFaceIndex(default_index_path("library.db", "faces"), "library.db")
+        >>> scores, face_ids = faces.search(query_embeddings, k=20)
+    """
+
+    what = "photo index"
+
+    def _identity(self) -> tuple[int, str]:
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"photo_meta", "photo_faces"} <= tables:
+            raise ValueError(f"photo index {self.database_path}: no photo_faces table; not made by lvface-mm index")
+        row = self._conn.execute("SELECT length(embedding) FROM photo_faces LIMIT 1").fetchone()
+        if row is None:
+            raise ValueError(f"photo index {self.database_path}: holds no faces yet; nothing to index")
+        return int(row[0]) // 4, self._uid_from("photo_meta")
+
+    def _sync(self, index: DiskIndex) -> SyncReport:
+        start = time.perf_counter()
+        watermark = int(index.source.get("watermark", -1))
+        c = self._conn
+        added = removed = 0
+        c.execute("BEGIN")  # one read snapshot: the count and the rows agree
+        try:
+            self._data_version = int(c.execute("PRAGMA data_version").fetchone()[0])
+            count = int(c.execute("SELECT COUNT(*) FROM photo_faces").fetchone()[0])
+            newest = int(c.execute("SELECT COALESCE(MAX(id), -1) FROM photo_faces").fetchone()[0])
+            cursor = c.execute("SELECT id, embedding FROM photo_faces WHERE id > ? ORDER BY id", (watermark,))
+            while rows := cursor.fetchmany(8192):
+                added += index.add(np.array([r[0] for r in rows], np.int64), self._decode([r[1] for r in rows]),
+                                   _save_manifest=False)
+            if len(index) != count:  # faces deleted (with their photos) since the last sync
+                ids_text = c.execute("SELECT group_concat(id) FROM photo_faces").fetchone()[0]
+                db_ids = np.array(ids_text.split(","), np.int64) if ids_text else np.zeros(0, np.int64)
+                removed = index.remove(np.setdiff1d(index.ids(), db_ids, assume_unique=True), _save_manifest=False)
+        finally:
+            c.execute("COMMIT")
+        index.set_source({"photo_index": str(self.database_path.resolve()), "gallery_uid": self._uid,
+                          "watermark": max(newest, watermark)})
+        return SyncReport(added, removed, False, "", time.perf_counter() - start)
+
+    def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k), face ids (Q, k)) of the nearest faces, -inf / -1 padded; catches up first."""
+        x = self._queries(embeddings)
+        with self._lock:
+            self._maybe_sync()
+            return self.index.search(x, k)
+
+    def __enter__(self) -> PhotoFaceIndex:
+        return self
 
 
 # ----------------------------------------------------------------------------- Parquet shards

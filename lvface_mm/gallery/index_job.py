@@ -25,13 +25,14 @@ __all__ = ["run_index_job"]
 
 def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: EncoderSpec, *,
                   engine: str = "local", workers: int | None = None, progress: Callable[[ShardOutcome], None]
-                  | None = None, **engine_options: Any) -> JobReport:
+                  | None = None, disk_index: bool | str | Path | None = None, **engine_options: Any) -> JobReport:
     """Index ``paths`` (files and folders) into ``config.db`` through shards; see the module docstring.
 
     Args:
         engine: a registered runner (``list_engines()``): "inline", "local", "torchrun", "ray".
         workers: worker count for "local" and "ray" (default: one per CPU core).
         progress: called with each shard's outcome as it finishes.
+        disk_index: the on-disk face index updated after the merge (see ``PhotoIndex``; False: none).
         engine_options: passed to the runner (e.g. ``address=`` for Ray).
     """
     import importlib.util
@@ -71,9 +72,12 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
         report.shards_done_before += int(o.done_before)
         if o.error is not None:
             report.shard_errors.append((o.name, o.error))
-    with PhotoIndex(config.db, face_model=spec.face_key, clip_key=spec.clip_key) as index:
+    with PhotoIndex(config.db, face_model=spec.face_key, clip_key=spec.clip_key, disk_index=disk_index) as index:
         files_done = [s.file(config.shard_dir) for s in shards if s.file(config.shard_dir).exists()]
         build_collection(index, files_done, report)
+        # Bring the on-disk face index (<db>.faces.idx/) up to date with what was merged, so the
+        # first search opens it ready instead of catching up on the whole job.
+        index.sync_face_index()
     report.seconds = time.perf_counter() - start
     return report
 

@@ -15,6 +15,7 @@ The tables live next to a gallery's in the same file if you like: ``--db library
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..models.pretrained import sha256_of
+from .disk_sync import IndexInUseError, PhotoFaceIndex, SyncReport, disk_index_config, resolve_index_path
 from .index import IndexConfig, VectorIndex, create_index
 
 if TYPE_CHECKING:
@@ -45,6 +47,8 @@ __all__ = [
     "find_images",
     "split_query",
 ]
+
+_log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -187,14 +191,23 @@ class PhotoIndex:
             index built by another encoder is refused, because their embeddings do not compare.
         index: search backend for the face embeddings (see ``index.py``).
         clip_key: the CLIP embedding space to check against (and record) when no ``clip`` is given.
+        disk_index: where face search gets its index. ``None`` (default): an on-disk index kept
+            beside the file, ``<path>.faces.idx/`` (memory-mapped at start, caught up with the
+            faces added or deleted since, rebuilt with an ``IndexRebuiltWarning`` when missing or
+            damaged; see ``disk_sync.PhotoFaceIndex``), unless ``index`` names an in-memory backend
+            or the database is ``:memory:``. ``True``: that folder; a path: another folder;
+            ``False``: an in-memory index built from the file at every start.
     """
 
     def __init__(self, path: str | Path, *, embedder: FaceEmbedder | None = None, clip: ClipEncoder | None = None,
-                 face_model: str | None = None, index: IndexConfig | str = "auto", clip_key: str | None = None) -> None:
+                 face_model: str | None = None, index: IndexConfig | str = "auto", clip_key: str | None = None,
+                 disk_index: bool | str | Path | None = None) -> None:
         self.path = str(path)
         self.embedder = embedder
         self.clip = clip
         self._index_config = IndexConfig(kind=index) if isinstance(index, str) else index
+        self.disk_index_path = resolve_index_path(self.path, disk_index, self._index_config.kind, "faces")
+        self._faces_on_disk: PhotoFaceIndex | None = None
         self._lock = threading.RLock()
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -208,7 +221,9 @@ class PhotoIndex:
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"photo index {self.path}: not a readable database ({exc})") from exc
         self._check_spaces(face_model, clip.key if clip is not None else clip_key)
-        self._cache_version = -1
+        self._face_version = self._clip_version = (-1, -1)
+        self._face_index: VectorIndex | None = None
+        self._clip_index: VectorIndex | None = None
 
     # ---------------------------------------------------------------- bookkeeping
     def _transaction(self):  # noqa: ANN202 - a context manager over the connection
@@ -447,25 +462,57 @@ class PhotoIndex:
                 raise KeyError(f"{path_or_id!r} is not in photo index {self.path}")
 
     # ---------------------------------------------------------------- search caches
-    def _refresh(self) -> None:
-        """(Re)load face and CLIP matrices when the file changed (ours or another process's write)."""
+    def _version(self) -> tuple[int, int]:
+        """Changes when anyone (another connection: data_version; this one: total_changes) wrote the file."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0]), self._conn.total_changes
+
+    def _clip_cache(self) -> VectorIndex | None:
+        """The in-memory CLIP index, (re)built when the file changed."""
         with self._lock:
-            version = (int(self._conn.execute("PRAGMA data_version").fetchone()[0]),
-                       self._conn.total_changes)
-            if version == self._cache_version:
-                return
-            faces = self._conn.execute("SELECT id, photo_id, x1, y1, x2, y2, score, embedding FROM photo_faces "
-                                       "ORDER BY id").fetchall()
-            photos = self._conn.execute("SELECT id, path, clip FROM photos ORDER BY id").fetchall()
-            self._paths = {int(r[0]): r[1] for r in photos}
-            self._face_photo = {int(r[0]): int(r[1]) for r in faces}
-            self._faces_of: dict[int, list[tuple[int, tuple[float, ...], float]]] = {}
-            for r in faces:
-                self._faces_of.setdefault(int(r[1]), []).append((int(r[0]), tuple(r[2:6]), float(r[6])))
-            self._face_vectors = {int(r[0]): np.frombuffer(r[7], "<f4") for r in faces}
-            self._face_index = self._build(faces, 7)
-            self._clip_index = self._build([r for r in photos if r[2] is not None], 2)
-            self._cache_version = version
+            version = self._version()
+            if version != self._clip_version:
+                rows = self._conn.execute("SELECT id, clip FROM photos WHERE clip IS NOT NULL ORDER BY id").fetchall()
+                self._clip_index, self._clip_version = self._build(rows, 1), version
+            return self._clip_index
+
+    def _nearest_faces(self, queries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, <=limit), face ids) of the nearest faces: from the on-disk index when there is
+        one (it catches up by itself), else from an in-memory index (re)built when the file changed."""
+        with self._lock:
+            if self.disk_index_path is not None and self._open_disk_faces() is not None:
+                return self._faces_on_disk.search(queries, limit)
+            version = self._version()
+            if version != self._face_version:
+                rows = self._conn.execute("SELECT id, embedding FROM photo_faces ORDER BY id").fetchall()
+                self._face_index, self._face_version = self._build(rows, 1), version
+            if self._face_index is None:
+                return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return self._face_index.search(queries, min(limit, len(self._face_index)))
+
+    def _open_disk_faces(self) -> PhotoFaceIndex | None:
+        """The on-disk face index, opened on first use; None while there are no faces. When another
+        process holds the folder, this one falls back to the in-memory index (logged once)."""
+        if self._faces_on_disk is None:
+            if self._conn.execute("SELECT 1 FROM photo_faces LIMIT 1").fetchone() is None:
+                return None
+            try:
+                self._faces_on_disk = PhotoFaceIndex(self.disk_index_path, self.path, disk_index_config())
+            except IndexInUseError as exc:
+                _log.warning("%s; searching an in-memory index instead", exc)
+                self.disk_index_path = None
+        return self._faces_on_disk
+
+    def sync_face_index(self) -> SyncReport | None:
+        """Bring the on-disk face index up to date now (``lvface-mm index`` calls this after a merge,
+        so the first search does not pay for it); None when there is none (off, or no faces yet)."""
+        with self._lock:
+            if self.disk_index_path is None or self._open_disk_faces() is None:
+                return None
+            opened = self._faces_on_disk.last_sync
+            report = self._faces_on_disk.sync()
+            if opened.rebuilt or opened.added or opened.removed:  # the open did the work
+                return opened
+            return report
 
     def _build(self, rows: Sequence[tuple], column: int) -> VectorIndex | None:
         if not rows:
@@ -475,38 +522,63 @@ class PhotoIndex:
         index.add(np.array([r[0] for r in rows], np.int64), vectors)
         return index
 
+    def _photos_of(self, face_ids: Sequence[int]) -> dict[int, int]:
+        """face id -> photo id (faces deleted meanwhile are left out)."""
+        found: dict[int, int] = {}
+        with self._lock:
+            for lo in range(0, len(face_ids), 500):  # below SQLite's limit of bound variables
+                part = list(face_ids[lo : lo + 500])
+                found.update(self._conn.execute(
+                    f"SELECT id, photo_id FROM photo_faces WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+        return found
+
     # ---------------------------------------------------------------- queries
     def _face_scores(self, embedding: np.ndarray, limit: int) -> dict[int, tuple[float, int]]:
         """photo_id -> (best face cosine, face id) over the ``limit`` nearest faces."""
-        self._refresh()
-        if self._face_index is None:
-            return {}
         q = np.asarray(embedding, np.float32).reshape(1, -1)
         q = q / max(float(np.linalg.norm(q)), 1e-12)
-        scores, ids = self._face_index.search(q, min(limit, len(self._face_index)))
+        scores, ids = self._nearest_faces(q, limit)
+        photo_of = self._photos_of([int(i) for i in ids[0] if i >= 0])
         best: dict[int, tuple[float, int]] = {}
         for s, face_id in zip(scores[0], ids[0]):
-            if face_id < 0:
+            photo = photo_of.get(int(face_id))
+            if photo is None:
                 continue
-            photo = self._face_photo[int(face_id)]
             if photo not in best or s > best[photo][0]:
                 best[photo] = (float(s), int(face_id))
         return best
 
     def _hit(self, photo_id: int, score: float, gallery: Gallery | None,
-             marked: dict[int, tuple[str | None, float]] | None = None) -> PhotoHit:
-        """A result with its faces; faces get names from ``marked`` (face id -> name, cosine) or the gallery."""
-        entries = self._faces_of.get(photo_id, [])
+             marked: dict[int, tuple[str | None, float]] | None = None) -> PhotoHit | None:
+        """A result with its faces; faces get names from ``marked`` (face id -> name, cosine) or the
+        gallery. None when the photo was deleted since it was found."""
+        with self._lock:
+            row = self._conn.execute("SELECT path FROM photos WHERE id = ?", (photo_id,)).fetchone()
+            entries = self._conn.execute("SELECT id, x1, y1, x2, y2, score, embedding FROM photo_faces "
+                                         "WHERE photo_id = ? ORDER BY id", (photo_id,)).fetchall()
+        if row is None:
+            return None
         labels: list[tuple[str | None, float | None]] = [(None, None)] * len(entries)
         if gallery is not None and entries and len(gallery):
-            found = gallery.identify(np.stack([self._face_vectors[f] for f, _, _ in entries]))
+            found = gallery.identify(np.stack([np.frombuffer(e[6], "<f4") for e in entries]))
             labels = [(o.name, o.score if o.name is not None else None) for o in found]
         if marked:  # the face that matched the query: its cosine to the query, and a name if any
-            labels = [(marked[f][0] or label[0], marked[f][1]) if f in marked else label
-                      for (f, _, _), label in zip(entries, labels)]
-        faces = tuple(PhotoFace(tuple(float(v) for v in box), det, name, sim)
-                      for (_, box, det), (name, sim) in zip(entries, labels))
-        return PhotoHit(photo_id, self._paths[photo_id], float(score), faces)
+            labels = [(marked[e[0]][0] or label[0], marked[e[0]][1]) if e[0] in marked else label
+                      for e, label in zip(entries, labels)]
+        faces = tuple(PhotoFace(tuple(float(v) for v in e[1:5]), float(e[5]), name, sim)
+                      for e, (name, sim) in zip(entries, labels))
+        return PhotoHit(photo_id, row[0], float(score), faces)
+
+    def _hits(self, found: Iterable[tuple[int, float, dict | None]], gallery: Gallery | None, k: int) -> list[PhotoHit]:
+        """Up to ``k`` hits from (photo id, score, marked) in rank order, skipping photos deleted meanwhile."""
+        hits: list[PhotoHit] = []
+        for photo_id, score, marked in found:
+            hit = self._hit(photo_id, score, gallery, marked)
+            if hit is not None:
+                hits.append(hit)
+                if len(hits) == k:
+                    break
+        return hits
 
     def search_by_face_embedding(self, embedding: np.ndarray, k: int = 20, *, min_score: float | None = None,
                                  gallery: Gallery | None = None) -> list[PhotoHit]:
@@ -515,7 +587,7 @@ class PhotoIndex:
         ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
         if min_score is not None:
             ranked = [kv for kv in ranked if kv[1][0] >= min_score]
-        return [self._hit(p, s, gallery, {f: (None, s)}) for p, (s, f) in ranked[:k]]
+        return self._hits(((p, s, {f: (None, s)}) for p, (s, f) in ranked), gallery, k)
 
     def search_by_face(self, image: Any, k: int = 20, *, min_score: float | None = None,
                        gallery: Gallery | None = None) -> list[PhotoHit]:
@@ -533,11 +605,11 @@ class PhotoIndex:
         """Photos ranked by CLIP similarity to ``text``."""
         if self.clip is None:
             raise ValueError("text queries need clip=")
-        self._refresh()
-        if self._clip_index is None:
+        clip_index = self._clip_cache()
+        if clip_index is None:
             return []
-        scores, ids = self._clip_index.search(self.clip.encode_text([text]), k)
-        return [self._hit(int(i), float(s), gallery) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        scores, ids = clip_index.search(self.clip.encode_text([text]), k)
+        return self._hits(((int(i), float(s), None) for s, i in zip(scores[0], ids[0]) if i >= 0), gallery, k)
 
     def search(self, query: str, gallery: Gallery | None = None, k: int = 20) -> list[PhotoHit]:
         """Free text with optional enrolled names: "Alice", "Alice and Bob", "Alice at the beach",
@@ -560,13 +632,13 @@ class PhotoIndex:
             return []
         face_score = {p: min(d[p][0] for d in per_name) for p in photos}
         marked = {p: {d[p][1]: (n, d[p][0]) for n, d in zip(names, per_name)} for p in photos}
-        if text and self.clip is not None and self._clip_index is not None:
+        if text and self.clip is not None and self._clip_cache() is not None:
             t = self.clip.encode_text([text])[0]
             clip_score = {p: float(self._clip_vector(p) @ t) for p in photos}
             order = sorted(photos, key=lambda p: (-clip_score[p], -face_score[p]))
-            return [self._hit(p, clip_score[p], gallery, marked[p]) for p in order[:k]]
+            return self._hits(((p, clip_score[p], marked[p]) for p in order), gallery, k)
         order = sorted(photos, key=lambda p: -face_score[p])
-        return [self._hit(p, face_score[p], gallery, marked[p]) for p in order[:k]]
+        return self._hits(((p, face_score[p], marked[p]) for p in order), gallery, k)
 
     def _clip_vector(self, photo_id: int) -> np.ndarray:
         with self._lock:
@@ -580,6 +652,9 @@ class PhotoIndex:
 
     def close(self) -> None:
         with self._lock:
+            if self._faces_on_disk is not None:
+                self._faces_on_disk.close()
+                self._faces_on_disk = None
             self._conn.close()
 
     def __enter__(self) -> PhotoIndex:

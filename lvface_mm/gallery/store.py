@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -30,6 +31,8 @@ import numpy as np
 
 from .calibration import default_threshold
 from .index import IndexConfig, VectorIndex, create_index
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Gallery", "GalleryConfig", "Identification", "Identity", "NameConflictError"]
 
@@ -118,6 +121,9 @@ class GalleryConfig:
     store_face_images: bool = False
     index: IndexConfig = field(default_factory=IndexConfig)
     synchronous: str = "FULL"  # FULL: a commit survives power loss too, not only a killed process
+    # Search through an on-disk index beside the file (None: <file>.people.idx/ unless `index` names an
+    # in-memory backend; True: that folder; a path; False: in memory). See disk_sync.resolve_index_path.
+    disk_index: bool | str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.feature_dim < 1:
@@ -207,14 +213,19 @@ class Gallery:
 
     def __init__(self, path: str | Path = ":memory:", feature_dim: int = 512, threshold: float | None = None, *,
                  model_name: str | None = None, store_face_images: bool = False,
-                 index: IndexConfig | str = "auto", config: GalleryConfig | None = None, create: bool = True) -> None:
+                 index: IndexConfig | str = "auto", config: GalleryConfig | None = None, create: bool = True,
+                 disk_index: bool | str | Path | None = None) -> None:
         """``create=False`` opens an existing gallery only: a missing file raises ``FileNotFoundError``
-        instead of silently starting an empty gallery (what a mistyped path should do for a read)."""
+        instead of silently starting an empty gallery (what a mistyped path should do for a read).
+
+        ``disk_index`` (see ``GalleryConfig``): by default a file-backed gallery searches an on-disk
+        index kept in ``<path>.people.idx/`` (``disk_sync.GalleryIndex``), opened at the first search
+        and caught up with the file's changes, instead of loading every template at start."""
         if config is None:
             config = GalleryConfig(
                 feature_dim=feature_dim, threshold=threshold, model_name=model_name,
                 store_face_images=store_face_images,
-                index=IndexConfig(kind=index) if isinstance(index, str) else index,
+                index=IndexConfig(kind=index) if isinstance(index, str) else index, disk_index=disk_index,
             )
         self.config = config
         self.path = str(path)
@@ -241,6 +252,10 @@ class Gallery:
         self._index: VectorIndex = create_index(config.feature_dim, config.index)
         self._names: dict[int, str] = {}
         self._data_version = -1
+        from .disk_sync import resolve_index_path  # disk_sync imports this module
+
+        self.disk_index_path = resolve_index_path(self.path, config.disk_index, config.index.kind, "people")
+        self._on_disk: Any = None  # the GalleryIndex, opened at the first search
         self._reload()
 
     # ---------------------------------------------------------------- setup and bookkeeping
@@ -322,7 +337,9 @@ class Gallery:
             with self._transaction() as c:
                 stale = self._current_data_version() != self._data_version
                 yield c, updates
-            if stale:
+            if self.disk_index_path is not None:
+                pass  # the on-disk index catches up by itself at the next search
+            elif stale:
                 self._reload()
             else:
                 for update in updates:
@@ -335,6 +352,9 @@ class Gallery:
         commit landing in between then shows up as a newer version at the next ``_sync`` and is
         loaded. Read after the rows, it would be recorded as seen while its rows were missed."""
         with self._lock:
+            if self.disk_index_path is not None:  # nothing cached in memory: the on-disk index follows the file
+                self._data_version = self._current_data_version()
+                return
             own = not self._conn.in_transaction
             if own:
                 self._conn.execute("BEGIN")
@@ -562,6 +582,9 @@ class Gallery:
             updates.append(lambda: self._index.remove(np.array([identity_id])))
             updates.append(lambda: self._names.pop(identity_id, None))
         self._scrub()
+        with self._lock:  # the on-disk index zeroes the person's template now, not at the next search
+            if self.disk_index_path is not None and self.disk_index_path.exists() and self._open_disk_index():
+                self._on_disk.sync()
         return identity_id
 
     def _scrub(self) -> None:
@@ -627,6 +650,8 @@ class Gallery:
         """Top-``k`` candidates per query, best first, whatever their score (no threshold)."""
         x = self._embeddings(embeddings, "query embeddings")
         with self._lock:
+            if self.disk_index_path is not None and self._open_disk_index() is not None:
+                return self._on_disk.search(x, k)
             self._sync()
             scores, ids = self._index.search(x, k)
             names = dict(self._names)
@@ -636,6 +661,20 @@ class Gallery:
     def identify(self, embeddings: np.ndarray | Sequence, threshold: float | None = None) -> list[Identification]:
         """Best enrolled identity per query, or unknown (name None) when its score < threshold."""
         return best_or_unknown(self.search(embeddings, k=1), self.threshold if threshold is None else float(threshold))
+
+    def _open_disk_index(self) -> Any:
+        """The ``GalleryIndex`` (opened, caught up or rebuilt on first use), or None when another
+        process or object holds its folder: then this gallery searches in memory (logged once)."""
+        from .disk_sync import GalleryIndex, IndexInUseError, disk_index_config
+
+        if self._on_disk is None:
+            try:
+                self._on_disk = GalleryIndex(self.disk_index_path, self.path, disk_index_config())
+            except IndexInUseError as exc:
+                _log.warning("%s; searching an in-memory index instead", exc)
+                self.disk_index_path = None
+                self._reload()
+        return self._on_disk
 
     # ---------------------------------------------------------------- export / import
     def export(self, path: str | Path) -> Path:
@@ -724,6 +763,9 @@ class Gallery:
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
         with self._lock:
+            if self._on_disk is not None:
+                self._on_disk.close()
+                self._on_disk = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None  # type: ignore[assignment]
@@ -735,4 +777,4 @@ class Gallery:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Gallery({self.path!r}, identities={len(self._names)}, threshold={self.threshold:.3f})"
+        return f"Gallery({self.path!r}, identities={len(self)}, threshold={self.threshold:.3f})"
