@@ -99,16 +99,19 @@ def measure(args: argparse.Namespace) -> None:
     ours = getattr(stage, "_fast", None)
     # (re-rank, fast-scan block size): every re-rank asked for, plus the largest with FAISS's default
     # blocks of 32 rows (--compare-bbs), side by side in this process.
-    variants = [(rerank, None) for rerank in args.rerank]
+    variants = [(rerank, None, 1) for rerank in args.rerank]
     if args.compare_bbs and ours is not None and args.compare_bbs != ours.bbs:
-        variants.append((max(args.rerank), faiss.IndexPQFastScan(stage._codes(), args.compare_bbs)))
-    runs = [{"rerank": r, "bbs": int(f.bbs) if f is not None else int(getattr(ours, "bbs", 0)), "wall": [],
-             "cpu": [], "scan": [], "ids": [], "scores": []} for r, f in variants]
+        variants.append((max(args.rerank), faiss.IndexPQFastScan(stage._codes(), args.compare_bbs), 1))
+    if args.scan_threads > 1 and ours is not None:  # the same index scanned in parts on several threads
+        variants.append((max(args.rerank), None, args.scan_threads))
+    runs = [{"rerank": r, "bbs": int(f.bbs) if f is not None else int(getattr(ours, "bbs", 0)), "threads": t,
+             "wall": [], "cpu": [], "scan": [], "ids": [], "scores": []} for r, f, t in variants]
     # Interleaved (every variant answers query j before any answers query j+1): on a shared machine
     # the load drifts during a run, and this keeps the comparison fair.
     for j, q in enumerate(np.concatenate([queries[:5], queries])):  # 5 warm-up queries first
-        for (rerank, fast), run in zip(variants, runs):
+        for (rerank, fast, threads), run in zip(variants, runs):
             index.set_rerank(rerank)
+            index.set_scan_threads(threads)
             if ours is not None:
                 stage._fast = fast if fast is not None else ours
             # The candidate stage alone first (the same call search makes), then the whole search.
@@ -280,7 +283,8 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     np.save(qfile, queries)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--measure", str(path), "--queries-file", str(qfile), "--out", str(out),
-           "--rerank", *map(str, args.rerank), "--compare-bbs", str(args.compare_bbs)]
+           "--rerank", *map(str, args.rerank), "--compare-bbs", str(args.compare_bbs),
+           "--scan-threads", str(args.scan_threads)]
     subprocess.run(cmd, check=True, env=env)
     measured = json.loads(out.read_text())
     sizes = {p.name: p.stat().st_size for p in path.iterdir()}
@@ -293,7 +297,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
         ids, scores = np.array(run["ids"]), np.array(run["scores"])
         wall, cpu = np.array(run["wall"][:g]) * 1e3, np.array(run["cpu"][:g]) * 1e3
         result["runs"].append({
-            "rerank": run["rerank"], "bbs": run["bbs"], "ids": run["ids"][:g],
+            "rerank": run["rerank"], "bbs": run["bbs"], "threads": run.get("threads", 1), "ids": run["ids"][:g],
             "recall": float((ids[:g] == best_i[:g]).mean()),
             "planted": float((ids[:g] == who).mean()),
             "p50": float(np.median(wall)), "p99": float(np.percentile(wall, 99)),
@@ -350,10 +354,11 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
         "Latency is wall-clock (the CPU-time p50 is shown too: on this shared machine wall time includes "
         "waiting for a core).",
         "",
-        "| identities | re-rank | block rows | recall@1 | planted | exact planted | p50 (ms) | p99 (ms) | "
+        "| identities | re-rank | block rows | scan threads | recall@1 | planted | exact planted | "
+        "p50 (ms) | p99 (ms) | "
         "CPU p50 / p99 (ms) | of which scan, CPU p50 (ms) | impostor p99 (ms) | start (s) | "
         "RSS before open / +open / end (MiB) | on disk (GiB) | build (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         disk = sum(r["files"].values()) / 2**30
@@ -361,7 +366,8 @@ def report(args: argparse.Namespace, results: list[dict], seconds: float, starte
         opened = rss["rss_open"]["VmRSS"] - rss["rss_before"]["VmRSS"]
         for run in r["runs"]:
             lines.append(
-                f"| {r['n']:,} | {run['rerank']} | {run.get('bbs', 32)} | {run['recall']:.3f} | {run['planted']:.3f} | "
+                f"| {r['n']:,} | {run['rerank']} | {run.get('bbs', 32)} | {run.get('threads', 1)} | "
+                f"{run['recall']:.3f} | {run['planted']:.3f} | "
                 f"{r['exact_planted']:.3f} | {run['p50']:.2f} | {run['p99']:.2f} | {run['cpu_p50']:.2f} / "
                 f"{run['cpu_p99']:.2f} | {run.get('scan_p50', float('nan')):.2f} | {run['imp_p99']:.2f} | "
                 f"{r['start_s']:.3f} | "
@@ -431,6 +437,9 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--compare-bbs", type=int, default=0, help="also measure the largest re-rank with "
                         "fast-scan blocks of this many rows (e.g. 64; the index uses FAISS's default 32)")
+    parser.add_argument("--scan-threads", type=int, default=1,
+                        help="also measure the largest re-rank with the PQ codes scanned on this many threads "
+                             "(DiskIndexConfig.scan_threads); its CPU columns count the calling thread only")
     parser.add_argument("--workdir", default="/tmp/lvface_bench_search")
     parser.add_argument("--baseline-max", type=int, default=1_000_000, help="in-memory baselines up to this size")
     parser.add_argument("--ivf-max", type=int, help="IVF baseline up to this size (default: 100k quick, 1M full)")

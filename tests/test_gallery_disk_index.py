@@ -189,3 +189,28 @@ def test_bad_vectors_are_refused(tmp_path):
         index.add([-3], np.ones((1, DIM)))
     s, i = index.search(np.ones((2, DIM)), 3)
     assert (i == -1).all() and np.isneginf(s).all()
+
+
+def test_threaded_scan_over_parts_answers_like_one_scan(tmp_path, data, monkeypatch):
+    from lvface_mm.gallery.disk_index import PQFastScanStage
+
+    monkeypatch.setattr(PQFastScanStage, "split_rows", 500)  # 3,000 rows: three parts of 1,000
+    ids, templates, queries = data
+    index = DiskIndex.build(tmp_path / "idx", DIM, [(ids, templates)], PQ)
+    one_s, one_i = index.search(queries, 5)
+    index.set_scan_threads(3)
+    three_s, three_i = index.search(queries, 5)
+    assert [lo for lo, _ in index._stage._parts] == [0, 1000, 2000]
+    assert (three_i[:, 0] == one_i[:, 0]).all() and (three_i[:, 0] == ids[:200]).all()
+    np.testing.assert_allclose(three_s[:, 0], one_s[:, 0], atol=1e-6)
+    # A small add goes to the last part (no re-split); a delete re-splits from the purged codes.
+    index.add(np.array([99_999]), queries[7:8])
+    parts = index._stage._parts
+    assert parts is not None and int(parts[-1][1].ntotal) == 1001
+    assert index.search(queries[7:8], 1)[1][0, 0] == 99_999
+    index.remove(ids[:20])  # more than purge_every: the codes are purged and the parts rebuilt
+    _, found = index.search(queries[20:200], 1)
+    assert (found[:, 0] == ids[20:200]).all()
+    assert sum(int(part.ntotal) for _, part in index._stage._parts) == 3000 + 1 - 20
+    with pytest.raises(ValueError, match="scan_threads"):
+        index.set_scan_threads(0)

@@ -33,6 +33,7 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ class DiskIndexConfig:
         train_size: at most this many vectors train the quantiser (a random sample).
         purge_every: deleted rows tolerated in the PQ stage (searched past) before they are removed.
         compact_ratio: rewrite the files once this fraction of rows is dead.
+        scan_threads: threads that scan the PQ codes for one search, each over a contiguous part
+            (FAISS scans one query on one thread). A latency knob for cores a query has to itself:
+            on an idle 2-core machine 2 about halves the scan's wall time at 1M faces; on a busy
+            one it only adds contention. Used from ``2 * split_rows`` live rows on.
     """
 
     kind: str = "auto"
@@ -84,11 +89,12 @@ class DiskIndexConfig:
     train_size: int = 65_536
     purge_every: int = 256
     compact_ratio: float = 0.25
+    scan_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.kind != "auto" and self.kind not in _STAGES:
             raise ValueError(f"DiskIndexConfig.kind={self.kind!r}: expected 'auto' or one of {list_stages()}")
-        for name in ("flat_below", "pq_m", "rerank", "train_size", "purge_every"):
+        for name in ("flat_below", "pq_m", "rerank", "train_size", "purge_every", "scan_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiskIndexConfig.{name}={value!r}: expected a positive integer")
@@ -224,6 +230,7 @@ class PQFastScanStage(Stage):
     # Rows per SIMD block: FAISS's default. 64 and 128 measured the same CPU time per query at 1M
     # (interleaved on AVX2 Zen 3: 5.35 vs 5.28 ms; benchmarks/results/search.md).
     _bbs = 32
+    split_rows = 50_000  # fewest rows per scan thread: below that the threads cost more than they save
 
     def __init__(self, dim: int, config: DiskIndexConfig) -> None:
         super().__init__(dim, config)
@@ -236,6 +243,10 @@ class PQFastScanStage(Stage):
         self._stale = False  # True when _plain holds codes that _fast lacks
         self._rows = np.zeros(0, np.int64)
         self._pending_dead = 0
+        # scan_threads > 1: (first position, fast-scan index over a contiguous slice of the codes)
+        self._parts: list[tuple[int, Any]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def train(self, sample: np.ndarray) -> None:
         faiss = _import_faiss()
@@ -253,7 +264,40 @@ class PQFastScanStage(Stage):
     def _repack(self) -> None:
         faiss = _import_faiss()
         self._fast = faiss.IndexPQFastScan(self._codes(), self._bbs)
-        self._stale = False
+        self._stale, self._parts = False, None
+
+    def _split(self, count: int) -> None:
+        """Fast-scan indexes over `count` contiguous slices of the plain codes (copied, not re-encoded)."""
+        faiss = _import_faiss()
+        plain = self._codes()
+        total, size = int(plain.ntotal), int(plain.code_size)
+        codes = faiss.vector_to_array(plain.codes)  # (total * code_size,) uint8
+        bounds = np.linspace(0, total, count + 1).astype(np.int64)
+        parts = []
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            part = faiss.IndexPQ(self.dim, self.config.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+            part.pq, part.is_trained = plain.pq, True
+            faiss.copy_array_to_vector(codes[lo * size : hi * size], part.codes)
+            part.ntotal = hi - lo
+            parts.append((lo, faiss.IndexPQFastScan(part, self._bbs)))
+        self._parts = parts
+        if self._pool is None or self._pool_size != count:
+            self._pool, self._pool_size = ThreadPoolExecutor(count, thread_name_prefix="pq-scan"), count
+
+    def _scan_parts(self, queries: np.ndarray, want: int) -> np.ndarray:
+        """Scan every part on its own thread (FAISS releases the GIL) and merge by PQ score."""
+        assert self._parts is not None and self._pool is not None
+
+        def scan(part: tuple[int, Any]) -> tuple[np.ndarray, np.ndarray]:
+            lo, index = part
+            scores, positions = index.search(queries, min(want, int(index.ntotal)))
+            return scores, np.where(positions >= 0, positions + lo, -1)
+
+        found = list(self._pool.map(scan, self._parts))
+        scores = np.concatenate([s for s, _ in found], axis=1)  # (Q, sum of each part's want)
+        positions = np.concatenate([p for _, p in found], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :want]  # FAISS gives missing results -inf
+        return np.take_along_axis(positions, order, axis=1)
 
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, np.float32)
@@ -262,6 +306,8 @@ class PQFastScanStage(Stage):
             self._stale = True
         else:
             self._fast.add(vectors)  # encodes a second time, cheaper than re-packing everything
+            if self._parts is not None:  # the new positions follow the last part's
+                self._parts[-1][1].add(vectors)
         self._rows = np.concatenate([self._rows, rows.astype(np.int64)])
 
     def forget(self, alive: np.ndarray) -> None:
@@ -293,7 +339,14 @@ class PQFastScanStage(Stage):
             return np.full((len(queries), 0), -1, np.int64)
         # Ask for enough more to step over every not-yet-purged dead row (bounded by purge_every).
         want = min(total, max(k, self.config.rerank) + self._pending_dead)
-        _, positions = self._fast.search(np.ascontiguousarray(queries, np.float32), want)
+        queries = np.ascontiguousarray(queries, np.float32)
+        threads = self.config.scan_threads
+        if threads > 1 and total >= threads * self.split_rows:
+            if self._parts is None or len(self._parts) != threads:
+                self._split(threads)
+            positions = self._scan_parts(queries, want)
+        else:
+            _, positions = self._fast.search(queries, want)
         return np.where(positions >= 0, self._rows[np.maximum(positions, 0)], -1)
 
     @staticmethod
@@ -342,7 +395,7 @@ class PQFastScanStage(Stage):
         if size < len(self._rows) * self.config.pq_m // 2:
             raise IndexFileError(plain, "missing" if size < 0 else f"{size} bytes: too short for "
                                         f"{len(self._rows)} codes of {self.config.pq_m // 2} bytes")
-        self._plain_file, self._pending_dead, self._stale = plain, 0, False
+        self._plain_file, self._pending_dead, self._stale, self._parts = plain, 0, False, None
         return int(saved_rows.max()) + 1 if len(saved_rows) else 0
 
 
@@ -564,7 +617,14 @@ class DiskIndex:
 
     def set_rerank(self, rerank: int) -> None:
         """Candidates re-scored exactly per query from now on (the recall/latency knob; no rebuild)."""
-        self.config = DiskIndexConfig(**{**asdict(self.config), "rerank": rerank})
+        self._set_knob(rerank=rerank)
+
+    def set_scan_threads(self, threads: int) -> None:
+        """Threads that scan the PQ codes of one search from now on (``DiskIndexConfig.scan_threads``)."""
+        self._set_knob(scan_threads=threads)
+
+    def _set_knob(self, **knob: int) -> None:
+        self.config = DiskIndexConfig(**{**asdict(self.config), **knob})
         self._stage.config = self.config
 
     def ids(self) -> np.ndarray:
