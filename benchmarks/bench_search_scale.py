@@ -246,7 +246,8 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(n)
     who = np.sort(rng.choice(n, args.queries, replace=False))
     path = Path(args.workdir) / f"n{n}"
-    if path.exists():
+    reuse = args.reuse and (path / "manifest.json").is_file()
+    if path.exists() and not reuse:
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picked: list[np.ndarray] = []
@@ -261,9 +262,15 @@ def run_size(n: int, args: argparse.Namespace) -> dict:
             yield ids, x
 
     t, c = time.perf_counter(), time.process_time()
-    DiskIndex.build(path, DIM, feed(), DiskIndexConfig(pq_m=64, rerank=max(args.rerank))).close()
-    build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
-    print(f"  built {n:,} in {build_s:.1f} s", flush=True)
+    if reuse:  # the same seeded templates are in it: only the query picks are regenerated
+        for _ in feed():
+            pass
+        build_s = build_cpu = float("nan")
+        print(f"  reusing the {n:,} index in {path}", flush=True)
+    else:
+        DiskIndex.build(path, DIM, feed(), DiskIndexConfig(pq_m=64, rerank=max(args.rerank))).close()
+        build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
+        print(f"  built {n:,} in {build_s:.1f} s", flush=True)
     gen, cos = genuine_queries(np.concatenate(picked), rng)
     imp = unit(rng, args.impostors)
     queries = np.concatenate([gen, imp]).astype(np.float32)
@@ -445,6 +452,8 @@ def main() -> None:
     parser.add_argument("--ivf-max", type=int, help="IVF baseline up to this size (default: 100k quick, 1M full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the built indexes in --workdir")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure an index kept by an earlier --keep run of the same size and seed (no build)")
     parser.add_argument("--no-write", action="store_true", help="print the report, do not write results/search.md")
     parser.add_argument("--append", action="store_true", help="add this run's report to results/search.md "
                         "(e.g. the 10M run after the --quick one) instead of replacing it")
