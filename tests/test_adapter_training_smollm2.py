@@ -120,3 +120,18 @@ def test_smollm2_names_unseen_people_from_references(tmp_path):
     )
     assert token["naming_acc"] >= 0.9
     assert results["plain"]["naming_acc"] <= 0.1  # names exist only in the references' context
+
+
+def _text_retention(run: Path, gguf: str) -> dict:
+    """The trained adapter and its base (LoRA off) on the built-in general questions, no face."""
+    from lvface_mm.vqa.harness import load_trained_vlm
+    from lvface_mm.vqa.retention import text_retention
+
+    vlm = load_trained_vlm(run / "adapter", gguf_file=gguf)
+    result = text_retention(vlm, batch_size=16, max_new_tokens=24)
+    (run / "text_retention.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"SmolLM2-135M text-only retention: text_qa trained {result['trained']:.3f}, base {result['base']:.3f}, "
+        f"difference {result['difference']:+.3f} ({result['n_text_qa']} questions)"
+    )
+    return result
