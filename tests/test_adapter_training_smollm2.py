@@ -130,7 +130,7 @@ def _text_retention(run: Path, gguf: str) -> dict:
     from lvface_mm.vqa.harness import load_trained_vlm
     from lvface_mm.vqa.retention import text_retention
 
-    vlm = load_trained_vlm(run / "adapter", gguf_file=gguf)
+    vlm = load_trained_vlm(run / "adapter", gguf_file=gguf, encoder_pretrained=False)
     result = text_retention(vlm, batch_size=16, max_new_tokens=24)
     (run / "text_retention.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
