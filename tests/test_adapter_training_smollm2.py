@@ -103,12 +103,23 @@ def test_smollm2_names_unseen_people_from_references(tmp_path):
 
     directory, gguf = _smollm2()
     photos = embedding_cluster_photos(40, 4, dim=512, seed=1)
+    # 70% of the answers are names: with naming and unknown tasks at 1:1 plus omitted true identities
+    # (61% abstentions) the model learnt to abstain on everyone (naming 0.000, 2026-12-03); balanced,
+    # it copies unseen names exactly but picks the candidate at chance (0.200): see
+    # docs/adapter_training.md section 5.
     config = BindingConfig(
-        num_eval_identities=10, name_pool_size=800, num_candidates=3, train_per_task=300, eval_per_task=30, max_faces=1
+        num_eval_identities=10,
+        name_pool_size=800,
+        num_candidates=3,
+        train_per_task=600,
+        eval_per_task=40,
+        max_faces=1,
+        tasks=("naming",),
+        omit_true_prob=0.3,
     )
     build_binding_vqa(photos, tmp_path / "vqa", config)
     run = tmp_path / "run"
-    argv = _train_argv(tmp_path, directory, gguf, "--stage2.max_steps=150", "--eval.max_per_task=30",
+    argv = _train_argv(tmp_path, directory, gguf, "--stages=[2]", "--stage2.max_steps=150", "--eval.max_per_task=40",
                        "--eval.max_new_tokens=10")
     assert main(argv) == 0
     results = json.loads((run / "summary.json").read_text())["eval"]["results"]
