@@ -286,7 +286,11 @@ def test_eval_vqa_command_reports_all_modes(trained, tmp_path):
     # prompt grounding wrote the gallery's names into the prompt; this tiny model was never trained on
     # that wording, so only the answers' existence is checked, not their quality
     assert len(answers["prompt"]) == 6 and (out / "report.png").is_file()
-    assert "| metric | token | prompt | plain |" in (out / "report.md").read_text()
+    assert "| metric | token | prompt | plain | text-only | text-only base |" in (out / "report.md").read_text()
+    # text-only retention: the built-in general questions, asked of the trained model and of its base
+    retention = report["text_retention"]
+    assert retention["n_text_qa"] == len(retention["answers"]) >= 30
+    assert retention["difference"] == pytest.approx(retention["trained"] - retention["base"])
     assert main([*argv, "--modes", "token,dance"]) == 1  # an unknown mode is a clear error, exit 1
 
 

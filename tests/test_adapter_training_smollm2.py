@@ -103,12 +103,23 @@ def test_smollm2_names_unseen_people_from_references(tmp_path):
 
     directory, gguf = _smollm2()
     photos = embedding_cluster_photos(40, 4, dim=512, seed=1)
+    # 70% of the answers are names: with naming and unknown tasks at 1:1 plus omitted true identities
+    # (61% abstentions) the model learnt to abstain on everyone (naming 0.000, 2026-12-03); balanced,
+    # it copies unseen names exactly but picks the candidate at chance (0.200): see
+    # docs/adapter_training.md section 5.
     config = BindingConfig(
-        num_eval_identities=10, name_pool_size=800, num_candidates=3, train_per_task=300, eval_per_task=30, max_faces=1
+        num_eval_identities=10,
+        name_pool_size=800,
+        num_candidates=3,
+        train_per_task=600,
+        eval_per_task=40,
+        max_faces=1,
+        tasks=("naming",),
+        omit_true_prob=0.3,
     )
     build_binding_vqa(photos, tmp_path / "vqa", config)
     run = tmp_path / "run"
-    argv = _train_argv(tmp_path, directory, gguf, "--stage2.max_steps=150", "--eval.max_per_task=30",
+    argv = _train_argv(tmp_path, directory, gguf, "--stages=[2]", "--stage2.max_steps=150", "--eval.max_per_task=40",
                        "--eval.max_new_tokens=10")
     assert main(argv) == 0
     results = json.loads((run / "summary.json").read_text())["eval"]["results"]
@@ -118,5 +129,23 @@ def test_smollm2_names_unseen_people_from_references(tmp_path):
         f"abstention {token['unknown_abstention']:.3f}, hallucinated {token['hallucinated_name_rate']:.3f}; "
         f"plain naming {results['plain']['naming_acc']:.3f}; token vs gallery {token.get('decision_vs_gallery')}"
     )
+    retention = _text_retention(run, gguf)
     assert token["naming_acc"] >= 0.9
     assert results["plain"]["naming_acc"] <= 0.1  # names exist only in the references' context
+    # the no-face answers of the trained model stay those of its base (issue 11: within 0.02)
+    assert abs(retention["difference"]) <= 0.02
+
+
+def _text_retention(run: Path, gguf: str) -> dict:
+    """The trained adapter and its base (LoRA off) on the built-in general questions, no face."""
+    from lvface_mm.vqa.harness import load_trained_vlm
+    from lvface_mm.vqa.retention import text_retention
+
+    vlm = load_trained_vlm(run / "adapter", gguf_file=gguf, encoder_pretrained=False)
+    result = text_retention(vlm, batch_size=16, max_new_tokens=24)
+    (run / "text_retention.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"SmolLM2-135M text-only retention: text_qa trained {result['trained']:.3f}, base {result['base']:.3f}, "
+        f"difference {result['difference']:+.3f} ({result['n_text_qa']} questions)"
+    )
+    return result

@@ -5,7 +5,9 @@
 
 Answers every evaluation sample with token grounding (the adapter's identity tokens), prompt
 grounding (a gallery enrolled from the training photos, calibrated at --far) and the plain model,
-and writes report.json, report.md, report.png and answers.json to --out.
+and writes report.json, report.md, report.png and answers.json to --out. Unless --no-text-retention,
+it also asks general text-only questions (no face) of the trained model and of its base (LoRA off)
+and reports both `text_qa` accuracies and their difference (columns "text-only" and "text-only base").
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--far", type=float, default=1e-3, help="FAR of the prompt-grounding gallery threshold")
+    r.add_argument(
+        "--no-text-retention",
+        dest="text_retention",
+        action="store_false",
+        help="skip the text-only retention check (general questions without faces, trained model vs its base)",
+    )
     r.add_argument("--out", required=True, help="report directory")
 
 
@@ -104,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             gallery = build_gallery(train, faces, vlm.adapter, far=args.far) if needs_gallery else None
         results, answers = run_modes(vlm, samples, faces, config, gallery, manifest["vocabulary"])
+        retention = None
+        if args.text_retention:
+            from ..vqa.retention import text_retention
+
+            retention = text_retention(vlm, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     except (ValueError, FileNotFoundError) as exc:
         print(f"eval vqa: {exc}", file=sys.stderr)
         return 1
@@ -114,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "split": args.split,
         "face_input": face_input,
     }
-    paths = write_report(results, args.out, info=info)
+    paths = write_report(results, args.out, info=info, retention=retention)
     (Path(args.out) / "answers.json").write_text(json.dumps(answers, indent=2) + "\n", encoding="utf-8")
     print(paths["markdown"].read_text(encoding="utf-8"))
     return 0

@@ -10,9 +10,10 @@
     metrics   recognition, naming, caption precision/recall/F1, hallucination, abstention, QA
     harness   plain / prompt / Set-of-Mark / token / token + prompt, in one report
     report    JSON + markdown + plot
+    retention text-only questions, trained model against its base (LoRA off)
     testing   a tiny random LLM whose vocabulary covers a VQA set
 
-`data`, `rendering`, `harness`, `scenes` and `testing` need torch and the `vlm` extra and are
+`data`, `rendering`, `harness`, `retention`, `scenes` and `testing` need torch and the `vlm` extra and are
 imported from their modules.
 """
 

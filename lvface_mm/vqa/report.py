@@ -79,6 +79,7 @@ def write_report(
     verification: Mapping[str, Mapping[str, float]] | None = None,
     info: Mapping[str, Any] | None = None,
     plot: bool = True,
+    retention: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write `report.json`, `report.md` and (optionally) `report.png` into `out_dir`.
 
@@ -87,18 +88,35 @@ def write_report(
         verification: stage ("before", "after") -> TAR@FAR values of the encoder, when it was tuned.
         info: anything that identifies the run (model, dataset, date), copied into the JSON and
             the markdown header.
+        retention: `lvface_mm.vqa.retention.text_retention`'s result: two more columns,
+            "text-only" (the trained model) and "text-only base" (LoRA off), with their `text_qa_acc`
+            on the same no-face questions, and the difference under the table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"info": dict(info or {}), "results": {m: dict(r) for m, r in results.items()}}
     if verification:
         payload["verification"] = {k: dict(v) for k, v in verification.items()}
+    if retention:
+        payload["text_retention"] = dict(retention)
+        results = {
+            **results,
+            "text-only": {"text_qa_acc": retention["trained"], "n_text_qa": retention["n_text_qa"]},
+            "text-only base": {"text_qa_acc": retention["base"], "n_text_qa": retention["n_text_qa"]},
+        }
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
     paths["json"].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     md = ["# Identity-grounded VQA report", ""]
     for key, value in (info or {}).items():
         md.append(f"- {key}: {value}")
     md += ["", markdown_table(results)]
+    if retention:
+        md += [
+            f"Text-only retention (no face, no identity tokens; {retention['n_text_qa']} general questions): "
+            f"text_qa_acc trained {_fmt(retention['trained'])}, base {_fmt(retention['base'])}, "
+            f"difference {retention['difference']:+.3f}.",
+            "",
+        ]
     if verification:
         md += ["## Encoder verification", "", verification_table(verification)]
     if plot:

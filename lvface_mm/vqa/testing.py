@@ -45,6 +45,10 @@ class TinyLLMConfig:
     # Tied input/output embeddings let a tiny model copy a name it never produced in training
     # (open-set binding): the copied token's input row is also its output row.
     tie_word_embeddings: bool = False
+    # Names as WordPiece pieces (a capitalised first syllable, then "##" syllables and letters)
+    # instead of one whole-word token each: an unseen name is then a new sequence of pieces seen in
+    # training, which a small model can learn to copy (open-set binding); see `subword_tokenizer`.
+    subword_names: bool = False
 
     def __post_init__(self) -> None:
         for key in (
@@ -105,6 +109,67 @@ def tiny_tokenizer_with_words(words: Iterable[str]) -> Any:
     return tokenizer
 
 
+# Name pieces: the builder's invented names are (onset + vowel) syllables and a coda; single letters
+# cover any other alphabetic name, so no name ever becomes [UNK].
+def name_pieces() -> list[str]:
+    """WordPiece pieces that spell every name: word-initial ("Ba", "Sha", "B") and continuation
+    ("##ba", "##r") syllables and letters."""
+    from .builder import _CODAS, _ONSETS, _VOWELS
+
+    syllables = [o + v for o in _ONSETS for v in _VOWELS]
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    initial = [w.capitalize() for w in syllables + letters] + syllables + letters
+    continuation = ["##" + w for w in syllables + letters + [c for c in _CODAS if c]]
+    return sorted(set(initial)) + sorted(set(continuation))
+
+
+def sample_names(samples: Iterable[Sample]) -> set[str]:
+    """Every person's name the samples mention: faces, targets and open-set references."""
+    names: set[str] = set()
+    for s in samples:
+        names.update(f.name for f in s.faces if f.name)
+        names.update(n for n in s.target.get("names", ()) if isinstance(n, str))
+        names.update(str(r["name"]) for r in s.meta.get("references") or () if r.get("name"))
+    return names
+
+
+def subword_tokenizer(words: Iterable[str], names: Iterable[str] = ()) -> Any:
+    """A WordPiece tokenizer: the tiny tokenizer's specials and words, `words` whole, and names spelt
+    with `name_pieces` (never whole), decoded back into words ("Ba ##so ##r" -> "Basor").
+
+    A whole-word name an evaluation never trained on is a token the model never produced; spelt in
+    pieces it is a new sequence of familiar tokens, the setting in which small attention models
+    learn to copy (induction heads).
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordPiece
+    from transformers import PreTrainedTokenizerFast
+
+    from ..vlm.testing import tiny_tokenizer
+
+    base = tiny_tokenizer((), TINY_CHAT_TEMPLATE)
+    specials = sorted(base.backend_tokenizer.get_added_tokens_decoder().items())  # [(id, AddedToken)]
+    vocab = dict(base.get_vocab())
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    skip = {n.lower() for n in names}
+    pieces = []
+    for word in sorted({*words, *_ROLES}):
+        if word.lower() not in skip:
+            pieces += [p for p, _ in pre.pre_tokenize_str(word)]
+    for piece in [*sorted(set(pieces)), *name_pieces()]:
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.add_special_tokens([token for _, token in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
+    )
+    tokenizer.padding_side = base.padding_side
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_tiny_llm(tokenizer: Any, config: TinyLLMConfig = TinyLLMConfig()) -> torch.nn.Module:
     """A random Llama sized for `tokenizer`, deterministic in `config.seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,6 +194,11 @@ def build_tiny_llm(tokenizer: Any, config: TinyLLMConfig = TinyLLMConfig()) -> t
 
 
 def tiny_llm_for_samples(samples: Iterable[Sample], config: TinyLLMConfig = TinyLLMConfig()) -> tuple[Any, Any]:
-    """(model, tokenizer): a tiny random Llama whose tokenizer knows every word in `samples`."""
-    tokenizer = tiny_tokenizer_with_words(sample_words(samples))
+    """(model, tokenizer): a tiny random Llama whose tokenizer knows every word in `samples` (names
+    spelt in pieces with `config.subword_names`)."""
+    samples = list(samples)
+    if config.subword_names:
+        tokenizer = subword_tokenizer(sample_words(samples), sample_names(samples))
+    else:
+        tokenizer = tiny_tokenizer_with_words(sample_words(samples))
     return build_tiny_llm(tokenizer, config), tokenizer
