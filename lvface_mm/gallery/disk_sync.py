@@ -35,7 +35,7 @@ import numpy as np
 
 from .calibration import default_threshold
 from .disk_index import MANIFEST, DiskIndex, DiskIndexConfig, IndexFileError
-from .store import Identification, best_or_unknown
+from .identification import Identification, best_or_unknown
 
 __all__ = [
     "GalleryIndex",

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import default_threshold
+from .identification import Identification, best_or_unknown
 from .index import IndexConfig, VectorIndex, create_index
 
 _log = logging.getLogger(__name__)
@@ -75,27 +76,6 @@ class NameConflictError(ValueError):
         super().__init__(f"import {path}: already enrolled: {names}; nothing imported. Pass on_conflict='skip', "
                          "'merge' or 'replace'")
         self.path, self.names = str(path), list(names)
-
-
-@dataclass(frozen=True)
-class Identification:
-    """Answer for one query embedding. Below the threshold ``name`` and ``identity_id`` are None
-    ("unknown") and ``score`` is the best cosine found (-1.0 when the gallery is empty)."""
-
-    name: str | None
-    score: float
-    identity_id: int | None
-
-    @property
-    def known(self) -> bool:
-        return self.name is not None
-
-
-def best_or_unknown(top1: Sequence[Sequence[Identification]], threshold: float) -> list[Identification]:
-    """Per query, its best candidate when the score reaches ``threshold``, else unknown with that score
-    (-1.0 when there is no candidate). ``top1`` is what a gallery's ``search(..., k=1)`` returns."""
-    return [c[0] if c and c[0].score >= threshold else Identification(None, c[0].score if c else -1.0, None)
-            for c in top1]
 
 
 @dataclass(frozen=True)
