@@ -8,8 +8,7 @@ transformers. Subpackages: `lvface_mm.models`, `.faces`, `.data`, `.eval`, `.los
 
 from __future__ import annotations
 
-import importlib
-
+from .lazy_exports import lazy_getattr
 from .version import __version__
 
 _LAZY = {
@@ -23,9 +22,4 @@ _LAZY = {
 __all__ = ["FaceEmbedder", "FaceViT", "FaceViTConfig", "__version__", "create_model", "list_models"]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lvface_mm' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -11,7 +11,7 @@ Only `app.py` imports gradio, so the checks are importable without the `demo` ex
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_getattr
 
 _LAZY = {
     "build_demo": "lvface_mm.demo.app",
@@ -22,9 +22,4 @@ _LAZY = {
 __all__ = ["DemoSettings", "DemoState", "build_demo"]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lvface_mm.demo' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
