@@ -79,7 +79,8 @@ class DiskIndexConfig:
         scan_threads: threads that scan the PQ codes for one search, each over a contiguous part
             (FAISS scans one query on one thread). A latency knob for cores a query has to itself:
             on an idle 2-core machine 2 about halves the scan's wall time at 1M faces; on a busy
-            one it only adds contention. Used from ``2 * split_rows`` live rows on.
+            one it only adds contention. Used from ``scan_threads`` x 50,000 live rows on; the parts hold a
+            second in-memory copy of the PQ codes (``pq_m / 2`` bytes a face).
     """
 
     kind: str = "auto"
