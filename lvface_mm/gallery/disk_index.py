@@ -78,9 +78,10 @@ class DiskIndexConfig:
         compact_ratio: rewrite the files once this fraction of rows is dead.
         scan_threads: threads that scan the PQ codes for one search, each over a contiguous part
             (FAISS scans one query on one thread). A latency knob for cores a query has to itself:
-            on an idle 2-core machine 2 about halves the scan's wall time at 1M faces; on a busy
-            one it only adds contention. Used from ``scan_threads`` x 50,000 live rows on; the parts hold a
-            second in-memory copy of the PQ codes (``pq_m / 2`` bytes a face).
+            on an idle 2-core machine 2 cut the p99 at 10M faces from 94 to 41 ms, at 1M it gained
+            little, and on a busy machine it only adds contention (benchmarks/results/search.md).
+            Used from ``scan_threads`` x 50,000 live rows on; the parts hold a second in-memory copy
+            of the PQ codes (``pq_m / 2`` bytes a face).
     """
 
     kind: str = "auto"
