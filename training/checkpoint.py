@@ -394,13 +394,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     verify_checksum(path)
+    return load_formatted(path, FORMAT, unreadable=f"{path}: not a readable training checkpoint")
+
+
+def load_formatted(path: Path, expected: str, *, unreadable: str, name: Path | None = None) -> dict[str, Any]:
+    """`torch.load` (tensors only) of a dict whose "format" is `expected`; else a ValueError that
+    starts with `unreadable` (a file torch cannot read) or names `name` (default `path`)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable training checkpoint ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{unreadable} ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != expected:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: not a {FORMAT} training checkpoint (format: {found!r})")
+        raise ValueError(f"{name or path}: not a {expected} training checkpoint (format: {found!r})")
     return payload
 
 

@@ -50,6 +50,7 @@ from .checkpoint import (
     _write_error,
     atomic_write_bytes,
     file_sha256,
+    load_formatted,
     load_optimizer_state,
     sharded_modules,
 )
@@ -250,14 +251,8 @@ def verify_manifest(directory: Path, share: tuple[int, int] = (0, 1)) -> None:
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    try:
-        meta = torch.load(directory / META_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{directory}: unreadable {META_FILE} ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{directory}: not a {FORMAT} training checkpoint (format: {found!r})")
-    return meta
+    return load_formatted(directory / META_FILE, FORMAT, unreadable=f"{directory}: unreadable {META_FILE}",
+                          name=directory)
 
 
 def _dcp_load(tensors: dict[str, Tensor], directory: Path, single_process: bool) -> None:
