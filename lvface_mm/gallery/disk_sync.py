@@ -7,6 +7,7 @@
   a damaged one is moved aside first, never overwritten.
 - ``PhotoFaceIndex``: follows the ``photo_faces`` table of a photo collection (``photos.py``): face
   rows are only ever inserted (with new ids) or deleted, so catching up is "ids past the watermark".
+- ``PhotoClipIndex``: the same for the CLIP embeddings of its ``photos`` (text search).
 - ``default_index_path``: where these live unless told otherwise: beside the database file.
 - ``read_parquet_vectors``: (ids, vectors) batches from Parquet files with a column of embeddings,
   for ``DiskIndex.build`` over photo-collection shards.
@@ -41,6 +42,7 @@ __all__ = [
     "GalleryIndex",
     "IndexInUseError",
     "IndexRebuiltWarning",
+    "PhotoClipIndex",
     "PhotoFaceIndex",
     "SyncReport",
     "default_index_path",
@@ -63,9 +65,9 @@ class IndexInUseError(RuntimeError):
 
 
 def default_index_path(database: str | Path, what: str) -> Path:
-    """Where the index of ``what`` ("faces": photo faces, "people": gallery templates) of a database
-    file lives by default: ``<database>.<what>.idx/``, beside it. Gallery and photo tables may share
-    one file, so each kind gets its own folder."""
+    """Where the index of ``what`` ("faces": photo faces, "clip": photos' CLIP embeddings, "people":
+    gallery templates) of a database file lives by default: ``<database>.<what>.idx/``, beside it.
+    Gallery and photo tables may share one file, so each kind gets its own folder."""
     database = Path(database)
     return database.with_name(f"{database.name}.{what}.idx")
 
@@ -173,13 +175,13 @@ class _SyncedIndex(ABC):
     def _sync(self, index: DiskIndex) -> SyncReport:
         """Apply the source's changes since ``index.source`` was saved."""
 
-    def _uid_from(self, table: str) -> str:
-        """A random id kept in ``table`` (key, value) under ``disk_index_uid``, written once."""
-        found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (_UID_KEY,)).fetchone()
+    def _uid_from(self, table: str, key: str = _UID_KEY) -> str:
+        """A random id kept in ``table`` (key, value) under ``key``, written once."""
+        found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (key,)).fetchone()
         self._first_index = found is None  # no index was ever built from this database
         if found is None:
-            self._conn.execute(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", (_UID_KEY, uuid.uuid4().hex))
-            found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (_UID_KEY,)).fetchone()
+            self._conn.execute(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", (key, uuid.uuid4().hex))
+            found = self._conn.execute(f"SELECT value FROM {table} WHERE key = ?", (key,)).fetchone()
         return str(found[0])
 
     # ---------------------------------------------------------------- open / rebuild
@@ -414,29 +416,43 @@ class GalleryIndex(_SyncedIndex):
         return self
 
 
-class PhotoFaceIndex(_SyncedIndex):
-    """An on-disk index of a photo collection's faces (``photo_faces`` of a ``PhotoIndex`` file).
-
-    Face rows are only inserted (ids from AUTOINCREMENT, never reused, committed in id order: SQLite
-    has one writer at a time) or deleted with their photo, never changed. So a sync adds the rows
-    past the saved watermark (the highest id applied) and, only when the counts then disagree, reads
-    the id list to drop the deleted ones.
-
-    Example:
-        >>> faces = PhotoFaceIndex(default_index_path("library.db", "faces"), "library.db")
-        >>> scores, face_ids = faces.search(query_embeddings, k=20)
+class _AppendOnlyIndex(_SyncedIndex):
+    """An on-disk index of one vector column of a photo-collection table (``photos.py``) whose rows
+    are only inserted (ids from AUTOINCREMENT, never reused, committed in id order: SQLite has one
+    writer at a time) or deleted, never changed. So a sync adds the rows past the saved watermark
+    (the highest id applied) and, only when the counts then disagree, reads the id list to drop the
+    deleted ones. Subclasses name the table, the column, which rows count (``row_filter``) and the
+    ``photo_meta`` key of their uid (one per kind: a faces index is not taken for a CLIP one).
     """
 
     what = "photo index"
+    table = ""
+    column = ""
+    row_filter = ""  # SQL condition on the rows to index; "" = every row
+    uid_key = _UID_KEY
+    holds = ""  # how errors name the vectors
+    setup_sql = ""  # run once per open (e.g. an index that keeps row_filter queries off the blobs)
+
+    @classmethod
+    def _select(cls, what: str, *conditions: str) -> str:
+        where = " AND ".join(c for c in (cls.row_filter, *conditions) if c)
+        return f"SELECT {what} FROM {cls.table}" + (f" WHERE {where}" if where else "")
+
+    @classmethod
+    def has_rows(cls, conn: sqlite3.Connection) -> bool:
+        """Whether the database holds any vector of this kind (no index is made before it does)."""
+        return conn.execute(cls._select("1") + " LIMIT 1").fetchone() is not None
 
     def _identity(self) -> tuple[int, str]:
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"photo_meta", "photo_faces"} <= tables:
-            raise ValueError(f"photo index {self.database_path}: no photo_faces table; not made by lvface-mm index")
-        row = self._conn.execute("SELECT length(embedding) FROM photo_faces LIMIT 1").fetchone()
+        if not {"photo_meta", self.table} <= tables:
+            raise ValueError(f"photo index {self.database_path}: no {self.table} table; not made by lvface-mm index")
+        if self.setup_sql:
+            self._conn.execute(self.setup_sql)
+        row = self._conn.execute(self._select(f"length({self.column})") + " LIMIT 1").fetchone()
         if row is None:
-            raise ValueError(f"photo index {self.database_path}: holds no faces yet; nothing to index")
-        return int(row[0]) // 4, self._uid_from("photo_meta")
+            raise ValueError(f"photo index {self.database_path}: holds no {self.holds} yet; nothing to index")
+        return int(row[0]) // 4, self._uid_from("photo_meta", self.uid_key)
 
     def _sync(self, index: DiskIndex) -> SyncReport:
         start = time.perf_counter()
@@ -446,14 +462,14 @@ class PhotoFaceIndex(_SyncedIndex):
         c.execute("BEGIN")  # one read snapshot: the count and the rows agree
         try:
             self._data_version = int(c.execute("PRAGMA data_version").fetchone()[0])
-            count = int(c.execute("SELECT COUNT(*) FROM photo_faces").fetchone()[0])
-            newest = int(c.execute("SELECT COALESCE(MAX(id), -1) FROM photo_faces").fetchone()[0])
-            cursor = c.execute("SELECT id, embedding FROM photo_faces WHERE id > ? ORDER BY id", (watermark,))
+            count = int(c.execute(self._select("COUNT(*)")).fetchone()[0])
+            newest = int(c.execute(self._select("COALESCE(MAX(id), -1)")).fetchone()[0])
+            cursor = c.execute(self._select(f"id, {self.column}", "id > ?") + " ORDER BY id", (watermark,))
             while rows := cursor.fetchmany(8192):
                 added += index.add(np.array([r[0] for r in rows], np.int64), self._decode([r[1] for r in rows]),
                                    _save_manifest=False)
-            if len(index) != count:  # faces deleted (with their photos) since the last sync
-                ids_text = c.execute("SELECT group_concat(id) FROM photo_faces").fetchone()[0]
+            if len(index) != count:  # rows deleted (photos with their faces) since the last sync
+                ids_text = c.execute(self._select("group_concat(id)")).fetchone()[0]
                 db_ids = np.array(ids_text.split(","), np.int64) if ids_text else np.zeros(0, np.int64)
                 removed = index.remove(np.setdiff1d(index.ids(), db_ids, assume_unique=True), _save_manifest=False)
         finally:
@@ -463,13 +479,46 @@ class PhotoFaceIndex(_SyncedIndex):
         return SyncReport(added, removed, False, "", time.perf_counter() - start)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k), face ids (Q, k)) of the nearest faces, -inf / -1 padded; catches up first."""
+        """(scores (Q, k), row ids (Q, k)) of the nearest vectors, -inf / -1 padded; catches up first."""
         x = self._queries(embeddings)
         with self._lock:
             self._maybe_sync()
             return self.index.search(x, k)
 
+
+class PhotoFaceIndex(_AppendOnlyIndex):
+    """An on-disk index of a photo collection's faces (``photo_faces`` of a ``PhotoIndex`` file);
+    ``search`` returns face ids. Face rows are only inserted or deleted with their photo.
+
+    Example:
+        >>> faces = PhotoFaceIndex(default_index_path("library.db", "faces"), "library.db")
+        >>> scores, face_ids = faces.search(query_embeddings, k=20)
+    """
+
+    table, column, holds = "photo_faces", "embedding", "faces"
+
     def __enter__(self) -> PhotoFaceIndex:
+        return self
+
+
+class PhotoClipIndex(_AppendOnlyIndex):
+    """An on-disk index of a photo collection's CLIP image embeddings (the non-NULL ``clip`` of
+    ``photos``) for text search; ``search`` returns photo ids. Photo rows are only inserted (with or
+    without CLIP: a faces-only run stores NULL) or deleted; only the moved path is ever updated.
+
+    Example:
+        >>> photos = PhotoClipIndex(default_index_path("library.db", "clip"), "library.db")
+        >>> scores, photo_ids = photos.search(clip.encode_text(["a dog on a beach"]), k=20)
+    """
+
+    table, column, holds = "photos", "clip", "CLIP embeddings"
+    row_filter = "clip IS NOT NULL"
+    uid_key = "clip_index_uid"
+    # Counting, listing and finding the newest photo with CLIP then read this small index, not every
+    # photo's 2 KiB embedding; SQLite keeps it up to date on every write.
+    setup_sql = "CREATE INDEX IF NOT EXISTS photos_with_clip ON photos(id) WHERE clip IS NOT NULL"
+
+    def __enter__(self) -> PhotoClipIndex:
         return self
 
 

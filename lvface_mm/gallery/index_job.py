@@ -32,7 +32,7 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
         engine: a registered runner (``list_engines()``): "inline", "local", "torchrun", "ray".
         workers: worker count for "local" and "ray" (default: one per CPU core).
         progress: called with each shard's outcome as it finishes.
-        disk_index: the on-disk face index updated after the merge (see ``PhotoIndex``; False: none).
+        disk_index: the on-disk face and CLIP indexes updated after the merge (see ``PhotoIndex``; False: none).
         engine_options: passed to the runner (e.g. ``address=`` for Ray).
     """
     import importlib.util
@@ -75,9 +75,11 @@ def run_index_job(paths: Iterable[str | Path], config: IndexJobConfig, spec: Enc
     with PhotoIndex(config.db, face_model=spec.face_key, clip_key=spec.clip_key, disk_index=disk_index) as index:
         files_done = [s.file(config.shard_dir) for s in shards if s.file(config.shard_dir).exists()]
         build_collection(index, files_done, report)
-        # Bring the on-disk face index (<db>.faces.idx/) up to date with what was merged, so the
-        # first search opens it ready instead of catching up on the whole job.
+        # Bring the on-disk indexes (<db>.faces.idx/, and <db>.clip.idx/ when photos have CLIP
+        # embeddings) up to date with what was merged, so the first search opens them ready instead
+        # of catching up on the whole job.
         index.sync_face_index()
+        index.sync_clip_index()
     report.seconds = time.perf_counter() - start
     return report
 

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..models.pretrained import sha256_of
-from .disk_sync import IndexInUseError, PhotoFaceIndex, SyncReport, disk_index_config, resolve_index_path
+from .disk_sync import (
+    IndexInUseError,
+    PhotoClipIndex,
+    PhotoFaceIndex,
+    SyncReport,
+    default_index_path,
+    disk_index_config,
+    resolve_index_path,
+)
 from .index import IndexConfig, VectorIndex, create_index
 
 if TYPE_CHECKING:
@@ -180,6 +188,39 @@ def _blob(x: np.ndarray) -> bytes:
     return np.ascontiguousarray(x, dtype="<f4").tobytes()
 
 
+class _OnDisk:
+    """One on-disk index a ``PhotoIndex`` searches (faces or CLIP): opened on first use, none while
+    the database holds no vector of its kind. When another process holds the folder, ``path``
+    becomes None and the caller searches an in-memory index instead (logged once)."""
+
+    def __init__(self, kind: type[PhotoFaceIndex | PhotoClipIndex], path: Path | None, database: str) -> None:
+        self.kind, self.path, self.database = kind, path, database
+        self.index: PhotoFaceIndex | PhotoClipIndex | None = None
+
+    def open(self, conn: sqlite3.Connection) -> PhotoFaceIndex | PhotoClipIndex | None:
+        if self.index is None and self.path is not None and self.kind.has_rows(conn):
+            try:
+                self.index = self.kind(self.path, self.database, disk_index_config())
+            except IndexInUseError as exc:
+                _log.warning("%s; searching an in-memory index instead", exc)
+                self.path = None
+        return self.index
+
+    def sync(self, conn: sqlite3.Connection) -> SyncReport | None:
+        """Catch up now; what the open did when it did the work, else what this sync did."""
+        fresh = self.index is None
+        if self.open(conn) is None:
+            return None
+        opened = self.index.last_sync
+        report = self.index.sync()
+        return opened if fresh and (opened.rebuilt or opened.added or opened.removed) else report
+
+    def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+
+
 class PhotoIndex:
     """Faces and CLIP embeddings of a photo collection in one SQLite file.
 
@@ -196,7 +237,10 @@ class PhotoIndex:
             faces added or deleted since, rebuilt with an ``IndexRebuiltWarning`` when missing or
             damaged; see ``disk_sync.PhotoFaceIndex``), unless ``index`` names an in-memory backend
             or the database is ``:memory:``. ``True``: that folder; a path: another folder;
-            ``False``: an in-memory index built from the file at every start.
+            ``False``: an in-memory index built from the file at every start. Text search
+            (CLIP) follows the same switch with ``<path>.clip.idx/`` (``disk_sync.PhotoClipIndex``;
+            ``<folder>.clip/`` beside a folder given as a path), made only once photos have CLIP
+            embeddings.
     """
 
     def __init__(self, path: str | Path, *, embedder: FaceEmbedder | None = None, clip: ClipEncoder | None = None,
@@ -206,8 +250,11 @@ class PhotoIndex:
         self.embedder = embedder
         self.clip = clip
         self._index_config = IndexConfig(kind=index) if isinstance(index, str) else index
-        self.disk_index_path = resolve_index_path(self.path, disk_index, self._index_config.kind, "faces")
-        self._faces_on_disk: PhotoFaceIndex | None = None
+        faces = resolve_index_path(self.path, disk_index, self._index_config.kind, "faces")
+        clip_path = (None if faces is None else default_index_path(self.path, "clip") if disk_index in (None, True)
+                     else faces.with_name(faces.name + ".clip"))
+        self._faces_on_disk = _OnDisk(PhotoFaceIndex, faces, self.path)
+        self._clip_on_disk = _OnDisk(PhotoClipIndex, clip_path, self.path)
         self._lock = threading.RLock()
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -224,6 +271,16 @@ class PhotoIndex:
         self._face_version = self._clip_version = (-1, -1)
         self._face_index: VectorIndex | None = None
         self._clip_index: VectorIndex | None = None
+
+    @property
+    def disk_index_path(self) -> Path | None:
+        """The on-disk face index folder; None when off (or another process holds it)."""
+        return self._faces_on_disk.path
+
+    @property
+    def clip_index_path(self) -> Path | None:
+        """The on-disk CLIP (text search) index folder; None when off (or another process holds it)."""
+        return self._clip_on_disk.path
 
     # ---------------------------------------------------------------- bookkeeping
     def _transaction(self):  # noqa: ANN202 - a context manager over the connection
@@ -466,6 +523,18 @@ class PhotoIndex:
         """Changes when anyone (another connection: data_version; this one: total_changes) wrote the file."""
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0]), self._conn.total_changes
 
+    def _nearest_photos(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, <=k), photo ids) by CLIP cosine: from the on-disk index when there is one (it
+        catches up by itself), else from an in-memory index (re)built when the file changed."""
+        with self._lock:
+            on_disk = self._clip_on_disk.open(self._conn)
+            if on_disk is not None:
+                return on_disk.search(queries, k)
+            clip_index = self._clip_cache()
+            if clip_index is None:
+                return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return clip_index.search(queries, k)
+
     def _clip_cache(self) -> VectorIndex | None:
         """The in-memory CLIP index, (re)built when the file changed."""
         with self._lock:
@@ -479,8 +548,9 @@ class PhotoIndex:
         """(scores (Q, <=limit), face ids) of the nearest faces: from the on-disk index when there is
         one (it catches up by itself), else from an in-memory index (re)built when the file changed."""
         with self._lock:
-            if self.disk_index_path is not None and self._open_disk_faces() is not None:
-                return self._faces_on_disk.search(queries, limit)
+            on_disk = self._faces_on_disk.open(self._conn)
+            if on_disk is not None:
+                return on_disk.search(queries, limit)
             version = self._version()
             if version != self._face_version:
                 rows = self._conn.execute("SELECT id, embedding FROM photo_faces ORDER BY id").fetchall()
@@ -489,30 +559,17 @@ class PhotoIndex:
                 return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
             return self._face_index.search(queries, min(limit, len(self._face_index)))
 
-    def _open_disk_faces(self) -> PhotoFaceIndex | None:
-        """The on-disk face index, opened on first use; None while there are no faces. When another
-        process holds the folder, this one falls back to the in-memory index (logged once)."""
-        if self._faces_on_disk is None:
-            if self._conn.execute("SELECT 1 FROM photo_faces LIMIT 1").fetchone() is None:
-                return None
-            try:
-                self._faces_on_disk = PhotoFaceIndex(self.disk_index_path, self.path, disk_index_config())
-            except IndexInUseError as exc:
-                _log.warning("%s; searching an in-memory index instead", exc)
-                self.disk_index_path = None
-        return self._faces_on_disk
-
     def sync_face_index(self) -> SyncReport | None:
         """Bring the on-disk face index up to date now (``lvface-mm index`` calls this after a merge,
         so the first search does not pay for it); None when there is none (off, or no faces yet)."""
         with self._lock:
-            if self.disk_index_path is None or self._open_disk_faces() is None:
-                return None
-            opened = self._faces_on_disk.last_sync
-            report = self._faces_on_disk.sync()
-            if opened.rebuilt or opened.added or opened.removed:  # the open did the work
-                return opened
-            return report
+            return self._faces_on_disk.sync(self._conn)
+
+    def sync_clip_index(self) -> SyncReport | None:
+        """The same for the on-disk CLIP index; None when off or no photo has a CLIP embedding
+        (a faces-only collection gets no CLIP index)."""
+        with self._lock:
+            return self._clip_on_disk.sync(self._conn)
 
     def _build(self, rows: Sequence[tuple], column: int) -> VectorIndex | None:
         if not rows:
@@ -605,10 +662,7 @@ class PhotoIndex:
         """Photos ranked by CLIP similarity to ``text``."""
         if self.clip is None:
             raise ValueError("text queries need clip=")
-        clip_index = self._clip_cache()
-        if clip_index is None:
-            return []
-        scores, ids = clip_index.search(self.clip.encode_text([text]), k)
+        scores, ids = self._nearest_photos(self.clip.encode_text([text]), k)
         return self._hits(((int(i), float(s), None) for s, i in zip(scores[0], ids[0]) if i >= 0), gallery, k)
 
     def search(self, query: str, gallery: Gallery | None = None, k: int = 20) -> list[PhotoHit]:
@@ -632,13 +686,17 @@ class PhotoIndex:
             return []
         face_score = {p: min(d[p][0] for d in per_name) for p in photos}
         marked = {p: {d[p][1]: (n, d[p][0]) for n, d in zip(names, per_name)} for p in photos}
-        if text and self.clip is not None and self._clip_cache() is not None:
+        if text and self.clip is not None and self._has_clip():
             t = self.clip.encode_text([text])[0]
             clip_score = {p: float(self._clip_vector(p) @ t) for p in photos}
             order = sorted(photos, key=lambda p: (-clip_score[p], -face_score[p]))
             return self._hits(((p, clip_score[p], marked[p]) for p in order), gallery, k)
         order = sorted(photos, key=lambda p: -face_score[p])
         return self._hits(((p, face_score[p], marked[p]) for p in order), gallery, k)
+
+    def _has_clip(self) -> bool:
+        with self._lock:
+            return PhotoClipIndex.has_rows(self._conn)
 
     def _clip_vector(self, photo_id: int) -> np.ndarray:
         with self._lock:
@@ -652,9 +710,8 @@ class PhotoIndex:
 
     def close(self) -> None:
         with self._lock:
-            if self._faces_on_disk is not None:
-                self._faces_on_disk.close()
-                self._faces_on_disk = None
+            self._faces_on_disk.close()
+            self._clip_on_disk.close()
             self._conn.close()
 
     def __enter__(self) -> PhotoIndex:
