@@ -132,6 +132,7 @@ def test_inline_job_matches_photo_index_and_reruns_are_idempotent(tmp_path, phot
     assert len(list(Path(config.shard_dir).glob("shard-*.parquet"))) == 3
     with PhotoFaceIndex(config.db + ".faces.idx", config.db) as faces:  # built by the job, not the first search
         assert not faces.last_sync.rebuilt and (faces.last_sync.added, len(faces)) == (0, 7)
+    assert not Path(config.db + ".clip.idx").exists()  # faces only: no CLIP index
 
     # The same rows as the one-process PhotoIndex.add path (today's `index`), faces only.
     direct = PhotoIndex(tmp_path / "ref.db", embedder=SPEC.build().embedder, face_model="lvface_tiny")

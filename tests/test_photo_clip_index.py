@@ -14,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvface_mm.gallery.disk_index import DiskIndex
 from lvface_mm.gallery.disk_sync import IndexRebuiltWarning, PhotoClipIndex
 from lvface_mm.gallery.photos import IndexReport, PhotoIndex
 from lvface_mm.gallery.shards import PhotoRecord
 from tests._faces_fixtures import needs_dlib, portrait_path
+from tests.test_search_disk_index import creations, unit  # the face index's tests: same helpers
 
 TEXT = "a dog on a beach"
 FACE_DIM = 512
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def at_cosine(rng: np.random.Generator, target: np.ndarray, cos: float) -> np.ndarray:
@@ -74,19 +70,6 @@ def text_search(db: Path, clip, disk: bool | None = None, k: int = 10) -> list[t
 def assert_same(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> None:
     assert [p for p, _ in a] == [p for p, _ in b]
     np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=2e-3)  # float16 on disk
-
-
-def creations(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Every DiskIndex.create from now on (a rebuild creates one; an open with catch-up does not)."""
-    made: list[Path] = []
-    create = DiskIndex.create.__func__
-
-    def counting(cls: type[DiskIndex], path: str | Path, *args: object, **kwargs: object) -> DiskIndex:
-        made.append(Path(path))
-        return create(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(DiskIndex, "create", classmethod(counting))
-    return made
 
 
 def test_text_search_on_disk_equals_the_in_memory_path(tmp_path, library, clip):

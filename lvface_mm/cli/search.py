@@ -8,10 +8,10 @@
 Prints one line per photo: score, path, and the names found on it (or JSON lines with --json).
 Exit status: 0 results, 1 no result, 2 bad arguments.
 
-Face search (and the names from the gallery) use on-disk indexes kept beside the database,
-`<db>.faces.idx/` and `<gallery>.people.idx/`: memory-mapped at start and caught up with what changed
-since the last run; a missing or damaged one is rebuilt with a one-line warning. `--no-disk-index`
-searches in-memory indexes built at every start instead.
+Face search, text search (CLIP) and the names from the gallery use on-disk indexes kept beside the
+database, `<db>.faces.idx/`, `<db>.clip.idx/` and `<gallery>.people.idx/`: memory-mapped at start
+and caught up with what changed since the last run; a missing or damaged one is rebuilt with a
+one-line warning. `--no-disk-index` searches in-memory indexes built at every start instead.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-score", type=float, help="--face: keep faces at least this similar")
     parser.add_argument("--json", action="store_true", help="JSON lines output")
     parser.add_argument("--no-disk-index", action="store_true",
-                        help="build in-memory indexes at every start instead of keeping <db>.faces.idx/ and "
-                             "<gallery>.people.idx/")
+                        help="build in-memory indexes at every start instead of keeping <db>.faces.idx/, "
+                             "<db>.clip.idx/ and <gallery>.people.idx/")
     add_clip_arguments(parser)
     add_model_arguments(parser)
 
