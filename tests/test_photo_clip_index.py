@@ -87,6 +87,8 @@ def test_text_search_on_disk_equals_the_in_memory_path(tmp_path, library, clip):
     everything = text_search(db, clip, k=100)
     assert len(everything) == 40 and not any(p.startswith("faces") for p, _ in everything)
     assert_same(everything, text_search(db, clip, disk=False, k=100))
+    # Past the face index's flat_below too: text search stays exact (the in-memory path is exact).
+    assert PhotoClipIndex.default_config().stage_for(500_000, 512) == "flat"
     with PhotoClipIndex(tmp_path / "lib.db.clip.idx", db) as index:  # reopened: nothing to do
         report = index.last_sync
         assert (report.added, report.removed, report.rebuilt, len(index)) == (0, 0, False, 40)

@@ -34,7 +34,6 @@ from .disk_sync import (
     PhotoFaceIndex,
     SyncReport,
     default_index_path,
-    disk_index_config,
     resolve_index_path,
 )
 from .index import IndexConfig, VectorIndex, create_index
@@ -200,7 +199,7 @@ class _OnDisk:
     def open(self, conn: sqlite3.Connection) -> PhotoFaceIndex | PhotoClipIndex | None:
         if self.index is None and self.path is not None and self.kind.has_rows(conn):
             try:
-                self.index = self.kind(self.path, self.database, disk_index_config())
+                self.index = self.kind(self.path, self.database, self.kind.default_config())
             except IndexInUseError as exc:
                 _log.warning("%s; searching an in-memory index instead", exc)
                 self.path = None
