@@ -529,7 +529,7 @@ class PhotoClipIndex(_AppendOnlyIndex):
         """Exact (the flat stage) up to a million photos, as the in-memory index it replaces: a text
         query's best photos lie close together in CLIP cosine (the top ten often within 0.03), where
         the PQ candidate stage that suits faces (a genuine face stands out) loses ranks. One vector a
-        photo keeps that affordable: 2 KiB of memory a 512-d photo, ~5 ms a query at 100k."""
+        photo keeps that affordable: 2 KiB of memory a 512-d photo (benchmarks/results/clip_index.md)."""
         return replace(disk_index_config(), flat_below=CLIP_FLAT_BELOW)
 
     def __enter__(self) -> PhotoClipIndex:
