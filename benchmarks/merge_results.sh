@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
   echo "jobs loaded it (load average 10-19 on 2 cores): there the ratios, measured side by side in one"
   echo "run, are the meaningful numbers, and absolute throughputs are pessimistic."
   echo
-  for area in encoder faces datasets_and_eval losses checkpoints training vlm_bridge adapter_training gallery_and_demo demo indexing search; do
+  for area in encoder faces datasets_and_eval losses checkpoints training vlm_bridge adapter_training gallery_and_demo demo indexing search clip_index; do
     f="results/$area.md"
     [ -f "$f" ] || continue
     echo

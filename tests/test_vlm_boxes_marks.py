@@ -71,7 +71,7 @@ def test_set_of_mark_text_and_references() -> None:
         faces, face_refs=True, show_names=False, references=[Reference("Koren", 2), Reference("Sheli", 3)]
     )
     assert "- face 1 <face_0>, in the centre, box [40, 30, 120, 90]." in open_set
-    assert "- Koren <face_2>\n- Sheli <face_3>" in open_set and "Bob" not in open_set
+    assert "- reference <face_2>: Koren\n- reference <face_3>: Sheli" in open_set and "Bob" not in open_set
     with pytest.raises(ValueError, match="references need face_refs=True"):
         grounding_text(faces, references=[Reference("Koren", 2)])
 

@@ -87,7 +87,7 @@ def test_token_mode_shows_references_with_their_tokens(binding, build: str) -> N
     text, _, _ = renderer.prompt(s)
     refs = s.meta["references"]
     for j, r in enumerate(refs):
-        assert f"- {r['name']} <face_{2 + j}>" in text
+        assert f"- reference <face_{2 + j}>: {r['name']}" in text
     assert "- face 1 <face_0>, on the left, box" in text
     assert not any(f"box {x}" in text for x in ("Alice",))
     for f in s.faces:  # face lines carry no names in open-set token mode
@@ -135,14 +135,40 @@ def test_open_set_training_prompt_is_the_api_prompt(build: str, tmp_path: Path) 
     inputs, _ = vlm.prepare([prompt], images, [picture.crops], extra_tokens=torch.zeros(2, 2, 32))
     assert encoded.input_ids[:n_prompt].tolist() == inputs.inputs["input_ids"][0].tolist()
     assert encoded.face_order == inputs.face_order[0] == (0, 1, 2, 3)
-    assert "- Koren <face_2>\n- Sheli <face_3>" in prompt and ": Alice." not in prompt
+    assert "- reference <face_2>: Koren\n- reference <face_3>: Sheli" in prompt and ": Alice." not in prompt
 
 
 def test_ask_in_open_set_mode_shows_the_gallerys_candidates() -> None:
     import numpy as np
 
-    from lvface_mm.gallery import Gallery
     from lvface_mm.vlm.projectors import FaceFeatures
+
+    vlm = tiny_identity_vlm("llava")
+    gallery, faces, image = two_people_scene(noise=0.3)
+    answer = vlm.ask(
+        image, "Who is on the left?", gallery, faces=faces, identity_tokens=True, references=2, max_new_tokens=2
+    )
+    lines = [line for line in answer.prompt.split("\n") if line.startswith("- ")]
+    assert lines[0].startswith("- face 1 <face_0>, on the left") and lines[0].endswith("].")  # no name on faces
+    ref_lines = lines[2:]
+    assert {line.split(" ")[3] for line in ref_lines} >= {"Koren", "Sheli"}
+    assert [line.split(" ")[2] for line in ref_lines] == [f"<face_{2 + j}>:" for j in range(len(ref_lines))]
+    picture = vlm.find_faces(image, faces)
+    refs, tokens, _ = vlm._references(picture, gallery, 2)
+    expected = vlm.adapter.projector(
+        FaceFeatures(pooled=torch.as_tensor(np.stack([gallery.template(r.name) for r in refs])))
+    )
+    torch.testing.assert_close(tokens, expected)
+    with pytest.raises(ValueError, match="references need a gallery"):
+        vlm.ask(image, "Who?", None, faces=faces, identity_tokens=True, references=2)
+
+
+def two_people_scene(noise: float):
+    """A gallery of Koren, Sheli and Tamo; a 64x32 picture with Sheli on the left and Koren on the
+    right, their embeddings the enrolled ones plus `noise` x N(0, 1) per dimension."""
+    import numpy as np
+
+    from lvface_mm.gallery import Gallery
     from tests._vlm_fixtures import faces_at
 
     rng = np.random.default_rng(0)
@@ -151,27 +177,10 @@ def test_ask_in_open_set_mode_shows_the_gallerys_candidates() -> None:
     gallery = Gallery(":memory:", threshold=0.9)
     for name, e in zip(("Koren", "Sheli", "Tamo"), people):
         gallery.enrol(name, e[None])
-    vlm = tiny_identity_vlm("llava")
     faces = faces_at([(2.0, 2.0, 30.0, 30.0), (34.0, 2.0, 62.0, 30.0)])
-    query = people[[1, 0]] + 0.3 * rng.standard_normal((2, 512)).astype(np.float32)
+    query = people[[1, 0]] + noise * rng.standard_normal((2, 512)).astype(np.float32)
     faces = [replace_embedding(f, q / np.linalg.norm(q)) for f, q in zip(faces, query)]
-    image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
-    answer = vlm.ask(
-        image, "Who is on the left?", gallery, faces=faces, identity_tokens=True, references=2, max_new_tokens=2
-    )
-    lines = [line for line in answer.prompt.split("\n") if line.startswith("- ")]
-    assert lines[0].startswith("- face 1 <face_0>, on the left") and lines[0].endswith("].")  # no name on faces
-    ref_lines = lines[2:]
-    assert {line.split(" ")[1] for line in ref_lines} >= {"Koren", "Sheli"}
-    assert [line.split(" ")[2] for line in ref_lines] == [f"<face_{2 + j}>" for j in range(len(ref_lines))]
-    picture = vlm.find_faces(image, faces)
-    refs, tokens = vlm._references(picture, gallery, 2)
-    expected = vlm.adapter.projector(
-        FaceFeatures(pooled=torch.as_tensor(np.stack([gallery.template(r.name) for r in refs])))
-    )
-    torch.testing.assert_close(tokens, expected)
-    with pytest.raises(ValueError, match="references need a gallery"):
-        vlm.ask(image, "Who?", None, faces=faces, identity_tokens=True, references=2)
+    return gallery, faces, rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
 
 
 def replace_embedding(face, embedding):

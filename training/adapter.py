@@ -69,7 +69,8 @@ class AdapterModelConfig:
         encoder: LVFace encoder name (None: the card's).
         encoder_checkpoint: a local encoder checkpoint instead of the official weights.
         encoder_pretrained: load the official encoder weights (None: when they exist).
-        projector, num_id_tokens, projector_hidden_dim: override the card's.
+        projector, num_id_tokens, projector_hidden_dim, reference_matching: override the card's
+            (`reference_matching`: bind open-set references to the faces they match, `lvface_mm.vlm.matching`).
         gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
             and the injected identity tokens still get gradients).
         load_in_4bit: QLoRA: load the frozen model's linear layers in 4-bit NF4 (double quantisation,
@@ -90,6 +91,7 @@ class AdapterModelConfig:
     projector: str | None = None
     num_id_tokens: int | None = None
     projector_hidden_dim: int | None = None
+    reference_matching: bool | None = None
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
@@ -278,7 +280,7 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     else:
         card = load_adapter_card(m.card)
     changes: dict[str, Any] = {"lora": lora}
-    for key in ("encoder", "projector", "num_id_tokens", "projector_hidden_dim"):
+    for key in ("encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching"):
         if getattr(m, key) is not None:
             changes[key] = getattr(m, key)
     if m.model_path is not None:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..vlm.injection import IdentityTokens
+from ..vlm.matching import bind_references, identity_embeddings
 from ..vlm.projectors import FaceFeatures
 from ..vqa.rendering import model_extras
 
@@ -140,6 +141,22 @@ class IdentityAdapterTask(nn.Module):
             preservation,
         )
 
+    def _bind(
+        self,
+        per_row: tuple[torch.Tensor, ...],
+        faces: torch.Tensor,
+        face_mask: torch.Tensor,
+        picture_faces: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Open-set rows: bind each reference to the picture face it matches (`vlm.matching`)."""
+        embeddings = identity_embeddings(self.adapter, faces)  # (N, D)
+        per_row_embeddings = torch.split(embeddings, face_mask.sum(dim=1).tolist())
+        projector = self.adapter.projector
+        return [
+            bind_references(projector, tokens, emb, int(n))
+            for tokens, emb, n in zip(per_row, per_row_embeddings, picture_faces.tolist())
+        ]
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         length = int(batch["attention_mask"].sum(dim=1).max())  # trim the dataset-wide padding
         input_ids = batch["input_ids"][:, :length]  # (B, T)
@@ -148,6 +165,8 @@ class IdentityAdapterTask(nn.Module):
         face_mask = batch["face_mask"]  # (B, F_max)
         tokens, preservation = self.face_tokens(batch["faces"][face_mask])  # (N, K, d)
         per_row = torch.split(tokens, face_mask.sum(dim=1).tolist())  # B x (F_i, K, d)
+        if self.adapter.projector.matcher is not None and "picture_faces" in batch:
+            per_row = self._bind(per_row, batch["faces"][face_mask], face_mask, batch["picture_faces"])
         order = [row[row >= 0].tolist() for row in batch["face_order"]]
         identity = IdentityTokens.from_faces(per_row, order)
         pictures = model_extras(batch, length)  # pixel_values etc. of VLM samples; {} for text-only

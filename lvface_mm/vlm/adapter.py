@@ -51,6 +51,7 @@ class IdentityAdapter(nn.Module):
             out_dim=llm_hidden_size,
             num_tokens=config.num_id_tokens,
             hidden_dim=config.projector_hidden_dim,
+            reference_matching=config.reference_matching,
         )
         self.projector: Projector = create_projector(config.projector, spec)
 
@@ -95,7 +96,7 @@ class IdentityAdapter(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained part only: projector weights and its calibrated output norm."""
+        """The trained part only: projector weights (with its reference matcher) and its calibrated output norm."""
         return {f"projector.{k}": v.detach().contiguous() for k, v in self.projector.state_dict().items()}
 
     def save_pretrained(

@@ -56,6 +56,9 @@ class IdentityAdapterConfig:
             ("resampler": 512).
         num_id_tokens: K, identity tokens per face (one `<face>` in a prompt becomes K copies).
         placeholder_token: the special token added to the tokenizer.
+        reference_matching: open-set token mode binds each gallery reference to the picture face it
+            matches (`lvface_mm.vlm.matching`: learned face slots and a cosine gate, trained with the
+            projector). Needs embedding_source "pooled" or "both".
         lora: PEFT's `LoraConfig` for fine-tuning the LLM (a mapping of its arguments is converted),
             or None for projector-only adapters. `target_modules=None` means the family's default
             (the language model's attention projections, never the vision tower);
@@ -73,6 +76,7 @@ class IdentityAdapterConfig:
     projector_hidden_dim: int | None = None
     num_id_tokens: int = 1
     placeholder_token: str = "<face>"
+    reference_matching: bool = False
     lora: LoraConfig | None = None
     description: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -106,6 +110,15 @@ class IdentityAdapterConfig:
             raise ValueError(
                 "IdentityAdapterConfig.placeholder_token must look like a tag without spaces, e.g. '<face>', "
                 f"got {self.placeholder_token!r}"
+            )
+        if not isinstance(self.reference_matching, bool):
+            raise ValueError(
+                f"IdentityAdapterConfig.reference_matching must be true or false, got {self.reference_matching!r}"
+            )
+        if self.reference_matching and self.embedding_source == "patch":
+            raise ValueError(
+                "IdentityAdapterConfig.reference_matching compares pooled identity embeddings: "
+                "embedding_source must be 'pooled' or 'both', not 'patch'"
             )
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(

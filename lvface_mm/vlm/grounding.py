@@ -125,7 +125,9 @@ class GroundingTemplate:
     # Open-set token mode: faces without names, then the gallery's candidates with reference tokens.
     nameless_line: str = "- face {number}{ref}, {where}, box {box}."
     references_header: str = "People the gallery retrieved, each with an enrolled reference face:"
-    reference_line: str = "- {name}{ref}"
+    # The reference's tokens come before its name: a name's words can then see (causal attention)
+    # whether their reference matched a face, so copying the name is the plain induction pattern.
+    reference_line: str = "- reference{ref}: {name}"
     no_references: str = "The gallery retrieved nobody."
     reference_instruction: str = (
         f"Name a face only if it matches one of these references; call any other face {UNKNOWN_PERSON}."

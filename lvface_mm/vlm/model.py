@@ -29,11 +29,13 @@ from torch import nn
 from ..faces.alignment import align_face, to_model_input
 from ..models import FaceViT
 from .adapter import IdentityAdapter, build_encoder, saved_hidden_size
-from .config import CONFIG_NAME, IdentityAdapterConfig, find_card_for_model, list_adapter_cards, load_adapter_card
-from .families import VLMFamily, family_for_model, get_family
+from .config import IdentityAdapterConfig
+from .families import VLMFamily, family_for_model
 from .grounding import GalleryLike, GroundingTemplate, Reference, family_prompt, ground_faces
-from .hub import PEFT_CONFIG_NAME, ROWS_NAME, is_repo_id, push_folder, resolve_adapter
+from .hub import PEFT_CONFIG_NAME, ROWS_NAME, push_folder
 from .injection import IdentityInjector, IdentityTokens
+from .loading import load_base_model, resolve_card
+from .matching import bind_references
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
 from .results import GroundedFace, IdentityAnswer, find_mentions
 from .set_of_mark import draw_marks
@@ -220,7 +222,7 @@ class IdentityVLM:
             detector: face detector for pictures passed without `faces`.
             identity_tokens: see `IdentityVLM`.
         """
-        card, adapter_dir, model_id = _resolve_card(
+        card, adapter_dir, model_id = resolve_card(
             base_model,
             adapter,
             dict(revision=adapter_revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only),
@@ -232,7 +234,7 @@ class IdentityVLM:
             ).items()
             if v is not None
         }
-        model, processor, family = _load_model(base_model, model_id, card, processor, hub_kwargs, model_kwargs)
+        model, processor, family = load_base_model(base_model, model_id, card, processor, hub_kwargs, model_kwargs)
         if card is None:
             name = getattr(model.config, "name_or_path", "") or family.name
             card = IdentityAdapterConfig(name=name, vlm_id=name, family=family.name)
@@ -576,15 +578,20 @@ class IdentityVLM:
         picture = self.find_faces(image, faces)
         grounded = self.ground(picture, gallery)
         use_tokens = self._use_tokens(identity_tokens) and len(picture) > 0
-        refs, ref_tokens = None, None
+        refs, ref_tokens, ref_embeddings = None, None, None
         if use_tokens and references > 0:
-            refs, ref_tokens = self._references(picture, gallery, references)
+            refs, ref_tokens, ref_embeddings = self._references(picture, gallery, references)
         show = (not use_tokens) if gallery_names is None else gallery_names
         prompt, images = self.grounded_prompt(
             picture, grounded, question, use_tokens, template, set_of_mark, refs, show_names=show and refs is None
         )
         crops = [picture.crops] if use_tokens else None
         inputs, face_tokens = self.prepare([prompt], images, crops, extra_tokens=ref_tokens)
+        if ref_embeddings is not None and len(ref_embeddings):
+            # Open-set: bind each reference to the face it matches (a no-op without a matcher).
+            own = torch.as_tensor(picture.embeddings, dtype=torch.float32)  # (F, D)
+            embeddings = torch.cat([own, ref_embeddings.float().cpu()])  # (F + R, D)
+            face_tokens[0] = bind_references(self.adapter.projector, face_tokens[0], embeddings, len(picture))
         with torch.no_grad():
             new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
         text = self.processor.batch_decode(new_tokens[:1], skip_special_tokens=True)[0].strip()
@@ -630,9 +637,11 @@ class IdentityVLM:
             shown = draw_marks(shown, [f.box for f in grounded], [f.number for f in grounded])
         return prompt, [[shown]]
 
-    def _references(self, picture: FacesInPicture, gallery: Any, k: int) -> tuple[list[Reference], torch.Tensor]:
-        """The gallery's top-k candidates of every face (best first, each name once) and the
-        identity tokens ((R, K, d)) of their enrolled templates."""
+    def _references(
+        self, picture: FacesInPicture, gallery: Any, k: int
+    ) -> tuple[list[Reference], torch.Tensor, torch.Tensor]:
+        """The gallery's top-k candidates of every face (best first, each name once), the identity
+        tokens ((R, K, d)) of their enrolled templates and the templates ((R, D), L2-normalised)."""
         from .projectors import FaceFeatures
 
         if gallery is None or not hasattr(gallery, "search") or not hasattr(gallery, "template"):
@@ -649,12 +658,13 @@ class IdentityVLM:
         projector = self.adapter.projector
         param = next(projector.parameters())
         if not names:
-            return refs, torch.zeros(0, self.config.num_id_tokens, projector.spec.out_dim)
+            empty = torch.zeros(0, self.config.num_id_tokens, projector.spec.out_dim)
+            return refs, empty, torch.zeros(0, projector.spec.pooled_dim)
         templates = torch.as_tensor(np.stack([gallery.template(n) for n in names]), dtype=param.dtype)
         with torch.no_grad():
             pooled = torch.nn.functional.normalize(templates.to(param.device), dim=-1)
             tokens = projector(FaceFeatures(pooled=pooled))  # (R, K, d)
-        return refs, tokens
+        return refs, tokens, pooled
 
     def caption(self, image: Any, gallery: GalleryLike | None = None, **kwargs: Any) -> IdentityAnswer:
         """Caption `image`, naming the people the gallery knows (same options as `ask`)."""
@@ -720,99 +730,6 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is part of the vlm extra
         return False
     return isinstance(model, PeftModel)
-
-
-def _resolve_card(
-    base_model: Any, adapter: Any, hub: dict[str, Any]
-) -> tuple[IdentityAdapterConfig | None, Path | None, str | None]:
-    """The card, a trained adapter's local folder (or None), and the model id to load (None: given).
-
-    `adapter` wins; else `base_model` may itself name a card or a saved adapter (the model is then
-    the card's `vlm_id`); else the card registered for `base_model`'s id (None: a default card is
-    made once the model is known).
-    """
-    card: IdentityAdapterConfig | None
-    folder: Path | None = None
-    model_id: str | None = None
-    if isinstance(base_model, IdentityAdapterConfig):
-        card, model_id = base_model, base_model.vlm_id
-    elif isinstance(base_model, nn.Module):
-        card = None
-    else:
-        path = Path(base_model)
-        if path.is_dir() and (path / CONFIG_NAME).is_file():
-            card, folder = _card_or_adapter(path, {})
-            model_id = card.vlm_id
-        elif path.suffix == ".json" or str(base_model) in list_adapter_cards():
-            card = load_adapter_card(base_model)
-            model_id = card.vlm_id
-        else:
-            card, model_id = find_card_for_model(str(base_model)), str(base_model)
-    if adapter is not None:
-        given, folder = _card_or_adapter(adapter, hub)
-        if (
-            card is not None
-            and isinstance(base_model, IdentityAdapterConfig)
-            and (card.family != given.family or card.vlm_id != given.vlm_id)
-        ):
-            raise ValueError(f"adapter {adapter} is for {given.vlm_id!r}, not {card.vlm_id!r}")
-        card = given
-    return card, folder, model_id
-
-
-def _card_or_adapter(value: Any, hub: dict[str, Any]) -> tuple[IdentityAdapterConfig, Path | None]:
-    """A card (object, card name, JSON path) for a fresh adapter, or a trained adapter's folder (path or repo id)."""
-    if isinstance(value, IdentityAdapterConfig):
-        return value, None
-    text = str(value)
-    path = Path(value)
-    if path.suffix == ".json" and path.is_file() or (not path.exists() and text in list_adapter_cards()):
-        if hub.get("revision") is not None:
-            raise ValueError(f"adapter_revision was given, but {text!r} is an adapter card, not a repo")
-        return load_adapter_card(value), None
-    if not path.exists() and not is_repo_id(text):
-        known = ", ".join(list_adapter_cards()) or "none found"
-        raise FileNotFoundError(
-            f"adapter {text!r} is not a saved adapter folder, a Hub repo id ('user/name') or an adapter card "
-            f"(cards: {known})"
-        )
-    folder = resolve_adapter(value, **hub)
-    return IdentityAdapterConfig.from_pretrained(folder), folder
-
-
-def _load_model(
-    base_model: Any,
-    model_id: str | None,
-    card: IdentityAdapterConfig | None,
-    processor: Any,
-    hub_kwargs: dict[str, Any],
-    model_kwargs: dict[str, Any],
-) -> tuple[nn.Module, Any, VLMFamily]:
-    """The model, its processor and family: given, or loaded with transformers."""
-    if model_id is None:
-        if processor is None:
-            raise ValueError("IdentityVLM.from_pretrained(model): pass `processor=` (the tokenizer for text-only LLMs)")
-        return base_model, processor, family_for_model(base_model)
-    local_only = hub_kwargs.get("local_files_only")
-    family = get_family(card.family) if card is not None else _family_of_checkpoint(model_id, hub_kwargs)
-    model = family.load_model(model_id, **hub_kwargs, **model_kwargs)
-    if processor is None:
-        shared = ("gguf_file", "revision", "trust_remote_code")
-        proc_kwargs = {k: v for k, v in model_kwargs.items() if k in shared}
-        proc_kwargs.update({k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir")})
-        if local_only is not None:
-            proc_kwargs["local_files_only"] = local_only
-        processor = family.load_processor(model_id, **proc_kwargs)
-    return model, processor, family
-
-
-def _family_of_checkpoint(model_id: str, hub_kwargs: dict[str, Any]) -> VLMFamily:
-    from transformers import AutoConfig
-
-    from .families import family_for_config
-
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in ("local_files_only", "token", "cache_dir")}
-    return family_for_config(AutoConfig.from_pretrained(model_id, **kwargs))
 
 
 __all__ = ["CAPTION_REQUEST", "AnswerStream", "FacesInPicture", "IdentityVLM", "ModelChanges", "load_image"]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EMBEDDING_SOURCES
+from .matching import ReferenceMatcher
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ProjectorSpec:
         out_dim: hidden size of the LLM.
         num_tokens: K, tokens per face.
         hidden_dim: projector hidden width; None = out_dim.
+        reference_matching: add a `ReferenceMatcher` (`matching.py`) that binds open-set references
+            to the picture face they match (needs the pooled embedding: source "pooled" or "both").
     """
 
     source: str
@@ -53,6 +56,7 @@ class ProjectorSpec:
     out_dim: int
     num_tokens: int
     hidden_dim: int | None = None
+    reference_matching: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in EMBEDDING_SOURCES:
@@ -67,6 +71,10 @@ class ProjectorSpec:
             raise ValueError(
                 f"cannot make {self.num_tokens} tokens from {self.num_patches} patch tokens (num_tokens > num_patches)"
             )
+        if not isinstance(self.reference_matching, bool):
+            raise ValueError(f"ProjectorSpec.reference_matching must be a bool, got {self.reference_matching!r}")
+        if self.reference_matching and self.source == "patch":
+            raise ValueError("ProjectorSpec.reference_matching compares pooled embeddings: source 'pooled' or 'both'")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,8 @@ class Projector(nn.Module):
         self.spec = spec
         # Persistent: a saved adapter keeps the scale it was trained with.
         self.register_buffer("output_norm", torch.ones(()))
+        # Open-set binding of references to faces (trained and saved with the projector).
+        self.matcher = ReferenceMatcher(spec.out_dim) if spec.reference_matching else None
 
     def project(self, features: FaceFeatures) -> torch.Tensor:
         raise NotImplementedError

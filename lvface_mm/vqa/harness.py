@@ -183,6 +183,7 @@ def generate_answers(
         batch_size, max_new_tokens: generation settings.
         names: per sample id, the name shown for each face (a gallery's decisions; gallery modes).
     """
+    from ..vlm.matching import bind_references, identity_embeddings
     from .rendering import SampleRenderer, identity_inputs, writes_own_references
 
     renderer = SampleRenderer(vlm, faces.root, mode)
@@ -199,7 +200,9 @@ def generate_answers(
             n = renderer.face_count(s) if (renderer.uses_tokens or writes_own_references(s)) else 0
             counts.append(n)
             if n:
-                tokens.append(face_tokens(vlm.adapter, identity_inputs(renderer, faces, s)))
+                inputs = identity_inputs(renderer, faces, s)  # (F [+ R], ...)
+                tokens.append(bind_references(vlm.adapter.projector, face_tokens(vlm.adapter, inputs),
+                                              identity_embeddings(vlm.adapter, inputs), len(s.faces)))
             else:
                 tokens.append(torch.zeros(0, vlm.config.num_id_tokens, vlm.adapter.projector.spec.out_dim))
         pictures = None if all(i is None for i in images) else images

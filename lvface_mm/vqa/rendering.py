@@ -305,7 +305,9 @@ class RenderedDataset(Dataset):
         face_mask[: len(feats)] = True
         order = torch.full((self.max_refs,), -1, dtype=torch.long)
         order[: len(enc.face_order)] = torch.tensor(enc.face_order, dtype=torch.long)
-        item.update(faces=faces, face_mask=face_mask, face_order=order)
+        # The picture's own faces come first in `faces`; the rest are open-set references.
+        picture_faces = torch.tensor(min(len(sample.faces), len(feats)), dtype=torch.long)
+        item.update(faces=faces, face_mask=face_mask, face_order=order, picture_faces=picture_faces)
         return item
 
 
@@ -319,7 +321,7 @@ def identity_inputs(renderer: SampleRenderer, faces: FaceStore, sample: Sample) 
 
 def model_extras(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
     """Picture inputs of a collated `RenderedDataset` batch, shaped as the processor batches them."""
-    skip = {*_BASE_KEYS, "faces", "face_mask", "face_order"}
+    skip = {*_BASE_KEYS, "faces", "face_mask", "face_order", "picture_faces"}
     out = {}
     for key, value in batch.items():
         if key in skip:
