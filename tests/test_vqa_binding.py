@@ -45,6 +45,17 @@ def test_evaluation_people_and_names_never_occur_in_training(binding) -> None:
     assert set(manifest["eval_identities"]) == {f.identity for s in evaluation for f in s.faces}
 
 
+def test_seen_split_has_training_people_under_evaluation_names(binding) -> None:
+    out, manifest, train, evaluation = binding
+    seen = load_samples(out / "eval_seen.json")
+    assert manifest["num_samples"]["eval_seen"] == len(seen) == len(evaluation)
+    assert _identities_in(seen) <= set(manifest["train_identities"])
+    assert _names_in(seen).isdisjoint(_names_in(train))
+    eval_names = _names_in(evaluation)
+    assert len(_names_in(seen) & eval_names) > 0.5 * len(_names_in(seen))  # drawn from the evaluation pool
+    assert {f.photo for s in seen for f in s.faces} <= {f.photo for s in train for f in s.faces}
+
+
 def test_names_are_drawn_per_sample_and_candidates_include_wrong_ones(binding) -> None:
     _, _, train, _ = binding
     names_of: dict[str, set[str]] = {}

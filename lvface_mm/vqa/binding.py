@@ -218,7 +218,8 @@ def build_binding_vqa(
     *,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write an open-set binding dataset (train.json, eval.json, embeddings, manifest) to `out_dir`.
+    """Write an open-set binding dataset to `out_dir`: train.json, eval.json (unseen people, unseen
+    names), eval_seen.json (training people, unseen names), embeddings, manifest.
 
     Raises:
         FileExistsError: `out_dir` already holds a dataset and `overwrite` is False (nothing is touched).
@@ -254,8 +255,15 @@ def build_binding_vqa(
             )
         )
     rows = {p.photo: j for j, p in enumerate(used)}
+    # eval_seen: the training people (their photos, their references) under evaluation names, so
+    # "seen vs unseen people" is measured with names the model never saw either way.
+    seen = _Side(sides[0].identities, sides[0].reference, sides[0].scenes, sides[1].names)
     splits = {}
-    for which, side, count in (("train", sides[0], config.train_per_task), ("eval", sides[1], config.eval_per_task)):
+    for which, side, count in (
+        ("train", sides[0], config.train_per_task),
+        ("eval", sides[1], config.eval_per_task),
+        ("eval_seen", seen, config.eval_per_task),
+    ):
         maker = _BindingMaker(side, which, config, rows)
         splits[which] = [maker.sample(t, f"{which}-{t}-{j:05d}") for t in config.tasks for j in range(count)]
     from safetensors.numpy import save
@@ -264,6 +272,7 @@ def build_binding_vqa(
     _write_atomic(out / "embeddings.safetensors", save({"embeddings": table}))
     _write_atomic(out / "train.json", dump_samples(splits["train"]).encode("utf-8"))
     _write_atomic(out / "eval.json", dump_samples(splits["eval"]).encode("utf-8"))
+    _write_atomic(out / "eval_seen.json", dump_samples(splits["eval_seen"]).encode("utf-8"))
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "binding",
