@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..vlm.injection import IdentityTokens
-from ..vlm.matching import bind_references, identity_embeddings
+from ..vlm.matching import bind_references
 from ..vlm.projectors import FaceFeatures
 from ..vqa.rendering import model_extras
 
@@ -106,13 +106,14 @@ class IdentityAdapterTask(nn.Module):
         return self
 
     # -- forward -------------------------------------------------------------------------------------
-    def face_tokens(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, D) embeddings or (N, 3, 112, 112) crops -> ((N, K, d) identity tokens, preservation loss)."""
+    def face_tokens(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(N, D) embeddings or (N, 3, 112, 112) crops -> ((N, K, d) identity tokens, (N, D) pooled
+        embeddings the projector read (None for patch-only adapters), preservation loss)."""
         projector = self.adapter.projector
         dtype = next(projector.parameters()).dtype
         if self.face_input == "embedding":
             features = FaceFeatures(pooled=F.normalize(faces.to(dtype), dim=-1))
-            return projector(features), None
+            return projector(features), features.pooled, None
         if self.encoder_lora is None:
             features = self.adapter.features(faces)  # frozen encoder, no graph
         else:
@@ -121,7 +122,8 @@ class IdentityAdapterTask(nn.Module):
             pooled=None if features.pooled is None else features.pooled.to(dtype),
             patches=None if features.patches is None else features.patches.to(dtype),
         )
-        return projector(features), (preservation if self.encoder_lora is not None else None)
+        pooled = None if features.pooled is None else features.pooled.detach()  # the matcher's gate input
+        return projector(features), pooled, (preservation if self.encoder_lora is not None else None)
 
     def _tuned_features(self, crops: torch.Tensor) -> tuple[FaceFeatures, torch.Tensor]:
         encoder = self.encoder_lora
@@ -144,12 +146,12 @@ class IdentityAdapterTask(nn.Module):
     def _bind(
         self,
         per_row: tuple[torch.Tensor, ...],
-        faces: torch.Tensor,
+        embeddings: torch.Tensor,
         face_mask: torch.Tensor,
         picture_faces: torch.Tensor,
     ) -> list[torch.Tensor]:
-        """Open-set rows: bind each reference to the picture face it matches (`vlm.matching`)."""
-        embeddings = identity_embeddings(self.adapter, faces)  # (N, D)
+        """Open-set rows: bind each reference to the picture face it matches (`vlm.matching`).
+        `embeddings` ((N, D)) are the pooled embeddings `face_tokens` already computed."""
         per_row_embeddings = torch.split(embeddings, face_mask.sum(dim=1).tolist())
         projector = self.adapter.projector
         return [
@@ -163,10 +165,11 @@ class IdentityAdapterTask(nn.Module):
         attention_mask = batch["attention_mask"][:, :length]
         labels = batch["labels"][:, :length]
         face_mask = batch["face_mask"]  # (B, F_max)
-        tokens, preservation = self.face_tokens(batch["faces"][face_mask])  # (N, K, d)
+        tokens, pooled, preservation = self.face_tokens(batch["faces"][face_mask])  # (N, K, d), (N, D)
         per_row = torch.split(tokens, face_mask.sum(dim=1).tolist())  # B x (F_i, K, d)
         if self.adapter.projector.matcher is not None and "picture_faces" in batch:
-            per_row = self._bind(per_row, batch["faces"][face_mask], face_mask, batch["picture_faces"])
+            # The card refuses reference matching for patch-only adapters, so `pooled` is there.
+            per_row = self._bind(per_row, pooled, face_mask, batch["picture_faces"])
         order = [row[row >= 0].tolist() for row in batch["face_order"]]
         identity = IdentityTokens.from_faces(per_row, order)
         pictures = model_extras(batch, length)  # pixel_values etc. of VLM samples; {} for text-only

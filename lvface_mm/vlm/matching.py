@@ -94,11 +94,6 @@ class ReferenceMatcher(nn.Module):
         return (F.normalize(bound, dim=-1) * norm.float()).to(tokens.dtype)
 
 
-def identity_embeddings(adapter: nn.Module, faces: torch.Tensor) -> torch.Tensor:
-    """(N, D) identity embeddings as they are, or (N, 3, 112, 112) crops through the frozen encoder."""
-    return faces if faces.ndim == 2 else adapter.embed(faces)
-
-
 def bind_references(
     projector: nn.Module, tokens: torch.Tensor, embeddings: torch.Tensor, num_faces: int
 ) -> torch.Tensor:
@@ -110,4 +105,13 @@ def bind_references(
     return matcher(tokens, embeddings, num_faces, projector.output_norm)
 
 
-__all__ = ["ReferenceMatcher", "bind_references", "identity_embeddings"]
+def bind_face_inputs(adapter: nn.Module, tokens: torch.Tensor, faces: torch.Tensor, num_faces: int) -> torch.Tensor:
+    """`bind_references` for a sample's face inputs: (N, D) embeddings as they are, (N, 3, 112, 112)
+    crops through the encoder, and only when the projector has a matcher and there are references."""
+    if getattr(adapter.projector, "matcher", None) is None or num_faces == len(tokens):
+        return tokens
+    embeddings = faces if faces.ndim == 2 else adapter.embed(faces)  # (N, D)
+    return bind_references(adapter.projector, tokens, embeddings, num_faces)
+
+
+__all__ = ["ReferenceMatcher", "bind_face_inputs", "bind_references"]

@@ -587,8 +587,8 @@ class IdentityVLM:
         )
         crops = [picture.crops] if use_tokens else None
         inputs, face_tokens = self.prepare([prompt], images, crops, extra_tokens=ref_tokens)
-        if ref_embeddings is not None and len(ref_embeddings):
-            # Open-set: bind each reference to the face it matches (a no-op without a matcher).
+        if ref_embeddings is not None and self.adapter.projector.matcher is not None:
+            # Open-set: bind each reference to the face it matches.
             own = torch.as_tensor(picture.embeddings, dtype=torch.float32)  # (F, D)
             embeddings = torch.cat([own, ref_embeddings.float().cpu()])  # (F + R, D)
             face_tokens[0] = bind_references(self.adapter.projector, face_tokens[0], embeddings, len(picture))

@@ -183,7 +183,7 @@ def generate_answers(
         batch_size, max_new_tokens: generation settings.
         names: per sample id, the name shown for each face (a gallery's decisions; gallery modes).
     """
-    from ..vlm.matching import bind_references, identity_embeddings
+    from ..vlm.matching import bind_face_inputs
     from .rendering import SampleRenderer, identity_inputs, writes_own_references
 
     renderer = SampleRenderer(vlm, faces.root, mode)
@@ -201,8 +201,7 @@ def generate_answers(
             counts.append(n)
             if n:
                 inputs = identity_inputs(renderer, faces, s)  # (F [+ R], ...)
-                tokens.append(bind_references(vlm.adapter.projector, face_tokens(vlm.adapter, inputs),
-                                              identity_embeddings(vlm.adapter, inputs), len(s.faces)))
+                tokens.append(bind_face_inputs(vlm.adapter, face_tokens(vlm.adapter, inputs), inputs, len(s.faces)))
             else:
                 tokens.append(torch.zeros(0, vlm.config.num_id_tokens, vlm.adapter.projector.spec.out_dim))
         pictures = None if all(i is None for i in images) else images
