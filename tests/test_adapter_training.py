@@ -303,6 +303,11 @@ def test_config_errors_name_the_key(tmp_path):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--encoder_lora.r=4"])
     with pytest.raises(SystemExit, match="stages must be"):
         main(["--config", str(CONFIG), f"--output_dir={tmp_path}", "--stages=[2, 1]"])
+    # the SmolLM2 scenes recipe run without its model_path would silently train a random LLM
+    scenes = CONFIG.parent / "smollm2_scenes.yaml"
+    with pytest.raises(SystemExit, match="model.gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf' is read from model.model_path"):
+        main(["--config", str(scenes), f"--output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_final_adapter_has_a_model_card_with_data_and_harness_table(trained):

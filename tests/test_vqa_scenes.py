@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lvface_mm.vqa.scenes import COLOURS, ScenesConfig, build_scenes_vqa
@@ -128,3 +129,39 @@ def test_bad_samples_are_listed_before_any_training_step(scenes, tmp_path) -> No
     assert listed == {(broken["id"], "images[0]"), (moved["id"], "faces[0].box")}
     assert not (run / "stage1" / "checkpoints").exists()  # no step ran
     assert (run / "notes.txt").read_text() == "keep me"
+
+
+def test_tiny_llava_wraps_the_causal_lm_in_model_path(scenes, tmp_path) -> None:
+    """card tiny-llava + model_path: the LLaVA's language model is that LLM, weights unchanged."""
+    from transformers import LlavaForConditionalGeneration
+
+    from lvface_mm.vqa.testing import TinyLLMConfig, tiny_llm_for_samples
+    from training.adapter import main
+
+    out, _, splits = scenes
+    lm, tokenizer = tiny_llm_for_samples(splits["train"], TinyLLMConfig(hidden_size=48, num_hidden_layers=1, seed=3))
+    lm_dir = tmp_path / "lm"
+    lm.save_pretrained(str(lm_dir))
+    tokenizer.save_pretrained(str(lm_dir))
+    run = tmp_path / "run"
+    argv = [
+        "--config",
+        str(ROOT / "training" / "configs" / "adapter" / "tiny_scenes.yaml"),
+        f"--data.path={out}",
+        f"--output_dir={run}",
+        f"--model.model_path={lm_dir}",
+        "--stages=[2]",
+        "--stage2.max_steps=1",
+        "--stage2.batch_size=2",
+        "--eval.enabled=false",
+    ]
+    assert main(argv) == 0
+    base = json.loads((run / "base" / "config.json").read_text())
+    assert base["model_type"] == "llava" and base["text_config"]["hidden_size"] == 48
+    llava = LlavaForConditionalGeneration.from_pretrained(str(run / "base"))
+    wrapped = llava.model.language_model.state_dict()
+    for name, value in lm.model.state_dict().items():
+        rows = value.shape[0]  # the embedding table may have grown by <image>
+        assert torch.equal(wrapped[name][:rows], value), name
+    card = json.loads((run / "adapter" / "identity_adapter_config.json").read_text())
+    assert Path(card["vlm_id"]) == (run / "base").resolve()  # reloads the wrapped model, not the bare LLM

