@@ -132,7 +132,9 @@ def test_bad_samples_are_listed_before_any_training_step(scenes, tmp_path) -> No
 
 
 def test_tiny_llava_wraps_the_causal_lm_in_model_path(scenes, tmp_path) -> None:
-    """card tiny-llava + model_path: the LLaVA's language model is that LLM, weights unchanged."""
+    """smollm2_scenes.yaml with a small LLM: card tiny-llava + model_path wraps that LLM (weights
+    unchanged) in a LLaVA, and LoRA lands in the vision tower only."""
+    from safetensors import safe_open
     from transformers import LlavaForConditionalGeneration
 
     from lvface_mm.vqa.testing import TinyLLMConfig, tiny_llm_for_samples
@@ -146,11 +148,11 @@ def test_tiny_llava_wraps_the_causal_lm_in_model_path(scenes, tmp_path) -> None:
     run = tmp_path / "run"
     argv = [
         "--config",
-        str(ROOT / "training" / "configs" / "adapter" / "tiny_scenes.yaml"),
+        str(ROOT / "training" / "configs" / "adapter" / "smollm2_scenes.yaml"),
         f"--data.path={out}",
         f"--output_dir={run}",
         f"--model.model_path={lm_dir}",
-        "--stages=[2]",
+        "--model.gguf_file=null",
         "--stage2.max_steps=1",
         "--stage2.batch_size=2",
         "--eval.enabled=false",
@@ -163,5 +165,9 @@ def test_tiny_llava_wraps_the_causal_lm_in_model_path(scenes, tmp_path) -> None:
     for name, value in lm.model.state_dict().items():
         rows = value.shape[0]  # the embedding table may have grown by <image>
         assert torch.equal(wrapped[name][:rows], value), name
+    # the recipe's LoRA sits in the vision tower only: the LLM's text-only answers stay the base's
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        lora = [k for k in f.keys() if "lora_" in k]  # noqa: SIM118 (safe_open is not iterable)
+    assert lora and all(".vision_tower." in k for k in lora), lora[:3]
     card = json.loads((run / "adapter" / "identity_adapter_config.json").read_text())
     assert Path(card["vlm_id"]) == (run / "base").resolve()  # reloads the wrapped model, not the bare LLM
