@@ -306,7 +306,7 @@ def test_config_errors_name_the_key(tmp_path):
     # the SmolLM2 scenes recipe run without its model_path would silently train a random LLM
     scenes = CONFIG.parent / "smollm2_scenes.yaml"
     with pytest.raises(SystemExit, match="gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf' is read from model.model_path"):
-        main(["--config", str(scenes), f"--output_dir={tmp_path}"])
+        main(["--config", str(scenes), f"--output_dir={tmp_path}", "--model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"])
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
