@@ -292,7 +292,7 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     for key in ("encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching"):
         if getattr(m, key) is not None:
             changes[key] = getattr(m, key)
-    if m.model_path is not None and m.card not in _TINY_CARDS:  # a tiny card's model_path is its LLM, wrapped in base/
+    if m.model_path is not None and not _wraps_llm(m):  # a wrapped LLM is reloaded from base/, not model_path
         changes["vlm_id"] = m.model_path
     return card.replace(**changes)
 
@@ -331,7 +331,7 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
             from lvface_mm.vqa.testing import tiny_llm_for_samples  # card "tiny": the program chose a test model
 
             tiny_config = _tiny_llm_config(m.tiny)
-            if m.card == "tiny-llava" and m.model_path is not None:
+            if _wraps_llm(m):
                 model, tokenizer = _causal_lm(m)
             else:
                 model, tokenizer = tiny_llm_for_samples(samples, tiny_config)
@@ -349,7 +349,7 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
     else:
         card = _card(config)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(m.dtype), **quantization_kwargs(m, device)}
-    if m.gguf_file is not None and m.card not in _TINY_CARDS:  # a tiny card's base/ is saved as safetensors
+    if m.gguf_file is not None and not _wraps_llm(m):  # the wrapped LLM's base/ is saved as safetensors
         kwargs["gguf_file"] = m.gguf_file
     torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank
     return IdentityVLM.from_pretrained(
@@ -359,6 +359,11 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
         encoder_pretrained=m.encoder_pretrained,
         **kwargs,
     )
+
+
+def _wraps_llm(m: AdapterModelConfig) -> bool:
+    """Card tiny-llava with a model_path: the LLaVA is built around that LLM and reloaded from base/."""
+    return m.card == "tiny-llava" and m.model_path is not None
 
 
 def _causal_lm(m: AdapterModelConfig) -> tuple[Any, Any]:
