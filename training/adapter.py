@@ -71,8 +71,10 @@ class AdapterModelConfig:
         encoder: LVFace encoder name (None: the card's).
         encoder_checkpoint: a local encoder checkpoint instead of the official weights.
         encoder_pretrained: load the official encoder weights (None: when they exist).
-        projector, num_id_tokens, projector_hidden_dim, reference_matching: override the card's
-            (`reference_matching`: bind open-set references to the faces they match, `lvface_mm.vlm.matching`).
+        projector, num_id_tokens, projector_hidden_dim, reference_matching, region_features: override
+            the card's (`reference_matching`: bind open-set references to the faces they match,
+            `lvface_mm.vlm.matching`; `region_features`: add what is around each face in the picture,
+            `lvface_mm.vlm.regions`).
         gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
             and the injected identity tokens still get gradients).
         load_in_4bit: QLoRA: load the frozen model's linear layers in 4-bit NF4 (double quantisation,
@@ -94,6 +96,7 @@ class AdapterModelConfig:
     num_id_tokens: int | None = None
     projector_hidden_dim: int | None = None
     reference_matching: bool | None = None
+    region_features: bool | None = None
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
@@ -289,7 +292,9 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     else:
         card = load_adapter_card(m.card)
     changes: dict[str, Any] = {"lora": lora}
-    for key in ("encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching"):
+    for key in (
+        "encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching", "region_features"
+    ):
         if getattr(m, key) is not None:
             changes[key] = getattr(m, key)
     if m.model_path is not None and not _wraps_llm(m):  # a wrapped LLM is reloaded from base/, not model_path

@@ -24,6 +24,7 @@ frozen LLM or encoder.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -34,6 +35,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..vlm.injection import IdentityTokens
 from ..vlm.matching import bind_references
 from ..vlm.projectors import FaceFeatures
+from ..vlm.regions import add_region_features
 from ..vqa.rendering import model_extras
 
 FaceInput = Literal["embedding", "crop"]
@@ -159,6 +161,28 @@ class IdentityAdapterTask(nn.Module):
             for tokens, emb, n in zip(per_row, per_row_embeddings, picture_faces.tolist())
         ]
 
+    def _add_regions(
+        self,
+        per_row: Sequence[torch.Tensor],
+        embeddings: torch.Tensor | None,
+        face_mask: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        pictures: dict[str, torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Each row's picture faces (and the references they match) get what is around them in
+        the row's picture (`vlm.regions`); the vision tower runs here once more, with gradients."""
+        if "pixel_values" not in pictures:
+            raise ValueError("region features need the picture: the batch has no pixel_values (a text-only model?)")
+        patches = self.vlm.family.picture_patches(self.model, pictures["pixel_values"])  # (B, P, d)
+        counts = face_mask.sum(dim=1).tolist()
+        per_row_emb = [None] * len(counts) if embeddings is None else torch.split(embeddings, counts)
+        return [
+            add_region_features(
+                self.adapter.projector, tokens, patches[b], batch["face_regions"][b, :n], int(n), per_row_emb[b]
+            )
+            for b, (tokens, n) in enumerate(zip(per_row, batch["picture_faces"].tolist()))
+        ]
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         length = int(batch["attention_mask"].sum(dim=1).max())  # trim the dataset-wide padding
         input_ids = batch["input_ids"][:, :length]  # (B, T)
@@ -170,9 +194,11 @@ class IdentityAdapterTask(nn.Module):
         if self.adapter.projector.matcher is not None and "picture_faces" in batch:
             # The card refuses reference matching for patch-only adapters, so `pooled` is there.
             per_row = self._bind(per_row, pooled, face_mask, batch["picture_faces"])
+        pictures = model_extras(batch, length)  # pixel_values etc. of VLM samples; {} for text-only
+        if self.adapter.projector.region_reader is not None and "face_regions" in batch:
+            per_row = self._add_regions(per_row, pooled, face_mask, batch, pictures)
         order = [row[row >= 0].tolist() for row in batch["face_order"]]
         identity = IdentityTokens.from_faces(per_row, order)
-        pictures = model_extras(batch, length)  # pixel_values etc. of VLM samples; {} for text-only
         with self.vlm.injector.provide(identity):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **pictures)
         metrics = {"lm_loss": out.loss.detach(), "answer_tokens": (labels != -100).sum().float()}

@@ -52,6 +52,7 @@ class IdentityAdapter(nn.Module):
             num_tokens=config.num_id_tokens,
             hidden_dim=config.projector_hidden_dim,
             reference_matching=config.reference_matching,
+            region_features=config.region_features,
         )
         self.projector: Projector = create_projector(config.projector, spec)
 

@@ -59,6 +59,9 @@ class IdentityAdapterConfig:
         reference_matching: open-set token mode binds each gallery reference to the picture face it
             matches (`lvface_mm.vlm.matching`: learned face slots and a cosine gate, trained with the
             projector). Needs embedding_source "pooled" or "both".
+        region_features: add to each picture face's tokens what is around it in the picture, read
+            from the VLM's own vision tower (`lvface_mm.vlm.regions`; families with
+            `supports_region_features`, LLaVA-1.5 today), and to the references it matches.
         lora: PEFT's `LoraConfig` for fine-tuning the LLM (a mapping of its arguments is converted),
             or None for projector-only adapters. `target_modules=None` means the family's default
             (the language model's attention projections, never the vision tower);
@@ -77,6 +80,7 @@ class IdentityAdapterConfig:
     num_id_tokens: int = 1
     placeholder_token: str = "<face>"
     reference_matching: bool = False
+    region_features: bool = False
     lora: LoraConfig | None = None
     description: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -119,6 +123,10 @@ class IdentityAdapterConfig:
             raise ValueError(
                 "IdentityAdapterConfig.reference_matching compares pooled identity embeddings: "
                 "embedding_source must be 'pooled' or 'both', not 'patch'"
+            )
+        if not isinstance(self.region_features, bool):
+            raise ValueError(
+                f"IdentityAdapterConfig.region_features must be true or false, got {self.region_features!r}"
             )
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(

@@ -37,6 +37,7 @@ from .injection import IdentityInjector, IdentityTokens
 from .loading import load_base_model, resolve_card
 from .matching import bind_references
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
+from .regions import add_region_features
 from .results import GroundedFace, IdentityAnswer, find_mentions
 from .set_of_mark import draw_marks
 
@@ -136,6 +137,11 @@ class IdentityVLM:
         found = family_for_model(model).name
         if found != self.family.name:
             raise ValueError(f"the model is a {found!r} model, but family {self.family.name!r} was given")
+        if adapter.config.region_features and not self.family.supports_region_features:
+            raise ValueError(
+                f"adapter {adapter.config.name!r} reads region features, which the {self.family.name!r} family "
+                "does not support (lvface_mm.vlm.regions); use region_features: false"
+            )
         self.model = model
         self.adapter = adapter
         self.config = adapter.config
@@ -492,6 +498,48 @@ class IdentityVLM:
             face_tokens[0] = torch.cat([face_tokens[0], extra_tokens.to(face_tokens[0])])
         return inputs, face_tokens
 
+    def add_regions(
+        self,
+        inputs: IdentityInputs,
+        face_tokens: Sequence[torch.Tensor],
+        regions: Sequence[torch.Tensor | None],
+        embeddings: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Add region features (`lvface_mm.vlm.regions`) when the adapter has a region reader.
+
+        Args:
+            inputs: the processor's inputs (their `pixel_values`, one picture per prompt with regions).
+            face_tokens: per prompt, (F_i [+ R_i], K, d) tokens, picture faces first.
+            regions: per prompt, (F_i, 4) person regions as fractions of the processed picture
+                (`family.region_boxes`), or None for a prompt without a picture or faces.
+            embeddings: per prompt, (F_i + R_i, D) embeddings for the matcher's gate, or None.
+        """
+        out = list(face_tokens)
+        if self.adapter.projector.region_reader is None or all(r is None for r in regions):
+            return out
+        pixel_values = inputs.inputs.get("pixel_values")
+        if pixel_values is None:
+            raise ValueError("this adapter reads region features from the picture: give an image with the faces")
+        weight = self.model.get_input_embeddings().weight
+        with torch.no_grad():
+            patches = self.family.picture_patches(self.model, pixel_values.to(weight.device, weight.dtype))
+        # One picture per prompt: either every prompt has one, or just those with regions.
+        with_regions = [i for i, r in enumerate(regions) if r is not None]
+        if patches.shape[0] == len(regions):
+            picture_of = {i: i for i in with_regions}
+        elif patches.shape[0] == len(with_regions):
+            picture_of = {i: j for j, i in enumerate(with_regions)}
+        else:
+            raise ValueError(
+                f"{patches.shape[0]} picture(s) for {len(regions)} prompt(s), {len(with_regions)} with face "
+                "regions; region features need one picture per prompt"
+            )
+        for i in with_regions:
+            emb = None if embeddings is None else embeddings[i]
+            boxes = regions[i]
+            out[i] = add_region_features(self.adapter.projector, out[i], patches[picture_of[i]], boxes, len(boxes), emb)
+        return out
+
     def forward(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **model_kwargs: Any) -> Any:
         """Model forward with identity tokens injected (gradients reach the projector)."""
         tokens = IdentityTokens.from_faces(face_tokens, inputs.face_order)
@@ -587,11 +635,16 @@ class IdentityVLM:
         )
         crops = [picture.crops] if use_tokens else None
         inputs, face_tokens = self.prepare([prompt], images, crops, extra_tokens=ref_tokens)
+        embeddings = None
         if ref_embeddings is not None and self.adapter.projector.matcher is not None:
             # Open-set: bind each reference to the face it matches.
             own = torch.as_tensor(picture.embeddings, dtype=torch.float32)  # (F, D)
             embeddings = torch.cat([own, ref_embeddings.float().cpu()])  # (F + R, D)
             face_tokens[0] = bind_references(self.adapter.projector, face_tokens[0], embeddings, len(picture))
+        if use_tokens and self.adapter.projector.region_reader is not None:
+            height, width = picture.image.shape[:2]
+            regions = self.family.region_boxes(picture.boxes, width, height, self.processor.processor)
+            face_tokens = self.add_regions(inputs, face_tokens, [regions], [embeddings])
         with torch.no_grad():
             new_tokens = self.generate_ids(inputs, face_tokens, **generate_kwargs)
         text = self.processor.batch_decode(new_tokens[:1], skip_special_tokens=True)[0].strip()

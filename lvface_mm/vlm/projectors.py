@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import EMBEDDING_SOURCES
 from .matching import ReferenceMatcher
+from .regions import RegionReader
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ProjectorSpec:
         hidden_dim: projector hidden width; None = out_dim.
         reference_matching: add a `ReferenceMatcher` (`matching.py`) that binds open-set references
             to the picture face they match (needs the pooled embedding: source "pooled" or "both").
+        region_features: add a `RegionReader` (`regions.py`) that pools each face's picture region.
     """
 
     source: str
@@ -57,6 +59,7 @@ class ProjectorSpec:
     num_tokens: int
     hidden_dim: int | None = None
     reference_matching: bool = False
+    region_features: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in EMBEDDING_SOURCES:
@@ -75,6 +78,8 @@ class ProjectorSpec:
             raise ValueError(f"ProjectorSpec.reference_matching must be a bool, got {self.reference_matching!r}")
         if self.reference_matching and self.source == "patch":
             raise ValueError("ProjectorSpec.reference_matching compares pooled embeddings: source 'pooled' or 'both'")
+        if not isinstance(self.region_features, bool):
+            raise ValueError(f"ProjectorSpec.region_features must be a bool, got {self.region_features!r}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class Projector(nn.Module):
         self.register_buffer("output_norm", torch.ones(()))
         # Open-set binding of references to faces (trained and saved with the projector).
         self.matcher = ReferenceMatcher(spec.out_dim) if spec.reference_matching else None
+        # What is around each face in the picture (trained and saved with the projector).
+        self.region_reader = RegionReader(spec.out_dim) if spec.region_features else None
 
     def project(self, features: FaceFeatures) -> torch.Tensor:
         raise NotImplementedError

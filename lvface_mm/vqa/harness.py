@@ -192,7 +192,7 @@ def generate_answers(
     answers: dict[str, str] = {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        texts, images, counts, tokens = [], [], [], []
+        texts, images, counts, tokens, regions, embeddings = [], [], [], [], [], []
         for s in chunk:
             text, imgs, _ = renderer.prompt(s, None if names is None else names.get(s.id))
             texts.append(text)
@@ -202,10 +202,17 @@ def generate_answers(
             if n:
                 inputs = identity_inputs(renderer, faces, s)  # (F [+ R], ...)
                 tokens.append(bind_face_inputs(vlm.adapter, face_tokens(vlm.adapter, inputs), inputs, len(s.faces)))
+                regions.append(renderer.region_boxes(s) if renderer.uses_tokens and imgs is not None else None)
+                # The matcher's gate decides which references share a face's region: it reads embeddings.
+                gated = regions[-1] is not None and vlm.adapter.projector.matcher is not None
+                embeddings.append(inputs if inputs.ndim == 2 else vlm.adapter.embed(inputs) if gated else None)
             else:
                 tokens.append(torch.zeros(0, vlm.config.num_id_tokens, vlm.adapter.projector.spec.out_dim))
+                regions.append(None)
+                embeddings.append(None)
         pictures = None if all(i is None for i in images) else images
         inputs = vlm.processor(texts, images=pictures, num_faces=counts)
+        tokens = vlm.add_regions(inputs, tokens, regions, embeddings)
         new = vlm.generate_ids(inputs, tokens, max_new_tokens=max_new_tokens, eos_token_id=stops)
         for s, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
             answers[s.id] = text.strip()

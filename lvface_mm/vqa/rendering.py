@@ -191,6 +191,20 @@ class SampleRenderer:
         return [Reference(str(r["name"]), len(sample.faces) + j) for j, r in enumerate(refs)]
 
     # -- encoding --------------------------------------------------------------------------------
+    def region_boxes(self, sample: Sample) -> torch.Tensor | None:
+        """(F, 4) the picture faces' person regions as fractions of the processed picture, for
+        adapters with region features (`lvface_mm.vlm.regions`); None otherwise."""
+        vlm = self.vlm
+        if getattr(vlm.adapter.projector, "region_reader", None) is None or vlm.family.text_only:
+            return None
+        boxes, size = virtual_boxes(sample)
+        if sample.images and sample.image_size is None:
+            from PIL import Image
+
+            with Image.open(self.root / sample.images[0]) as im:
+                size = im.size
+        return vlm.family.region_boxes(boxes, size[0], size[1], vlm.processor.processor)
+
     def face_count(self, sample: Sample) -> int:
         """Identity-token slots: the picture's faces, then the references' faces."""
         return len(sample.faces) + len(self.references(sample) or ())
@@ -308,6 +322,10 @@ class RenderedDataset(Dataset):
         # The picture's own faces come first in `faces`; the rest are open-set references.
         picture_faces = torch.tensor(min(len(sample.faces), len(feats)), dtype=torch.long)
         item.update(faces=faces, face_mask=face_mask, face_order=order, picture_faces=picture_faces)
+        regions = self.renderer.region_boxes(sample) if self.renderer.uses_tokens else None
+        if regions is not None:
+            item["face_regions"] = torch.zeros((self.max_faces, 4))  # (F_max, 4) picture faces first
+            item["face_regions"][: len(regions)] = regions
         return item
 
 
@@ -321,7 +339,7 @@ def identity_inputs(renderer: SampleRenderer, faces: FaceStore, sample: Sample) 
 
 def model_extras(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
     """Picture inputs of a collated `RenderedDataset` batch, shaped as the processor batches them."""
-    skip = {*_BASE_KEYS, "faces", "face_mask", "face_order", "picture_faces"}
+    skip = {*_BASE_KEYS, "faces", "face_mask", "face_order", "picture_faces", "face_regions"}
     out = {}
     for key, value in batch.items():
         if key in skip:

@@ -81,6 +81,23 @@ class VLMFamily:
                 norms = norms[keep]
         return float(norms.mean()) * self.embedding_scale(model)
 
+    # -- region features (`lvface_mm.vlm.regions`) ------------------------------------------------
+    # Families whose patch grid and processor geometry `picture_patches` / `region_boxes` know.
+    supports_region_features: ClassVar[bool] = False
+
+    def picture_patches(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, ...) pixel values -> (B, G*G, d) patch features as the model merges them (row-major)."""
+        raise ValueError(
+            f"region features are not supported for the {self.name!r} family (its patch grid is not "
+            "a fixed square); use region_features: false"
+        )
+
+    def region_boxes(
+        self, boxes: Sequence[Sequence[float]], width: float, height: float, processor: Any
+    ) -> torch.Tensor:
+        """Face boxes (pixels) -> (F, 4) their person regions as fractions of the processed picture."""
+        raise ValueError(f"region features are not supported for the {self.name!r} family")
+
     # -- loading ----------------------------------------------------------------------------------
     def load_model(self, model_id: str, **kwargs: Any) -> nn.Module:
         import transformers
