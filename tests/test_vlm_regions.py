@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvface_mm.vlm.regions import RegionReader, add_region_features, person_region, processed_box, region_masks
+from lvface_mm.vlm.regions import (
+    RegionReader,
+    add_region_features,
+    cell_boxes,
+    person_region,
+    processed_box,
+    region_masks,
+)
 from tests._vlm_fixtures import faces_at, tiny_identity_vlm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -58,41 +65,52 @@ def test_person_region_holds_the_persons_object_and_not_the_neighbours() -> None
             assert inside == (i == j), (i, j)
 
 
-def test_a_fresh_reader_changes_nothing_and_a_trained_one_tells_regions_apart() -> None:
+def test_cells_split_a_region_row_major() -> None:
+    cells = cell_boxes(torch.tensor([[0.0, 0.0, 0.6, 0.3]]), (3, 2))  # (1, 6, 4)
+    assert cells.shape == (1, 6, 4)
+    torch.testing.assert_close(cells[0, 1], torch.tensor([0.3, 0.0, 0.6, 0.1]))  # row 0, col 1
+    torch.testing.assert_close(cells[0, 4], torch.tensor([0.0, 0.2, 0.3, 0.3]))  # row 2, col 0
+
+
+def test_a_fresh_reader_changes_nothing_and_an_open_gate_tells_regions_apart() -> None:
     from lvface_mm.vlm.matching import ReferenceMatcher
 
     d, norm = 32, torch.tensor(1.5)
     projector = torch.nn.Module()
-    projector.region_reader = RegionReader(d)
+    projector.region_reader = RegionReader(d, cells=(2, 2), cell_dim=8)
     projector.matcher = ReferenceMatcher(d)
     projector.register_buffer("output_norm", norm)
     g = torch.Generator().manual_seed(0)
     tokens = F.normalize(torch.randn(3, 2, d, generator=g), dim=-1) * norm  # 2 faces + 1 reference
-    patches = torch.randn(16, d, generator=g)  # a 4x4 grid
-    patches[:8] += 3.0  # the top half differs from the bottom half
+    patches = torch.randn(64, d, generator=g)  # an 8x8 grid
+    patches[:32] += 3.0  # the top half differs from the bottom half
     boxes = torch.tensor([[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]])  # face 0: top half, face 1: bottom
     basis = torch.eye(8)
     embeddings = torch.stack([basis[0], basis[1], 0.6 * basis[1] + 0.8 * basis[2]])  # the reference is face 1
     fresh = add_region_features(projector, tokens, patches, boxes, 2, embeddings)
-    torch.testing.assert_close(fresh, tokens)  # zero-initialised output: exactly the projector's tokens
+    torch.testing.assert_close(fresh, tokens)  # the gate starts closed: exactly the projector's tokens
     with torch.no_grad():
-        projector.region_reader.out.weight.copy_(torch.eye(d) * 2.0)
+        projector.region_reader.gate.fill_(3.0)
     read = add_region_features(projector, tokens, patches, boxes, 2, embeddings)
     assert torch.allclose(read.norm(dim=-1), norm.expand(3, 2), atol=1e-5)  # every token keeps the norm
-    # The faces moved towards their own regions, which differ; the reference took face 1's region.
-    region = projector.region_reader(patches, region_masks(boxes, 4)).detach()  # (2, d)
+    # Each face moved towards its own region's vector; the reference towards face 1's.
+    masks = region_masks(cell_boxes(boxes, (2, 2)).reshape(-1, 4), 8).reshape(2, 4, 64)
+    region = projector.region_reader(patches, masks).detach()  # (2, d)
+    assert torch.allclose(region.norm(dim=-1), torch.tanh(torch.tensor(3.0)).expand(2))  # bounded by the gate
     assert _cos(region[0], region[1]) < 0.5
     for row, own, other in ((0, 0, 1), (1, 1, 0), (2, 1, 0)):  # face 0, face 1, the reference of face 1
         moved = read[row, 0] - tokens[row, 0]
         assert _cos(moved, region[own]) > 0.6 and _cos(moved, region[own]) > _cos(moved, region[other]) + 0.3
-    # Without references nothing but the faces changes; with a stranger reference it is left alone.
+    # A stranger reference is left alone.
     stranger = torch.stack([basis[0], basis[1], basis[5]])
     alone = add_region_features(projector, tokens, patches, boxes, 2, stranger)
     assert _cos(alone[2], tokens[2]) > 0.999
     with pytest.raises(ValueError, match=r"\(2, 4\)"):
         add_region_features(projector, tokens, patches, boxes[:1], 2, embeddings)
     with pytest.raises(ValueError, match="square"):
-        add_region_features(projector, tokens, patches[:15], boxes, 2, embeddings)
+        add_region_features(projector, tokens, patches[:63], boxes, 2, embeddings)
+    with pytest.raises(ValueError, match="cells"):
+        RegionReader(d, cells=(0, 2))
 
 
 def test_tiny_llava_reads_regions_from_its_own_picture_features(tmp_path: Path) -> None:
@@ -103,10 +121,11 @@ def test_tiny_llava_reads_regions_from_its_own_picture_features(tmp_path: Path) 
     assert reader is not None
     assert any(k.startswith("projector.region_reader.") for k in vlm.adapter.adapter_state_dict())
     with torch.no_grad():
-        reader.out.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        reader.gate.fill_(1.0)
     folder = vlm.adapter.save_pretrained(tmp_path / "adapter")
     again = IdentityAdapter.from_pretrained(folder, encoder=vlm.adapter.encoder)
-    assert again.config.region_features and torch.equal(again.projector.region_reader.out.weight, reader.out.weight)
+    assert again.config.region_features
+    assert torch.equal(again.projector.region_reader.combine.weight, reader.combine.weight)
 
     rng = np.random.default_rng(0)
     pictures = [rng.integers(0, 256, (32, 64, 3), dtype=np.uint8) for _ in range(2)]
@@ -161,5 +180,5 @@ def test_training_batches_carry_regions_and_train_the_reader(tmp_path: Path) -> 
     task = IdentityAdapterTask(vlm, face_input="embedding")
     vlm.adapter.projector.requires_grad_(True)
     task(batch)["loss"].backward()
-    out_grad = vlm.adapter.projector.region_reader.out.weight.grad
-    assert out_grad is not None and out_grad.abs().sum() > 0
+    gate_grad = vlm.adapter.projector.region_reader.gate.grad  # the closed gate opens from the first step
+    assert gate_grad is not None and gate_grad != 0

@@ -8,15 +8,15 @@ patches at that place is a spatial lookup small models did not learn in our budg
 features do in GPT4RoI (Zhang et al., 2023) and Osprey (Yuan et al., 2024):
 
     region_i  = box around face i where the person's body and what they hold are (`person_region`)
-    mask_i    = the vision patches whose centres fall in region_i                  (F, G*G)
-    r_i       = out(LayerNorm(sum_p softmax_p(key(x_p) . q | mask_i) x_p))          (F, d)
+    cells_i   = region_i split 3 x 3; per cell the mean of the patches centred in it   (F, 9, d)
+    r_i       = tanh(gate) * norm * unit(combine(reduce(LayerNorm(cells_i))))          (F, d)
     face i      ->  normalise(t_i + r_i) * norm
     reference j ->  normalise(t_j + sum_i g_ij r_i) * norm        (g: the matcher's cosine gate)
 
-x_p are the patch features the model itself merges into the prompt (after its multi-modal
+The patches are the features the model itself merges into the prompt (after its multi-modal
 projector, so already in the LLM's width d). A reference that matches face i carries face i's region
-too, so the name written after it is one attention step away from what that person holds. `out` is
-zero-initialised: a fresh reader leaves every token exactly as the projector (and matcher) made it.
+too, so the name written after it is one attention step away from what that person holds. The gate
+starts at 0: a fresh reader leaves every token exactly as the projector (and matcher) made it.
 
 The vision tower runs once more for the reader (the model runs it again inside its own forward);
 only families whose patch grid and processor geometry are known support it (`VLMFamily.
@@ -120,36 +120,60 @@ def region_masks(boxes: torch.Tensor, grid: int) -> torch.Tensor:
     return inside
 
 
+def cell_boxes(boxes: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
+    """(F, 4) region boxes -> (F, rows*cols, 4) their cells, row-major (a RoIAlign-style split)."""
+    rows, cols = cells
+    x1, y1, x2, y2 = boxes.float().unbind(-1)  # (F,) each
+    w, h = (x2 - x1) / cols, (y2 - y1) / rows
+    r = torch.arange(rows, dtype=torch.float32, device=boxes.device).repeat_interleave(cols)  # (C,)
+    c = torch.arange(cols, dtype=torch.float32, device=boxes.device).repeat(rows)  # (C,)
+    left, top = x1[:, None] + c * w[:, None], y1[:, None] + r * h[:, None]  # (F, C)
+    return torch.stack([left, top, left + w[:, None], top + h[:, None]], dim=-1)  # (F, C, 4)
+
+
 class RegionReader(nn.Module):
-    """Attention-pools the patches of each face's region into one vector of the LLM's width.
+    """Pools each face's region in a grid of cells and maps the cells to one vector of the LLM's width.
+
+    A held object covers about one vision patch of the fifteen or more in a person's region; a mean
+    over the whole region dilutes it away (a linear probe on the scenes reads the object's colour
+    0.30 from the region mean, 0.71 from 3 x 3 cell means, as from the object's own patch), and a
+    single learned attention query did not learn to find it. Cells keep where things are.
 
     Args:
         dim: width of the patch features (the LLM's hidden size, after the VLM's own projector).
-        key_dim: width of the pooling scores' key space.
+        cells: (rows, cols) of the pooling grid over the region.
+        cell_dim: width each cell is reduced to before the cells are combined.
+
+    The output is `tanh(gate) * unit vector` (times the projector's norm in `add_region_features`):
+    bounded by the identity tokens' own norm, and exactly zero while the gate is at its initial 0,
+    as Flamingo's gated cross-attention starts.
     """
 
-    def __init__(self, dim: int, key_dim: int = 64) -> None:
+    def __init__(self, dim: int, cells: tuple[int, int] = (3, 3), cell_dim: int = 256) -> None:
         super().__init__()
-        self.key = nn.Linear(dim, key_dim)
-        # A zero query starts as the region's mean; training learns which patches matter (objects).
-        self.query = nn.Parameter(torch.zeros(key_dim))
+        rows, cols = cells
+        if rows < 1 or cols < 1:
+            raise ValueError(f"RegionReader.cells must be two positive ints, got {cells!r}")
+        self.cells = (int(rows), int(cols))
         self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, dim)
-        nn.init.zeros_(self.out.weight)  # a fresh reader adds nothing to the tokens
-        nn.init.zeros_(self.out.bias)
+        self.reduce = nn.Linear(dim, cell_dim)
+        self.combine = nn.Linear(rows * cols * cell_dim, dim)
+        self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """(P, d) patch features of one picture and (F, P) region masks -> (F, d) region vectors."""
-        if patches.ndim != 2 or masks.ndim != 2 or masks.shape[1] != patches.shape[0]:
+        """(P, d) patch features of one picture and (F, C, P) cell masks -> (F, d) region vectors."""
+        C = self.cells[0] * self.cells[1]
+        if patches.ndim != 2 or masks.ndim != 3 or masks.shape[1:] != (C, patches.shape[0]):
             raise ValueError(
-                f"RegionReader expects patches (P, d) and masks (F, P), got {tuple(patches.shape)} "
+                f"RegionReader expects patches (P, d) and cell masks (F, {C}, P), got {tuple(patches.shape)} "
                 f"and {tuple(masks.shape)}"
             )
-        x = patches.to(self.key.weight.dtype)
-        scores = self.key(x) @ self.query  # (P,)
-        scores = scores.unsqueeze(0).expand(masks.shape[0], -1).masked_fill(~masks, float("-inf"))  # (F, P)
-        pooled = torch.softmax(scores, dim=-1) @ x  # (F, d)
-        return self.out(self.norm(pooled))
+        x = patches.to(self.reduce.weight.dtype)
+        weights = masks.to(x.dtype)
+        pooled = (weights @ x) / weights.sum(-1, keepdim=True)  # (F, C, d) cell means
+        cells = self.reduce(self.norm(pooled))  # (F, C, cell_dim)
+        vector = self.combine(cells.flatten(1))  # (F, d)
+        return torch.tanh(self.gate) * F.normalize(vector, dim=-1)
 
 
 def add_region_features(
@@ -180,9 +204,10 @@ def add_region_features(
         raise ValueError(f"region features need a square patch grid, got {patches.shape[0]} patches")
     if boxes.shape != (num_faces, 4):
         raise ValueError(f"region boxes must be ({num_faces}, 4) for {num_faces} faces, got {tuple(boxes.shape)}")
-    masks = region_masks(boxes.to(patches.device), grid)  # (F, P)
-    regions = reader(patches, masks).float()  # (F, d)
-    added = regions
+    cells = cell_boxes(boxes.to(patches.device), reader.cells)  # (F, C, 4)
+    masks = region_masks(cells.reshape(-1, 4), grid).reshape(num_faces, cells.shape[1], -1)  # (F, C, P)
+    norm = projector.output_norm.float()
+    regions = reader(patches, masks).float() * norm  # (F, d), norm at most the tokens' own
     matcher = getattr(projector, "matcher", None)
     if tokens.shape[0] > num_faces and matcher is not None and embeddings is not None:
         emb = F.normalize(embeddings.to(device=regions.device, dtype=torch.float32), dim=-1)
@@ -190,7 +215,6 @@ def add_region_features(
         added = torch.cat([regions, gates.T @ regions])  # (F + R, d)
     else:
         added = torch.cat([regions, regions.new_zeros(tokens.shape[0] - num_faces, regions.shape[1])])
-    norm = projector.output_norm.float()
     bound = tokens.float() + added[:, None, :].to(tokens.device)  # (F + R, K, d)
     return (F.normalize(bound, dim=-1) * norm).to(tokens.dtype)
 
@@ -200,6 +224,7 @@ __all__ = [
     "REGION_SPREAD",
     "RegionReader",
     "add_region_features",
+    "cell_boxes",
     "person_region",
     "processed_box",
     "region_masks",
