@@ -105,13 +105,20 @@ def bind_references(
     return matcher(tokens, embeddings, num_faces, projector.output_norm)
 
 
-def bind_face_inputs(adapter: nn.Module, tokens: torch.Tensor, faces: torch.Tensor, num_faces: int) -> torch.Tensor:
+def bind_face_inputs(
+    adapter: nn.Module, tokens: torch.Tensor, faces: torch.Tensor, num_faces: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`bind_references` for a sample's face inputs: (N, D) embeddings as they are, (N, 3, 112, 112)
-    crops through the encoder, and only when the projector has a matcher and there are references."""
+    crops through the encoder, and only when the projector has a matcher and there are references.
+
+    Returns:
+        (bound tokens, the (N, D) embeddings the gate read, or None when nothing was bound), so
+        region features (`regions.add_region_features`) gate with the same embeddings.
+    """
     if getattr(adapter.projector, "matcher", None) is None or num_faces == len(tokens):
-        return tokens
+        return tokens, None
     embeddings = faces if faces.ndim == 2 else adapter.embed(faces)  # (N, D)
-    return bind_references(adapter.projector, tokens, embeddings, num_faces)
+    return bind_references(adapter.projector, tokens, embeddings, num_faces), embeddings
 
 
 __all__ = ["ReferenceMatcher", "bind_face_inputs", "bind_references"]

@@ -201,11 +201,10 @@ def generate_answers(
             counts.append(n)
             if n:
                 inputs = identity_inputs(renderer, faces, s)  # (F [+ R], ...)
-                tokens.append(bind_face_inputs(vlm.adapter, face_tokens(vlm.adapter, inputs), inputs, len(s.faces)))
-                regions.append(renderer.region_boxes(s) if renderer.uses_tokens and imgs is not None else None)
-                # The matcher's gate decides which references share a face's region: it reads embeddings.
-                gated = regions[-1] is not None and vlm.adapter.projector.matcher is not None
-                embeddings.append(inputs if inputs.ndim == 2 else vlm.adapter.embed(inputs) if gated else None)
+                bound, embedded = bind_face_inputs(vlm.adapter, face_tokens(vlm.adapter, inputs), inputs, len(s.faces))
+                tokens.append(bound)
+                regions.append(renderer.region_boxes(s))
+                embeddings.append(embedded)  # the matcher's gate also decides which references share a region
             else:
                 tokens.append(torch.zeros(0, vlm.config.num_id_tokens, vlm.adapter.projector.spec.out_dim))
                 regions.append(None)

@@ -192,10 +192,11 @@ class SampleRenderer:
 
     # -- encoding --------------------------------------------------------------------------------
     def region_boxes(self, sample: Sample) -> torch.Tensor | None:
-        """(F, 4) the picture faces' person regions as fractions of the processed picture, for
-        adapters with region features (`lvface_mm.vlm.regions`); None otherwise."""
+        """(F, 4) the picture faces' person regions as fractions of the processed picture, in the
+        token modes of adapters with region features (`lvface_mm.vlm.regions`); None otherwise."""
         vlm = self.vlm
-        if getattr(vlm.adapter.projector, "region_reader", None) is None or vlm.family.text_only:
+        reader = getattr(vlm.adapter.projector, "region_reader", None)
+        if reader is None or vlm.family.text_only or not self.uses_tokens:
             return None
         boxes, size = virtual_boxes(sample)
         if sample.images and sample.image_size is None:
@@ -280,6 +281,7 @@ class RenderedDataset(Dataset):
         self.pad_id = int(pad_id)
         self.renderer = renderer
         self.encoded = [renderer.encode(s) for s in self.samples]
+        self.regions = [renderer.region_boxes(s) for s in self.samples]  # once, not per epoch (may read the image)
         self.max_length = max(len(e.input_ids) for e in self.encoded)
         self.max_faces = max(1, max(renderer.face_count(s) for s in self.samples))
         self.max_refs = max(1, max(len(e.face_order) for e in self.encoded))
@@ -322,7 +324,7 @@ class RenderedDataset(Dataset):
         # The picture's own faces come first in `faces`; the rest are open-set references.
         picture_faces = torch.tensor(min(len(sample.faces), len(feats)), dtype=torch.long)
         item.update(faces=faces, face_mask=face_mask, face_order=order, picture_faces=picture_faces)
-        regions = self.renderer.region_boxes(sample) if self.renderer.uses_tokens else None
+        regions = self.regions[index]
         if regions is not None:
             item["face_regions"] = torch.zeros((self.max_faces, 4))  # (F_max, 4) picture faces first
             item["face_regions"][: len(regions)] = regions
