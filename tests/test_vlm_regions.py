@@ -113,10 +113,11 @@ def test_a_fresh_reader_changes_nothing_and_an_open_gate_tells_regions_apart() -
         RegionReader(d, cells=(0, 2))
 
 
-def test_tiny_llava_reads_regions_from_its_own_picture_features(tmp_path: Path) -> None:
+@pytest.mark.parametrize("build, grid", [("llava", 4), ("paligemma", 4)])
+def test_tiny_vlm_reads_regions_from_its_own_picture_features(tmp_path: Path, build: str, grid: int) -> None:
     from lvface_mm.vlm.adapter import IdentityAdapter
 
-    vlm = tiny_identity_vlm("llava", region_features=True)
+    vlm = tiny_identity_vlm(build, region_features=True)
     reader = vlm.adapter.projector.region_reader
     assert reader is not None
     assert any(k.startswith("projector.region_reader.") for k in vlm.adapter.adapter_state_dict())
@@ -144,9 +145,10 @@ def test_tiny_llava_reads_regions_from_its_own_picture_features(tmp_path: Path) 
     assert not torch.allclose(seen[0], seen[1])
     plain = vlm.encode_faces(np.stack([f.crop for f in faces]))
     assert _cos(seen[0][0] - plain[0], seen[0][1] - plain[1]) < 0.99
-    pixel_values = vlm.processor(["<image>x"], images=[[pictures[0]]]).inputs["pixel_values"]
+    image_processor = vlm.processor.processor.image_processor
+    pixel_values = image_processor(images=[pictures[0]], return_tensors="pt")["pixel_values"]
     patches = vlm.family.picture_patches(vlm.model, pixel_values)
-    assert patches.shape[1] == 16  # 8 px picture, 2 px patches: a 4x4 grid
+    assert patches.shape[1] == grid * grid  # the picture's square patch grid, no CLS
 
 
 def test_region_features_are_refused_where_the_family_cannot_read_them() -> None:
@@ -156,7 +158,8 @@ def test_region_features_are_refused_where_the_family_cannot_read_them() -> None
         tiny_identity_vlm("llava", region_features="yes")
 
 
-def test_training_batches_carry_regions_and_train_the_reader(tmp_path: Path) -> None:
+@pytest.mark.parametrize("build", ["llava", "paligemma"])
+def test_training_batches_carry_regions_and_train_the_reader(tmp_path: Path, build: str) -> None:
     from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
     from lvface_mm.vqa.data import FaceStore
     from lvface_mm.vqa.rendering import RenderedDataset, SampleRenderer
@@ -166,7 +169,7 @@ def test_training_batches_carry_regions_and_train_the_reader(tmp_path: Path) -> 
     out = tmp_path / "scenes"
     config = ScenesConfig(num_identities=12, num_unseen=4, train_per_task=2, eval_per_task=1, name_pool_size=200)
     build_scenes_vqa(out, config)
-    vlm = tiny_identity_vlm("llava", region_features=True, reference_matching=True)
+    vlm = tiny_identity_vlm(build, region_features=True, reference_matching=True)
     samples = [s for s in load_samples(out / "train.json") if len(s.faces) == 2][:3]
     renderer = SampleRenderer(vlm, out, "token")
     store = FaceStore.open(out, "embedding")

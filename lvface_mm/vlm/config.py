@@ -61,7 +61,7 @@ class IdentityAdapterConfig:
             projector). Needs embedding_source "pooled" or "both".
         region_features: add to each picture face's tokens what is around it in the picture, read
             from the VLM's own vision tower (`lvface_mm.vlm.regions`; families with
-            `supports_region_features`, LLaVA-1.5 today), and to the references it matches.
+            `supports_region_features`: LLaVA-1.5 and PaliGemma), and to the references it matches.
         lora: PEFT's `LoraConfig` for fine-tuning the LLM (a mapping of its arguments is converted),
             or None for projector-only adapters. `target_modules=None` means the family's default
             (the language model's attention projections, never the vision tower);

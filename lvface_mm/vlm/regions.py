@@ -20,7 +20,7 @@ starts at 0: a fresh reader leaves every token exactly as the projector (and mat
 
 The vision tower runs once more for the reader (the model runs it again inside its own forward);
 only families whose patch grid and processor geometry are known support it (`VLMFamily.
-supports_region_features`): LLaVA-1.5 today.
+supports_region_features`): LLaVA-1.5 and PaliGemma (`families.base.SquareGridRegions`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ asks the family and never looks at model names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -184,6 +185,31 @@ class VLMFamily:
 
 # -- registry ---------------------------------------------------------------------------------------
 _FAMILIES: dict[str, VLMFamily] = {}
+
+
+class SquareGridRegions:
+    """Region features for families that merge one square patch grid per picture, made by resizing
+    (with an optional pad to a square or centre crop) the whole picture to one size: LLaVA-1.5 and
+    PaliGemma. Listed before `VLMFamily` in the bases so its methods win."""
+
+    supports_region_features: ClassVar[bool] = True
+
+    def picture_patches(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        feats = torch.stack(list(out.pooler_output))  # (B, P, d) after the multi-modal projector
+        P = feats.shape[1]
+        if math.isqrt(P) ** 2 != P and math.isqrt(P - 1) ** 2 == P - 1:
+            feats = feats[:, 1:]  # LLaVA's vision_feature_select_strategy "full" keeps CLS first
+        return feats
+
+    def region_boxes(
+        self, boxes: Sequence[Sequence[float]], width: float, height: float, processor: Any
+    ) -> torch.Tensor:
+        from ..regions import person_region, processed_box
+
+        image_processor = getattr(processor, "image_processor", processor)
+        rows = [processed_box(person_region(b, width, height), width, height, image_processor) for b in boxes]
+        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)  # (F, 4)
 
 
 def register_family(cls: type[VLMFamily]) -> type[VLMFamily]:

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import VLMFamily, register_family
+from .base import SquareGridRegions, VLMFamily, register_family
 
 
 @register_family
-class PaliGemmaFamily(VLMFamily):
+class PaliGemmaFamily(SquareGridRegions, VLMFamily):
     name = "paligemma"
     config_class_names = ("transformers.PaliGemmaConfig",)
     box_format = "paligemma"  # <locNNNN> x4, y before x, 1024 bins
