@@ -113,7 +113,7 @@ def test_a_fresh_reader_changes_nothing_and_an_open_gate_tells_regions_apart() -
         RegionReader(d, cells=(0, 2))
 
 
-@pytest.mark.parametrize("build", ["llava", "paligemma"])
+@pytest.mark.parametrize("build", ["llava", "paligemma", "fast_vlm"])
 def test_tiny_vlm_reads_regions_from_its_own_picture_features(tmp_path: Path, build: str) -> None:
     from lvface_mm.vlm.adapter import IdentityAdapter
 
@@ -148,7 +148,7 @@ def test_tiny_vlm_reads_regions_from_its_own_picture_features(tmp_path: Path, bu
     image_processor = vlm.processor.processor.image_processor
     pixel_values = image_processor(images=[pictures[0]], return_tensors="pt")["pixel_values"]
     patches = vlm.family.picture_patches(vlm.model, pixel_values)
-    assert patches.shape[1] == 16  # both tiny builds: 8 px pictures, 2 px patches -> a 4x4 grid, no CLS
+    assert patches.shape[1] == 16  # each tiny build here: a 4x4 grid (8 px / 2 px, 128 px / stride 32), no CLS
 
 
 def test_region_features_are_refused_where_the_family_cannot_read_them() -> None:
@@ -158,7 +158,7 @@ def test_region_features_are_refused_where_the_family_cannot_read_them() -> None
         tiny_identity_vlm("llava", region_features="yes")
 
 
-@pytest.mark.parametrize("build", ["llava", "paligemma"])
+@pytest.mark.parametrize("build", ["llava", "paligemma", "fast_vlm"])
 def test_training_batches_carry_regions_and_train_the_reader(tmp_path: Path, build: str) -> None:
     from lvface_mm.tasks.identity_adapter import IdentityAdapterTask
     from lvface_mm.vqa.data import FaceStore

@@ -20,7 +20,7 @@ from tests._vlm_fixtures import tiny_identity_vlm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-BUILDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "causal_lm")
+BUILDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "fast_vlm", "causal_lm")
 W, H = 96, 48
 BOXES = [(4.0, 4.0, 44.0, 44.0), (52.0, 4.0, 92.0, 44.0)]
 _VLMS: dict[str, object] = {}

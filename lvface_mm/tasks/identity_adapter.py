@@ -105,6 +105,13 @@ class IdentityAdapterTask(nn.Module):
     def train(self, mode: bool = True) -> IdentityAdapterTask:
         super().train(mode)
         self.adapter.train(mode)  # keeps the encoder in eval mode (no token masking, frozen BatchNorm)
+        # A frozen pretrained CNN tower (FastVLM's timm backbone) keeps its running statistics: in
+        # train mode BatchNorm would normalise by each small batch's and overwrite them.
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
         return self
 
     # -- forward -------------------------------------------------------------------------------------

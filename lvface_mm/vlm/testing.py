@@ -145,6 +145,29 @@ def _build_llava(seed: int) -> TinyVLM:
     return TinyVLM("llava", _init(LlavaForConditionalGeneration, config, seed), processor, tokenizer, 8)
 
 
+def _build_fast_vlm(seed: int) -> TinyVLM:
+    from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
+
+    tokenizer = tiny_tokenizer(["<image>"], _chat_template("<image>"))
+    # timm's `test_convnext` (stride 32, 64 features): a 128 px picture gives a 4 x 4 grid, 16 image
+    # tokens. (A random `test_resnet` maps every region to nearly the same vector.)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"height": 128, "width": 128}, do_center_crop=False),
+        tokenizer=tokenizer,
+        patch_size=32,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=tokenizer.chat_template,
+    )
+    config = FastVlmConfig(
+        vision_config=dict(model_type="timm_wrapper", architecture="test_convnext", hidden_size=64, do_pooling=False),
+        text_config=_text_config("llama", len(tokenizer) + _SPARE_ROWS),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+    )
+    return TinyVLM("fast_vlm", _init(FastVlmForConditionalGeneration, config, seed), processor, tokenizer, 128)
+
+
 def _clip_vision(image_size: int) -> dict[str, Any]:
     return dict(
         model_type="clip_vision_model",
@@ -381,6 +404,7 @@ _BUILDERS: dict[str, Callable[[int], TinyVLM]] = {
     "idefics3": _build_idefics3,
     "smolvlm": _build_smolvlm,
     "paligemma": _build_paligemma,
+    "fast_vlm": _build_fast_vlm,
     "causal_lm": _build_causal_lm,
 }
 
@@ -393,6 +417,7 @@ TINY_IMAGE_SIZE: dict[str, int] = {
     "idefics3": 16,
     "smolvlm": 16,
     "paligemma": 8,
+    "fast_vlm": 128,
     "causal_lm": 0,
 }
 
@@ -405,6 +430,7 @@ TINY_FAMILY: dict[str, str] = {
     "idefics3": "idefics3",
     "smolvlm": "idefics3",
     "paligemma": "paligemma",
+    "fast_vlm": "fast_vlm",
     "causal_lm": "causal_lm",
 }
 
@@ -522,6 +548,72 @@ def llava_from_causal_lm(
     return TinyVLM("llava", model, processor, tokenizer, image_size)
 
 
+def fast_vlm_from_causal_lm(
+    lm: nn.Module,
+    tokenizer: Any,
+    image_size: int = 320,
+    vision_weights: str | None = None,
+    seed: int = 0,
+) -> TinyVLM:
+    """A FastVLM whose language model is a real causal LM and whose vision tower is timm's
+    `mobilenetv2_100` (ImageNet weights with `vision_weights="imagenet"` or a .pth path, see
+    `lvface_mm.vlm.imagenet_towers`; random with None).
+
+    Like `llava_from_causal_lm`, text-only prompts behave exactly as the LLM does; unlike it, the
+    tower is pretrained, so the picture arrives as features that already tell colours and shapes
+    apart. The 1280-channel stride-32 map gives (image_size / 32)^2 image tokens: 100 at 320 px.
+    The tower's BatchNorm stays in eval mode while frozen (`IdentityAdapterTask.train`).
+    """
+    from transformers import (
+        AddedToken,
+        CLIPImageProcessor,
+        FastVlmConfig,
+        FastVlmForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from .imagenet_towers import TIMM_ARCHITECTURE, imagenet_mobilenet_v2_state
+
+    if image_size % 32:
+        raise ValueError(f"image_size must be a multiple of MobileNetV2's stride 32, got {image_size}")
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = FastVlmConfig(
+        vision_config=dict(
+            model_type="timm_wrapper", architecture=TIMM_ARCHITECTURE, hidden_size=1280, do_pooling=False
+        ),
+        text_config=lm.config,
+        image_token_id=image_token_id,
+        image_seq_length=(image_size // 32) ** 2,
+    )
+    model = _init(FastVlmForConditionalGeneration, config, seed).to(next(lm.parameters()).dtype)
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    if vision_weights is not None:
+        state = imagenet_mobilenet_v2_state(None if vision_weights == "imagenet" else vision_weights)
+        model.model.vision_tower.timm_model.load_state_dict(state, strict=True)
+    if image_token_id >= model.get_input_embeddings().weight.shape[0]:
+        from .processing import ensure_embedding_row
+
+        ensure_embedding_row(model, image_token_id, len(tokenizer))
+    processor = LlavaProcessor(
+        # ImageNet's normalisation (the tower's); resized to a square without cropping, as for LLaVA.
+        image_processor=CLIPImageProcessor(
+            size={"height": image_size, "width": image_size},
+            do_center_crop=False,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ),
+        tokenizer=tokenizer,
+        patch_size=32,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=CHATML_TEMPLATE,
+    )
+    return TinyVLM("fast_vlm", model, processor, tokenizer, image_size)
+
+
 def random_face_crops(n: int, seed: int = 0) -> np.ndarray:
     """(n, 112, 112, 3) uint8 random "aligned crops" for a random encoder."""
     rng = np.random.default_rng(seed)
@@ -534,6 +626,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "TinyVLM",
     "build_tiny_vlm",
+    "fast_vlm_from_causal_lm",
     "llava_from_causal_lm",
     "list_tiny_builds",
     "random_face_crops",

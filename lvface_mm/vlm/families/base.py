@@ -189,7 +189,7 @@ _FAMILIES: dict[str, VLMFamily] = {}
 
 class SquareGridRegions:
     """Region features for families that merge one square patch grid per picture, made by resizing
-    (with an optional pad to a square or centre crop) the whole picture to one size: LLaVA-1.5 and
+    (with an optional pad to a square or centre crop) the whole picture to one size: LLaVA-1.5, FastVLM and
     PaliGemma. Listed before `VLMFamily` in the bases so its methods win."""
 
     supports_region_features: ClassVar[bool] = True
@@ -222,7 +222,7 @@ def register_family(cls: type[VLMFamily]) -> type[VLMFamily]:
 
 
 def _load_builtins() -> None:
-    from . import causal_lm, idefics3, llava, llava_next, paligemma, qwen2_vl  # noqa: F401
+    from . import causal_lm, fast_vlm, idefics3, llava, llava_next, paligemma, qwen2_vl  # noqa: F401
 
 
 def list_families() -> list[str]:
