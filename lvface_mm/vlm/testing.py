@@ -497,6 +497,29 @@ CHATML_TEMPLATE = (
 )
 
 
+def _add_image_token(tokenizer: Any) -> int:
+    """Add `<image>` to a real LLM's tokenizer (once) and return its id."""
+    from transformers import AddedToken
+
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids("<image>")
+
+
+def _vlm_around(cls: Callable[[Any], nn.Module], config: Any, lm: nn.Module, tokenizer: Any, seed: int) -> nn.Module:
+    """A fresh VLM of `cls` whose language model and head are `lm`'s weights, unchanged; the embedding
+    table grows by a row when `<image>` lies past it."""
+    model = _init(cls, config, seed).to(next(lm.parameters()).dtype)
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    image_token_id = config.image_token_id
+    if image_token_id >= model.get_input_embeddings().weight.shape[0]:
+        from .processing import ensure_embedding_row
+
+        ensure_embedding_row(model, image_token_id, len(tokenizer))
+    return model
+
+
 def llava_from_causal_lm(
     lm: nn.Module, tokenizer: Any, image_size: int = 112, patch_size: int = 16, vision_hidden: int = 64, seed: int = 0
 ) -> TinyVLM:
@@ -506,11 +529,9 @@ def llava_from_causal_lm(
     a real LLM backbone for bridge tests and benchmarks without downloading a VLM. Adds `<image>` to
     `tokenizer` and gives the processor a ChatML template that renders image items.
     """
-    from transformers import AddedToken, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_token_id = _add_image_token(tokenizer)
     num_patches = (image_size // patch_size) ** 2
     vision = dict(
         model_type="clip_vision_model",
@@ -529,13 +550,7 @@ def llava_from_causal_lm(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    model = _init(LlavaForConditionalGeneration, config, seed).to(next(lm.parameters()).dtype)
-    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
-    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
-    if image_token_id >= model.get_input_embeddings().weight.shape[0]:
-        from .processing import ensure_embedding_row
-
-        ensure_embedding_row(model, image_token_id, len(tokenizer))
+    model = _vlm_around(LlavaForConditionalGeneration, config, lm, tokenizer, seed)
     processor = LlavaProcessor(
         # Resized to a square without cropping: a wide scene keeps the people at its sides.
         image_processor=CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False),
@@ -565,7 +580,6 @@ def fast_vlm_from_causal_lm(
     The tower's BatchNorm stays in eval mode while frozen (`IdentityAdapterTask.train`).
     """
     from transformers import (
-        AddedToken,
         CLIPImageProcessor,
         FastVlmConfig,
         FastVlmForConditionalGeneration,
@@ -576,9 +590,7 @@ def fast_vlm_from_causal_lm(
 
     if image_size % 32:
         raise ValueError(f"image_size must be a multiple of MobileNetV2's stride 32, got {image_size}")
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_token_id = _add_image_token(tokenizer)
     config = FastVlmConfig(
         vision_config=dict(
             model_type="timm_wrapper", architecture=TIMM_ARCHITECTURE, hidden_size=1280, do_pooling=False
@@ -587,16 +599,10 @@ def fast_vlm_from_causal_lm(
         image_token_id=image_token_id,
         image_seq_length=(image_size // 32) ** 2,
     )
-    model = _init(FastVlmForConditionalGeneration, config, seed).to(next(lm.parameters()).dtype)
-    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
-    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    model = _vlm_around(FastVlmForConditionalGeneration, config, lm, tokenizer, seed)
     if vision_weights is not None:
         state = imagenet_mobilenet_v2_state(None if vision_weights == "imagenet" else vision_weights)
         model.model.vision_tower.timm_model.load_state_dict(state, strict=True)
-    if image_token_id >= model.get_input_embeddings().weight.shape[0]:
-        from .processing import ensure_embedding_row
-
-        ensure_embedding_row(model, image_token_id, len(tokenizer))
     processor = LlavaProcessor(
         # ImageNet's normalisation (the tower's); resized to a square without cropping, as for LLaVA.
         image_processor=CLIPImageProcessor(
