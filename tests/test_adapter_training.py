@@ -318,3 +318,21 @@ def test_final_adapter_has_a_model_card_with_data_and_harness_table(trained):
     harness = (run / "eval" / "report.md").read_text().strip().splitlines()[0]
     assert harness in card  # the harness table itself, not a pointer to it
     assert "PEFT LoRA r=16, alpha=32" in card
+
+
+def test_region_gate_init_opens_the_reader_and_needs_region_features(trained, tmp_path):
+    from lvface_mm.vqa.schema import load_samples
+    from training.adapter import AdapterRunConfig, build_vlm
+    from training.config import load_config
+
+    data, _ = trained
+    samples = load_samples(data / "train.json") + load_samples(data / "eval.json")
+    common = {"data.path": str(data), "output_dir": str(tmp_path), "model.region_gate_init": "1.0"}
+    config = load_config(
+        AdapterRunConfig, CONFIG, {**common, "model.card": "tiny-llava", "model.region_features": "true"}
+    )
+    gate = build_vlm(config, samples, tmp_path).adapter.projector.region_reader.gate
+    assert float(gate) == 1.0  # tanh(1.0) = 0.76 of the tokens' norm from the first step
+    config = load_config(AdapterRunConfig, CONFIG, common)
+    with pytest.raises(ValueError, match=r"model.region_gate_init=1.0 needs region features"):
+        build_vlm(config, samples, tmp_path / "llm")

@@ -72,7 +72,7 @@ def test_config_save_and_load(tmp_path: Path) -> None:
         "modules_to_save": ["lm_head"],
         "trainable_token_indices": ["<face>"],
     }
-    assert "tiny" not in saved and saved["schema_version"] == 2
+    assert "tiny" not in saved and saved["schema_version"] == 3 and saved["lora_scope"] == "faces"
     again = IdentityAdapterConfig.from_pretrained(tmp_path)
     assert isinstance(again.lora, LoraConfig) and again == card and again.lora.modules_to_save == ["lm_head"]
     assert card.placeholder_stem == "face"
@@ -98,7 +98,8 @@ def test_schema_1_cards_are_read_and_tiny_cards_say_what_to_do() -> None:
     }
     card = IdentityAdapterConfig.from_dict(old)
     assert (card.lora.r, card.lora.lora_alpha, card.lora.lora_dropout) == (4, 16, 0.1)
-    assert card.lora.trainable_token_indices == ["<face>"] and card.schema_version == 2
+    assert card.lora.trainable_token_indices == ["<face>"] and card.schema_version == 3
+    assert card.lora_scope == "all"  # written before the scope existed: the LoRA acted on every prompt
     with pytest.raises(ValueError, match=r"names tiny build 'llava'.*build_tiny_vlm"):
         IdentityAdapterConfig.from_dict({**old, "tiny": "llava"})
 
@@ -113,7 +114,8 @@ def test_schema_1_cards_are_read_and_tiny_cards_say_what_to_do() -> None:
         ({"num_id_tokens": 0}, r"num_id_tokens must be an int in \[1, 256\]"),
         ({"placeholder_token": "face"}, "placeholder_token must look like a tag"),
         ({"projector": "resampler", "embedding_source": "pooled"}, "projector 'resampler' reads"),
-        ({"schema_version": 3}, "schema_version 3 is not supported"),
+        ({"schema_version": 4}, "schema_version 4 is not supported"),
+        ({"lora_scope": "text"}, "lora_scope must be one of"),
         ({"lora": {"r": 0}}, "r must be an int >= 1"),
         ({"lora": {"lora_dropout": 1.5}}, r"lora_dropout must be in \[0, 1\)"),
     ],

@@ -242,4 +242,4 @@ def test_a_loaded_model_takes_a_card_and_reports_what_it_changed() -> None:
 def test_saved_card_schema_has_no_tiny_field(tmp_path: Path) -> None:
     folder = trained_vlm(seed=5, lora=False).save_pretrained(tmp_path)
     saved = json.loads((folder / "identity_adapter_config.json").read_text())
-    assert "tiny" not in saved and saved["schema_version"] == 2
+    assert "tiny" not in saved and saved["schema_version"] == 3 and saved["lora_scope"] == "faces"

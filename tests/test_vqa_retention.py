@@ -17,7 +17,9 @@ QUESTIONS = GENERAL_QUESTIONS[:6]
 def vlm():
     from tests._vlm_fixtures import tiny_identity_vlm
 
-    vlm = tiny_identity_vlm("causal_lm", encoder="lvface_tiny")
+    # lora_scope "all": the LoRA acts on text-only prompts too, which is what this check must see
+    # (under the default "faces" scope they run the base weights; tests/test_vlm_lora_scope.py).
+    vlm = tiny_identity_vlm("causal_lm", encoder="lvface_tiny", lora_scope="all")
     vlm.apply_lora({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]})
     return vlm
 

@@ -78,6 +78,11 @@ class AdapterModelConfig:
             the card's (`reference_matching`: bind open-set references to the faces they match,
             `lvface_mm.vlm.matching`; `region_features`: add what is around each face in the picture,
             `lvface_mm.vlm.regions`).
+        region_gate_init: the region reader's gate at the start (its output is scaled by tanh of it):
+            0 = a fresh reader changes no token (and its weights get no gradient until the gate
+            moves); 1.0 mixes the region in at 0.76 of the tokens' norm from the first step.
+        lora_scope: override the card's: "faces" (the LoRA acts only on prompts with identity tokens,
+            so text-only answers stay the base model's) or "all" (`lvface_mm.vlm.lora_scope`).
         gradient_checkpointing: recompute the LLM's activations in backward (non-reentrant, so LoRA
             and the injected identity tokens still get gradients).
         load_in_4bit: QLoRA: load the frozen model's linear layers in 4-bit NF4 (double quantisation,
@@ -103,6 +108,8 @@ class AdapterModelConfig:
     projector_hidden_dim: int | None = None
     reference_matching: bool | None = None
     region_features: bool | None = None
+    region_gate_init: float = 0.0
+    lora_scope: str | None = None
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
     vision_weights: str | None = None
@@ -121,6 +128,8 @@ class AdapterModelConfig:
                 f"model.vision_weights={self.vision_weights!r} is for card 'tiny-fastvlm' (its MobileNetV2 tower); "
                 f"card {self.card!r} brings its own tower"
             )
+        if self.lora_scope is not None and self.lora_scope not in ("faces", "all"):
+            raise ValueError(f"model.lora_scope must be 'faces' or 'all', got {self.lora_scope!r}")
         if self.load_in_4bit and self.dtype == "fp32":
             raise ValueError("model.load_in_4bit computes in bf16: set model.dtype: bf16")
 
@@ -304,9 +313,8 @@ def _card(config: AdapterRunConfig, vlm_id: str | None = None) -> Any:
     else:
         card = load_adapter_card(m.card)
     changes: dict[str, Any] = {"lora": lora}
-    for key in (
-        "encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching", "region_features"
-    ):
+    overridable = ("encoder", "projector", "num_id_tokens", "projector_hidden_dim", "reference_matching")
+    for key in (*overridable, "region_features", "lora_scope"):
         if getattr(m, key) is not None:
             changes[key] = getattr(m, key)
     if m.model_path is not None and not _wraps_llm(m):  # a wrapped LLM is reloaded from base/, not model_path
@@ -375,13 +383,23 @@ def build_vlm(config: AdapterRunConfig, samples: list[Any], run_dir: Path, devic
     if m.gguf_file is not None and not _wraps_llm(m):  # the wrapped LLM's base/ is saved as safetensors
         kwargs["gguf_file"] = m.gguf_file
     torch.manual_seed(config.loop.seed)  # the same fresh projector on every rank
-    return IdentityVLM.from_pretrained(
+    vlm = IdentityVLM.from_pretrained(
         card,
         encoder=card.encoder,
         encoder_checkpoint=m.encoder_checkpoint,
         encoder_pretrained=m.encoder_pretrained,
         **kwargs,
     )
+    if m.region_gate_init != 0.0:
+        reader = vlm.adapter.projector.region_reader
+        if reader is None:
+            raise ValueError(
+                f"model.region_gate_init={m.region_gate_init} needs region features: card {card.name!r} has "
+                "region_features false (set model.region_features: true)"
+            )
+        with torch.no_grad():
+            reader.gate.fill_(float(m.region_gate_init))
+    return vlm
 
 
 def _wraps_llm(m: AdapterModelConfig) -> bool:

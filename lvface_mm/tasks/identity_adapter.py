@@ -206,7 +206,7 @@ class IdentityAdapterTask(nn.Module):
             per_row = self._add_regions(per_row, pooled, face_mask, batch, pictures)
         order = [row[row >= 0].tolist() for row in batch["face_order"]]
         identity = IdentityTokens.from_faces(per_row, order)
-        with self.vlm.injector.provide(identity):
+        with self.vlm.provide(identity):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **pictures)
         metrics = {"lm_loss": out.loss.detach(), "answer_tokens": (labels != -100).sum().float()}
         loss = out.loss

@@ -27,11 +27,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig
 
 EmbeddingSource = Literal["pooled", "patch", "both"]
+# Where the LLM's LoRA acts: only on prompts with identity tokens, or on every prompt (`lora_scope.py`).
+LoraScope = Literal["faces", "all"]
+LORA_SCOPES: tuple[str, ...] = ("faces", "all")
 EMBEDDING_SOURCES: tuple[str, ...] = ("pooled", "patch", "both")
 
 CONFIG_NAME = "identity_adapter_config.json"
 # 2: `lora` is a mapping of peft.LoraConfig arguments; the `tiny` field is gone (tests build tiny models).
-SCHEMA_VERSION = 2
+# 3: `lora_scope` ("faces": the LoRA acts only on prompts with identity tokens). Version 2 cards and
+#    adapters load as "all", the behaviour they were written with.
+SCHEMA_VERSION = 3
 # Version 1 wrote lora with lvface-mm's own field names; they map one to one onto LoraConfig's.
 _V1_LORA_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "trainable_tokens": "trainable_token_indices"}
 
@@ -67,6 +72,9 @@ class IdentityAdapterConfig:
             (the language model's attention projections, never the vision tower);
             `trainable_token_indices` may name tokens as strings (e.g. "<face>"): they become ids
             with the model's tokenizer when LoRA is applied.
+        lora_scope: "faces" (default): the LoRA acts only on prompts that carry identity tokens; a
+            text-only or face-less prompt runs the base model exactly, row by row within a batch
+            (`lvface_mm.vlm.lora_scope`). "all": the LoRA acts on every prompt (plain PEFT).
         description: free text shown by `list_adapter_cards`.
     """
 
@@ -82,6 +90,7 @@ class IdentityAdapterConfig:
     reference_matching: bool = False
     region_features: bool = False
     lora: LoraConfig | None = None
+    lora_scope: LoraScope = "faces"
     description: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -128,6 +137,8 @@ class IdentityAdapterConfig:
             raise ValueError(
                 f"IdentityAdapterConfig.region_features must be true or false, got {self.region_features!r}"
             )
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"IdentityAdapterConfig.lora_scope must be one of {LORA_SCOPES}, got {self.lora_scope!r}")
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(
                 f"IdentityAdapterConfig.schema_version {self.schema_version!r} is not supported "
@@ -135,6 +146,11 @@ class IdentityAdapterConfig:
             )
         if self.lora is not None:
             object.__setattr__(self, "lora", lora_config(self.lora, "IdentityAdapterConfig.lora"))
+            if self.lora_scope == "faces" and self.lora.use_dora:
+                raise ValueError(
+                    "IdentityAdapterConfig: lora_scope 'faces' switches the LoRA off per prompt, which PEFT "
+                    "cannot do for DoRA (lora.use_dora: true); use plain LoRA or lora_scope 'all'"
+                )
         self._check_registries()
 
     def _check_registries(self) -> None:
@@ -179,6 +195,9 @@ class IdentityAdapterConfig:
         data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys are allowed
         if data.get("schema_version") == 1:
             data = _from_schema_1(data)
+        if data.get("schema_version") == 2:
+            # Written before lora_scope existed: the LoRA acted on every prompt.
+            data = {**data, "lora_scope": data.get("lora_scope", "all"), "schema_version": SCHEMA_VERSION}
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -219,7 +238,7 @@ class IdentityAdapterConfig:
 
 
 def _from_schema_1(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 card in today's form: LoRA names mapped onto LoraConfig's, no `tiny`."""
+    """A version-1 card as version 2: LoRA names mapped onto LoraConfig's, no `tiny`."""
     if data.get("tiny") is not None:
         raise ValueError(
             f"adapter card {data.get('name', '?')!r} names tiny build {data['tiny']!r}: cards no longer build test "
@@ -229,7 +248,7 @@ def _from_schema_1(data: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in data.items() if k != "tiny"}
     if isinstance(data.get("lora"), dict):
         data["lora"] = {_V1_LORA_NAMES.get(k, k): v for k, v in data["lora"].items()}
-    return {**data, "schema_version": SCHEMA_VERSION}
+    return {**data, "schema_version": 2}
 
 
 # -- cards ------------------------------------------------------------------------------------------
@@ -301,8 +320,10 @@ def find_card_for_model(vlm_id: str) -> IdentityAdapterConfig | None:
 __all__ = [
     "CONFIG_NAME",
     "EMBEDDING_SOURCES",
+    "LORA_SCOPES",
     "EmbeddingSource",
     "IdentityAdapterConfig",
+    "LoraScope",
     "add_card_dir",
     "default_card_dir",
     "find_card_for_model",

@@ -15,6 +15,7 @@ row when the table has no spare row); with no faces in a prompt, outputs equal t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ from .grounding import GalleryLike, GroundingTemplate, Reference, family_prompt,
 from .hub import PEFT_CONFIG_NAME, ROWS_NAME, push_folder
 from .injection import IdentityInjector, IdentityTokens
 from .loading import load_base_model, resolve_card
+from .lora_scope import FaceScopedLoRA
 from .matching import bind_references
 from .processing import IdentityInputs, IdentityProcessor, ensure_embedding_row
 from .regions import add_region_features
@@ -180,6 +182,8 @@ class IdentityVLM:
         embedding = model.get_input_embeddings()
         self.adapter.to(embedding.weight.device)
         self.injector = IdentityInjector(model, placeholder_id, self.config.placeholder_token)
+        # The LoRA (if any, applied now or later) acts only on rows with identity tokens by default.
+        self.lora_scope = FaceScopedLoRA(self.config.lora_scope)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -540,10 +544,17 @@ class IdentityVLM:
             out[i] = add_region_features(self.adapter.projector, out[i], patches[picture_of[i]], boxes, len(boxes), emb)
         return out
 
+    @contextlib.contextmanager
+    def provide(self, tokens: IdentityTokens) -> Iterator[None]:
+        """Within the block, model calls get `tokens` at their placeholders, and with `lora_scope`
+        "faces" the LoRA is off for the rows that have none (`lvface_mm.vlm.lora_scope`)."""
+        with self.injector.provide(tokens), self.lora_scope.rows(self.model, [n > 0 for n in tokens.counts]):
+            yield
+
     def forward(self, inputs: IdentityInputs, face_tokens: Sequence[torch.Tensor], **model_kwargs: Any) -> Any:
         """Model forward with identity tokens injected (gradients reach the projector)."""
         tokens = IdentityTokens.from_faces(face_tokens, inputs.face_order)
-        with self.injector.provide(tokens):
+        with self.provide(tokens):
             return self.model(**self._to_device(inputs.inputs), **model_kwargs)
 
     __call__ = forward
@@ -563,7 +574,7 @@ class IdentityVLM:
         kwargs["suppress_tokens"] = sorted({*suppress, *reserved, self.processor.placeholder_id})
         kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
         model_inputs = self._to_device(inputs.inputs)
-        with torch.no_grad(), self.injector.provide(tokens):
+        with torch.no_grad(), self.provide(tokens):
             sequences = self.model.generate(**model_inputs, **kwargs)
         return sequences[:, model_inputs["input_ids"].shape[1] :]
 

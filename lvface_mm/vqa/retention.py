@@ -1,8 +1,10 @@
 """Text-only retention: does the trained adapter leave the model's no-face answers unchanged?
 
-The adapter's LoRA changes the language model for every prompt, also those without a face. This
-check asks the trained model and its base (the same model with the LoRA switched off) the same
-general questions, with no picture, no face and no identity tokens, and scores both with the
+An adapter whose card says `lora_scope: all` changes the language model for every prompt, also
+those without a face; under the default `faces` scope a text-only prompt runs the base weights
+(`lvface_mm.vlm.lora_scope`), so both answer alike by construction and this check confirms it.
+It asks the trained model and its base (the same model with the LoRA switched off) the same general
+questions, with no picture, no face and no identity tokens, and scores both with the
 harness's `text_qa` metric (the normalised reference answer contained in the normalised answer).
 The issue's target: the trained model's `text_qa` accuracy within 0.02 of the base's.
 
