@@ -113,12 +113,11 @@ class FaceScopedLoRA:
             rows = self._rows
             if rows is None or all(rows):
                 return None
-            if not any(rows) or not per_row:
-                # The whole call runs without this layer's adapter when no row has faces; a vision
-                # layer (rows are pictures or patches, not prompts) keeps it while any row has faces.
-                if not any(rows):
-                    module._scope_was_disabled = module._disable_adapters
-                    module._disable_adapters = True
+            if not any(rows):  # the whole call runs without this layer's adapter (undone by `_restore`)
+                module._scope_was_disabled = module._disable_adapters
+                module._disable_adapters = True
+                return None
+            if not per_row:  # a vision layer: its rows are pictures or patches, not prompts; stays on
                 return None
             size = args[0].shape[0] if args and torch.is_tensor(args[0]) else -1
             if size % len(rows):
